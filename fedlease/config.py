@@ -159,6 +159,11 @@ class TrainingConfig(_Strict):
     max_new_tokens: PositiveInt = 32
 
 
+class BaselinesConfig(_Strict):
+    ifca_clusters: PositiveInt = 4
+    ifca_init_std: Annotated[float, Field(ge=0)] = 1e-3
+
+
 class FederationConfig(_Strict):
     rounds: PositiveInt = 3
     clients_per_round: Fraction | PositiveInt = Field(
@@ -201,6 +206,7 @@ class Config(_Strict):
     lora: LoraConfig = LoraConfig()
     fedlease: FedLeaseConfig = FedLeaseConfig()
     strategies: list[Strategy] = Field(default_factory=lambda: ["fedlease", "local"], min_length=1)
+    baselines: BaselinesConfig = BaselinesConfig()
     training: TrainingConfig = TrainingConfig()
     federation: FederationConfig = FederationConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -43,3 +43,78 @@ def plot_partition_stats(stats: dict[str, Any], path: Path) -> None:
     ax.set_title("Training examples per client and label")
     fig.colorbar(im, ax=ax, label="examples")
     _save(fig, path)
+
+
+def plot_allocation(alloc: Any, tasks: list[str], folder: Path) -> None:
+    """B-distance heat-map ordered by cluster, with the dendrogram; silhouette against k."""
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    dist = np.array(alloc.distances)
+    n = len(dist)
+    fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    if n >= 2:
+        z = linkage(squareform(dist, checks=False), method="average")
+        dn = dendrogram(z, ax=ax_d, labels=[f"{i}:{t}" for i, t in enumerate(tasks)], orientation="left",
+                        leaf_font_size=8)
+        order = [int(lbl.split(":")[0]) for lbl in dn["ivl"]][::-1]
+    else:
+        order = list(range(n))
+    ax_d.set_title("Average-linkage dendrogram of B distances")
+    im = ax_h.imshow(dist[np.ix_(order, order)], cmap="magma_r", vmin=0, vmax=max(1.0, float(dist.max())))
+    labels = [f"{i} {tasks[i]} (E{alloc.assignment[i]})" for i in order]
+    ax_h.set_xticks(range(n), labels, rotation=70, ha="right", fontsize=7)
+    ax_h.set_yticks(range(n), labels, fontsize=7)
+    ax_h.set_title(f"1 - cos(B_i, B_j), ordered by cluster (M = {alloc.num_experts})")
+    fig.colorbar(im, ax=ax_h)
+    _save(fig, folder / "b_distance.png")
+    if alloc.silhouette:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ks = sorted(alloc.silhouette)
+        ax.plot(ks, [alloc.silhouette[k] for k in ks], marker="o")
+        ax.axvline(alloc.num_experts, color="red", ls="--", label=f"chosen M = {alloc.num_experts}")
+        ax.set_xlabel("number of clusters k")
+        ax.set_ylabel("silhouette")
+        ax.legend()
+        ax.set_title("Silhouette against k")
+        _save(fig, folder / "silhouette.png")
+
+
+def plot_accuracy_rounds(curves: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({c["method"] for c in curves}):
+        pts = sorted((c["round"], c["score"]) for c in curves if c["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean score over clients")
+    ax.set_title("Score per round, every method")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_communication(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, hist in sorted(histories.items()):
+        rounds = [r["round"] for r in hist]
+        per_round = [(sum(r["bytes_up"].values()) + sum(r["bytes_down"].values())) / 1e6 for r in hist]
+        ax.plot(rounds, np.cumsum(per_round), marker="o", label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative MB (up + down, all clients)")
+    ax.set_title("Communication")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_router_usage(usage: dict[str, Any], path: Path) -> None:
+    """Clients x experts weight share (mean over modules)."""
+    clients = sorted(usage, key=int)
+    if not clients:
+        return
+    grid = np.array([np.mean([m["expert_weight_share"] for m in usage[c].values()], axis=0) for c in clients])
+    fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] + 2), max(3, 0.35 * len(clients) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("expert (local order: 0 = own)")
+    ax.set_yticks(range(len(clients)), [f"client {c}" for c in clients], fontsize=8)
+    ax.set_title("Router weight share per expert")
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)

@@ -61,16 +61,21 @@ def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, 
     return F.one_hot(torch.tensor(targets), m).float(), keep
 
 
-def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool) -> torch.Tensor:
-    """Per-token expert weights (..., M) from router logits (..., S). Pure function."""
+def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token expert weights (..., M) and which experts were selected (..., M bool), from
+    router logits (..., S). Pure function. Selection is by slot index, so an expert whose
+    weight underflows to 0 in float32 still counts as selected."""
     w = torch.softmax(logits, dim=-1)
+    mask = torch.ones_like(w)
     if keep < w.shape[-1]:
         top = torch.topk(w, keep, dim=-1).indices
         mask = torch.zeros_like(w).scatter_(-1, top, 1.0)
         w = w * mask
     if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w @ slots.to(w.dtype)
+        w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    slots = slots.to(w.dtype)
+    return w @ slots, (mask @ slots) > 0
 
 
 def mixture_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, gates: torch.Tensor,
@@ -123,10 +128,10 @@ class MixtureVariant(LoraVariant):
         own_b = module.lora_B[active_adapter].weight
         a_stack = torch.cat([own_a.unsqueeze(0), module.moe_foreign_A], dim=0)
         b_stack = torch.cat([own_b.unsqueeze(0), module.moe_foreign_B], dim=0)
-        gates = route(module.lora_router[active_adapter](x), module.moe_slots, module.moe_keep,
-                      module.moe_renormalize)
+        gates, selected = route(module.lora_router[active_adapter](x), module.moe_slots, module.moe_keep,
+                                module.moe_renormalize)
         if module.moe_telemetry is not None:
-            module.moe_telemetry.update(gates.detach())
+            module.moe_telemetry.update(gates.detach(), selected)
         x = module.lora_dropout[active_adapter](x)
         return result + mixture_delta(x, a_stack, b_stack, gates, module.scaling[active_adapter])
 
@@ -152,11 +157,13 @@ class RouterTelemetry:
         self.tokens = 0
         self.mask: torch.Tensor | None = None
 
-    def update(self, gates: torch.Tensor) -> None:
+    def update(self, gates: torch.Tensor, selected: torch.Tensor) -> None:
         g = gates.reshape(-1, gates.shape[-1])
+        sel = selected.reshape(-1, selected.shape[-1])
         if self.mask is not None and self.mask.numel() == g.shape[0]:
-            g = g[self.mask.reshape(-1).bool()]
-        used = (g > 0).sum(-1)
+            keep = self.mask.reshape(-1).bool()
+            g, sel = g[keep], sel[keep]
+        used = sel.sum(-1)
         self.distinct += torch.bincount(used - 1, minlength=g.shape[-1]).double()[: g.shape[-1]]
         self.weight += g.double().sum(0)
         self.tokens += g.shape[0]

@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Install order matters: torch==2.13.0 first (CPU wheel), then the pinned lock, so no CUDA build is pulled.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PYTHONWARNINGS := ignore
+
+.PHONY: install run test data pipeline clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock -c constraints.txt 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
+	$(BIN)/python -c "import torch, transformers, peft, deepspeed, sklearn; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(BIN)/python -m compileall -q $(VENV)/lib > /dev/null 2>&1 || true
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: install
+	$(BIN)/fedlease run
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,135 @@
+"""Stage 1 of FedLEASE: B-matrix distances, clustering, silhouette choice of M, expert init.
+
+Pure functions over tensors and numpy arrays, readable in one sitting:
+  d(i, j) = mean over adapted modules l of (1 - cos(vec B_i^l, vec B_j^l))
+  M = argmax_k silhouette(D, labels_k), k = 2..min(M_max, N-1)
+  expert_j = per-module mean of (A_i, B_i) over the clients of cluster j
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+from sklearn.metrics import silhouette_score
+
+
+def b_keys(adapter: dict[str, torch.Tensor]) -> list[str]:
+    keys = sorted(k for k in adapter if k.startswith("lora.") and k.endswith(".B"))
+    if not keys:
+        raise ValueError("adapter has no LoRA B matrices (keys lora.<module>.B)")
+    return keys
+
+
+def b_distance_matrix(adapters: list[dict[str, torch.Tensor]]) -> np.ndarray:
+    """(N, N) mean-over-modules cosine distance between clients' B matrices."""
+    keys = b_keys(adapters[0])
+    n = len(adapters)
+    dist = np.zeros((n, n))
+    for key in keys:
+        flat = torch.stack([a[key].reshape(-1).double() for a in adapters])
+        norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit = flat / norms
+        dist += (1.0 - unit @ unit.T).numpy()
+    dist /= len(keys)
+    np.fill_diagonal(dist, 0.0)
+    return np.clip((dist + dist.T) / 2, 0.0, 2.0)
+
+
+def cluster(dist: np.ndarray, k: int, method: str = "agglomerative", linkage: str = "average",
+            seed: int = 0) -> np.ndarray:
+    if method == "agglomerative":
+        model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage)
+        return model.fit_predict(dist)
+    affinity = np.clip(1.0 - dist / 2.0, 0.0, 1.0)  # cosine distance in [0, 2] -> similarity in [0, 1]
+    return SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(affinity)
+
+
+def canonical_labels(labels: np.ndarray) -> list[int]:
+    """Renumber clusters in order of first appearance (cluster of client 0 is expert 0)."""
+    mapping: dict[int, int] = {}
+    return [mapping.setdefault(int(lab), len(mapping)) for lab in labels]
+
+
+@dataclass
+class Allocation:
+    assignment: list[int]  # client -> expert
+    num_experts: int
+    silhouette: dict[int, float] = field(default_factory=dict)
+    distances: list[list[float]] = field(default_factory=list)
+    seconds: float = 0.0
+    method: str = "agglomerative"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"assignment": {str(i): e for i, e in enumerate(self.assignment)}, "num_experts": self.num_experts,
+                "silhouette": {str(k): v for k, v in self.silhouette.items()}, "distances": self.distances,
+                "seconds": self.seconds, "method": self.method}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Allocation:
+        assignment = [obj["assignment"][str(i)] for i in range(len(obj["assignment"]))]
+        return cls(assignment, obj["num_experts"], {int(k): v for k, v in obj["silhouette"].items()},
+                   obj["distances"], obj.get("seconds", 0.0), obj.get("method", "agglomerative"))
+
+    def members(self, expert: int) -> list[int]:
+        return [i for i, e in enumerate(self.assignment) if e == expert]
+
+
+def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", linkage: str = "average",
+                   fixed_m: int | None = None, seed: int = 0) -> Allocation:
+    """Cluster for k = 2..min(m_max, N-1) and keep the silhouette-best k (or `fixed_m`)."""
+    t0 = time.perf_counter()
+    n = dist.shape[0]
+    if fixed_m is not None:
+        if not 1 <= fixed_m <= n:
+            raise ValueError(f"fedlease.clustering.fixed_m: {fixed_m} is outside 1..{n} clients")
+        labels = np.zeros(n, dtype=int) if fixed_m == 1 else cluster(dist, fixed_m, method, linkage, seed)
+        return Allocation(canonical_labels(labels), fixed_m, {}, dist.tolist(), time.perf_counter() - t0, method)
+    if n < 3:
+        raise ValueError(f"silhouette needs at least 3 clients to compare k >= 2 clusters, got {n}")
+    scores: dict[int, float] = {}
+    best: tuple[float, int, np.ndarray] | None = None
+    for k in range(2, min(m_max, n - 1) + 1):
+        labels = cluster(dist, k, method, linkage, seed)
+        score = float(silhouette_score(dist, labels, metric="precomputed"))
+        scores[k] = score
+        if best is None or score > best[0]:
+            best = (score, k, labels)
+    assert best is not None
+    return Allocation(canonical_labels(best[2]), best[1], scores, dist.tolist(), time.perf_counter() - t0, method)
+
+
+def weighted_mean(tensors: list[dict[str, torch.Tensor]], weights: list[float] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Per-key weighted mean of state dicts (FedAvg). Pure; weights need not sum to 1."""
+    if not tensors:
+        raise ValueError("cannot average zero updates")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(tensors), dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("aggregation weights must be non-negative with a positive sum")
+    w = w / w.sum()
+    return {key: sum(wi * t[key].double() for wi, t in zip(w, tensors, strict=True)).to(tensors[0][key].dtype)
+            for key in tensors[0]}
+
+
+def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation,
+                 weights: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Expert j = mean of its cluster members' LoRA A and B, per module."""
+    experts = []
+    for j in range(allocation.num_experts):
+        members = allocation.members(j)
+        lora = [{k: v for k, v in adapters[i].items() if k.startswith("lora.")} for i in members]
+        experts.append(weighted_mean(lora, [weights[i] for i in members] if weights else None))
+    return experts
+
+
+def assign_late_joiner(adapter: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]],
+                       allocation: Allocation) -> tuple[int, list[float]]:
+    """Expert of the cluster with the smallest mean B-distance to the newcomer (no re-clustering)."""
+    dist = b_distance_matrix([adapter, *adapters])[0, 1:]
+    means = [float(np.mean([dist[i] for i in allocation.members(j)])) for j in range(allocation.num_experts)]
+    return int(np.argmin(means)), means

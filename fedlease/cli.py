@@ -1,0 +1,152 @@
+"""`fedlease ...` commands: the entry points `dvc.yaml`, the Makefile and users call.
+
+Expected failures (bad params, bad data, missing artifacts) print one line naming
+the problem and exit non-zero; config errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a params key (repeatable)")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from fedlease.config import load_config
+
+    return load_config(args.params, args.overrides)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedlease.config import load_config
+
+    cfg = load_config(args.file, args.overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# {args.file}: valid ({cfg.num_clients} clients, strategies: {', '.join(cfg.strategies)})",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from fedlease.paths import RunPaths
+    from fedlease.pipeline import stage_data
+
+    cfg = _load(args)
+    manifest = stage_data(cfg)
+    paths = RunPaths.of(cfg)
+    print(f"data: {len(manifest['clients'])} clients ({manifest['scheme']} partition) over tasks "
+          f"{', '.join(manifest['tasks'])} -> {paths.data}/ (clients/, stats.json, stats.png, manifest.json)")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace) -> int:
+    from fedlease.pipeline import stage_warmup
+
+    out = stage_warmup(_load(args))
+    print(f"warmup: {len(out)} adapters -> {os.path.dirname(out[0])}/")
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from fedlease.pipeline import stage_allocate
+
+    doc = stage_allocate(_load(args))
+    sil = ", ".join(f"k={k}: {v:.3f}" for k, v in doc["silhouette"].items())
+    print(f"allocate: M = {doc['num_experts']} experts, assignment {list(doc['assignment'].values())}, "
+          f"ARI vs tasks {doc['ari_vs_task']:.3f} (silhouette {sil})")
+    return 0
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from fedlease.pipeline import stage_federate
+
+    res = stage_federate(_load(args), strategies=args.strategy or None)
+    for name, r in res.items():
+        last = next(h["eval"] for h in reversed(r["history"]) if "eval" in h)
+        print(f"federate: {name}: final mean {last['metric']} {last['mean']:.4f}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedlease.pipeline import stage_evaluate
+    from fedlease.report import results_table
+
+    print(results_table(stage_evaluate(_load(args))))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlease.paths import RunPaths
+    from fedlease.pipeline import run_all
+    from fedlease.report import results_table
+
+    cfg = _load(args)
+    metrics = run_all(cfg)
+    print(results_table(metrics))
+    print(f"\nartifacts: {RunPaths.of(cfg).root}/ (metrics.json, results.md, plots/)")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "data": cmd_data, "warmup": cmd_warmup, "allocate": cmd_allocate, "federate": cmd_federate,
+    "evaluate": cmd_evaluate, "run": cmd_run,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlease", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cfg = sub.add_parser("config", help="inspect params")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a params file and print the resolved config")
+    check.add_argument("file", nargs="?", default="params.yaml")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    check.set_defaults(func=cmd_config_check)
+    helps = {"data": "read tasks and write client partitions", "warmup": "warm up one LoRA per client",
+             "allocate": "cluster clients by LoRA B and initialise experts",
+             "federate": "run the federated rounds of every configured method",
+             "evaluate": "collect final metrics, tables and plots", "run": "all stages, in this process"}
+    for name, func in COMMANDS.items():
+        p = sub.add_parser(name, help=helps[name])
+        _add_params(p)
+        if name == "federate":
+            p.add_argument("--strategy", action="append", help="only this method (repeatable)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedlease.config import ConfigError
+    from fedlease.data.sources import DataError
+    from fedlease.engine.batching import TruncationError
+    from fedlease.io import ArtifactError
+    from fedlease.models.base import ModelError
+    from fedlease.server import RoundFailed
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

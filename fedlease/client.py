@@ -1,0 +1,278 @@
+"""Client-side work: one local training round or one evaluation, from files to files.
+
+Each call reads the server's download (safetensors), the client's own data and its
+local state, trains or evaluates, and writes its upload; it returns only small
+JSON-able facts (paths, counts, metrics). Raw examples never leave this module.
+A `ClientRuntime` caches the base model and the engine once per worker process.
+
+Local state (heads, FedSA's B, local-only LoRAs) is versioned by round, so a
+round that is re-run after a crash starts from exactly the same local state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from fedlease.allocation import Allocation
+from fedlease.comm import nbytes
+from fedlease.config import Config
+from fedlease.data.stage import load_client
+from fedlease.engine.batching import iterate_batches
+from fedlease.engine.evaluate import classification_metrics, generate, predict_labels, rouge_l
+from fedlease.engine.trainer import compute_loss, device, make_engine
+from fedlease.io import ArtifactError, load_tensors, read_json, save_tensors
+from fedlease.models.adapters import (attach_telemetry, detach_telemetry, get_state, set_state, set_trainable,
+                                      wrap_lora)
+from fedlease.models.base import head_init, load_base_model, set_head_classes
+from fedlease.paths import RunPaths
+from fedlease.strategies import make_strategy
+from fedlease.strategies.base import Download, ModelSpec, Strategy, Tensors
+
+
+def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
+    return (seed * 1_000_003 + client_id * 1009 + round_ * 17 + zlib.crc32(strategy.encode())) % (2**31)
+
+
+@dataclass
+class _Built:
+    model: PeftModel
+    common: Tensors  # the seeded common init of lora (+ router, zero foreign) for this structure
+
+
+class ClientRuntime:
+    """Per-process cache: base models by structure, tokenizer, training engine."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.cache_dir = Path(cfg.data.cache_dir)
+        self._models: dict[ModelSpec, _Built] = {}
+        self._engine: Any = None
+        self.tokenizer: Any = None
+        if cfg.training.torch_threads:
+            torch.set_num_threads(cfg.training.torch_threads)
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = make_engine(self.cfg.training, self.cache_dir)
+        return self._engine
+
+    def build(self, spec: ModelSpec) -> _Built:
+        if spec not in self._models:
+            loaded = load_base_model(self.cfg.model, self.cfg.data.kind, self.cache_dir, seed=self.cfg.seed)
+            self.tokenizer = loaded.tokenizer
+            lora = self.cfg.lora.model_copy(update={"r": spec.r})
+            router = self.cfg.fedlease.router.model_copy(update={"top_k": spec.top_k})
+            model = wrap_lora(loaded.model, lora, spec.num_experts, router, seed=self.cfg.seed).to(device())
+            common = get_state(model, None, ("lora", "router", "foreign"))
+            common = {k: (torch.zeros_like(v) if k.startswith("foreign.") else v) for k, v in common.items()}
+            self._models[spec] = _Built(model, common)
+        return self._models[spec]
+
+    def head_module(self) -> str | None:
+        return self.cfg.model.head_module if self.cfg.data.kind == "classification" else None
+
+    def fresh_model(self, spec: ModelSpec, num_labels: int) -> PeftModel:
+        """The structure's model reset to the common init, with a fresh head for `num_labels`."""
+        built = self.build(spec)
+        set_state(built.model, built.common)
+        head = self.head_module()
+        if head is not None:
+            linear = set_head_classes(built.model.get_base_model(), head, num_labels).to(device())
+            init = head_init(linear.in_features, num_labels, self.cfg.seed, linear.bias is not None)
+            set_state(built.model, {f"head.{k}": v for k, v in init.items()}, head)
+        return built.model
+
+    def common_init(self, spec: ModelSpec) -> Tensors:
+        return dict(self.build(spec).common)
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+
+
+def runtime_for(cfg: Config) -> ClientRuntime:
+    key = cfg.model_dump_json()
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one config per worker at a time; frees the old models
+        _RUNTIMES[key] = ClientRuntime(cfg)
+    return _RUNTIMES[key]
+
+
+def strategy_for(cfg: Config, name: str, num_clients: int) -> Strategy:
+    strategy = make_strategy(name, cfg, num_clients)
+    if hasattr(strategy, "with_allocation"):
+        strategy.with_allocation(Allocation.from_json(read_json(RunPaths.of(cfg).cluster_map)))
+    return strategy
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def write_download(path: Path, download: Download) -> int:
+    save_tensors(path, download.tensors, {"meta": json.dumps(download.meta)})
+    return nbytes(download.tensors)
+
+
+def read_download(path: Path) -> Download:
+    from safetensors import safe_open
+
+    tensors = load_tensors(path)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    return Download(tensors, meta)
+
+
+def local_dir(cfg: Config, strategy: str, client_id: int) -> Path:
+    return RunPaths.of(cfg).root / "clients" / f"client_{client_id:03d}" / strategy
+
+
+def _latest_local(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Path | None:
+    names = [strategy.name] + ([getattr(strategy, "inherit_local_from")] if hasattr(strategy, "inherit_local_from")
+                               else [])
+    for name in names:
+        folder = local_dir(cfg, name, client_id)
+        if folder.is_dir():
+            rounds = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"round_(\d+)\.safetensors", p.name))]
+            rounds = [r for r in rounds if r <= up_to] if name == strategy.name else rounds
+            if rounds:
+                return folder / f"round_{max(rounds):04d}.safetensors"
+    return None
+
+
+def _load_client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, round_: int, num_labels: int,
+                       download: Download, local_up_to: int) -> PeftModel:
+    model = rt.fresh_model(strategy.spec(client_id), num_labels)
+    head = rt.head_module()
+    set_state(model, strategy.client_state(download), head)
+    local = _latest_local(rt.cfg, strategy, client_id, local_up_to)
+    if local is not None:
+        state = load_tensors(local)
+        keep = {k: v for k, v in state.items() if _group(k) in _expand(strategy.local_groups)}
+        set_state(model, keep, head)
+    return model
+
+
+def _group(key: str) -> str:
+    kind = key.split(".", 1)[0]
+    if kind == "lora":
+        return "lora_A" if key.endswith(".A") else "lora_B"
+    return kind
+
+
+def _expand(groups: tuple[str, ...]) -> set[str]:
+    out = set(groups)
+    if "lora" in out:
+        out |= {"lora_A", "lora_B"}
+    return out
+
+
+# --- the two client calls -------------------------------------------------------------------------
+
+
+def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, download_path: str,
+                 upload_path: str, num_clients: int) -> dict[str, Any]:
+    """One local round: load, train what the strategy trains, write the upload and local state."""
+    t0 = time.perf_counter()
+    rt = runtime_for(cfg)
+    strategy = strategy_for(cfg, strategy_name, num_clients)
+    data = load_client(cfg, client_id)
+    download = read_download(Path(download_path))
+    model = _load_client_model(rt, strategy, client_id, round_, len(data.label_names), download, round_ - 1)
+    meta = strategy.upload_meta(download)
+    seed = client_seed(cfg.seed, client_id, round_, strategy.name)
+    if hasattr(strategy, "candidates"):
+        meta["cluster"] = _pick_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
+        set_state(model, strategy.candidates(download)[meta["cluster"]], rt.head_module())
+    params = set_trainable(model, strategy.train_groups, rt.head_module())
+    torch.manual_seed(seed)
+    batches = iterate_batches(rt.tokenizer, data.train, cfg.data.kind, cfg.training.batch_size,
+                              cfg.model.max_length, strategy.local_epochs(round_), seed)
+    result = rt.engine.train(model, params, batches, cfg.data.kind)
+    upload = get_state(model, rt.head_module(), _expand(strategy.upload_groups))
+    upload = {k: v for k, v in upload.items() if _group(k) in _expand(strategy.upload_groups)}
+    save_tensors(upload_path, upload, {"meta": json.dumps(meta)})
+    local = get_state(model, rt.head_module(), _expand(strategy.local_groups))
+    local = {k: v for k, v in local.items() if _group(k) in _expand(strategy.local_groups)}
+    save_tensors(local_dir(cfg, strategy.name, client_id) / f"round_{round_:04d}.safetensors", local)
+    return {
+        "client_id": client_id, "upload": upload_path, "num_examples": len(data.train), "loss": result.loss,
+        "steps": result.steps, "bytes_up": nbytes(upload), "bytes_down": nbytes(download.tensors),
+        "train_seconds": result.seconds, "setup_seconds": result.setup_seconds,
+        "seconds": time.perf_counter() - t0, "meta": meta,
+    }
+
+
+@torch.no_grad()
+def _pick_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Tensors], records: list[dict[str, Any]],
+                      seed: int) -> int:
+    """IFCA's choice: the candidate LoRA with the lowest loss on (a seeded slice of) the training data."""
+    losses = []
+    batch = next(iterate_batches(rt.tokenizer, records, rt.cfg.data.kind, rt.cfg.training.eval_batch_size,
+                                 rt.cfg.model.max_length, 1, seed))
+    for cand in candidates:
+        set_state(model, cand, rt.head_module())
+        losses.append(float(compute_loss(model, {k: v.to(device()) for k, v in batch.tensors.items()},
+                                         rt.cfg.data.kind)))
+    return int(min(range(len(losses)), key=losses.__getitem__))
+
+
+def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int, download_path: str,
+                    num_clients: int) -> dict[str, Any]:
+    """Evaluate the client's current model (server state after aggregation + its local state) on its test split."""
+    rt = runtime_for(cfg)
+    strategy = strategy_for(cfg, strategy_name, num_clients)
+    data = load_client(cfg, client_id)
+    download = read_download(Path(download_path))
+    model = _load_client_model(rt, strategy, client_id, round_, len(data.label_names), download, round_)
+    if hasattr(strategy, "candidates"):
+        seed = client_seed(cfg.seed, client_id, round_, strategy.name)
+        choice = _pick_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
+        set_state(model, strategy.candidates(download)[choice], rt.head_module())
+    telemetry = attach_telemetry(model)
+    out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
+    try:
+        if cfg.data.kind == "classification":
+            preds = predict_labels(model, rt.tokenizer, data.test, cfg.model.max_length, cfg.training.eval_batch_size)
+            out.update(classification_metrics(preds, [r["label"] for r in data.test], len(data.label_names)))
+            by_task: dict[str, list[bool]] = {}
+            for p, r in zip(preds, data.test, strict=True):
+                by_task.setdefault(r["task"], []).append(p == r["label"])
+            out["task_accuracy"] = {t: sum(v) / len(v) for t, v in by_task.items()}
+        else:
+            preds_text = generate(model, rt.tokenizer, [r["prompt"] for r in data.test], cfg.model.max_length,
+                                  cfg.training.max_new_tokens, cfg.training.eval_batch_size)
+            out["rougeL"] = rouge_l(preds_text, [r["response"] for r in data.test])
+            out["samples"] = [{"prediction": p} for p in preds_text[:2]]
+    finally:
+        detach_telemetry(model)
+    if telemetry:
+        out["router"] = {
+            name: {"distinct_experts_share": (t.distinct / max(1, t.tokens)).tolist(),
+                   "expert_weight_share": (t.weight / max(1e-12, float(t.weight.sum()))).tolist()}
+            for name, t in telemetry.items()
+        }
+    return out
+
+
+def validate_update(path: Path, expected: dict[str, tuple[int, ...]] | None) -> dict[str, torch.Tensor]:
+    """Load an upload and reject NaN/Inf or shapes that differ from what the server expects."""
+    tensors = load_tensors(path)
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise ArtifactError(f"{path.name}: {key} contains NaN or Inf")
+        if expected is not None and key in expected and tuple(value.shape) != expected[key]:
+            raise ArtifactError(f"{path.name}: {key} has shape {tuple(value.shape)}, expected {expected[key]}")
+    return tensors
+
+
+def read_upload_meta(path: Path) -> dict[str, Any]:
+    return read_download(path).meta

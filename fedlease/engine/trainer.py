@@ -1,0 +1,195 @@
+"""Local training engines: DeepSpeed (default) and plain torch (for debugging), one interface.
+
+Both run the same loop over the same batches with AdamW, the same schedule and
+the same clipping, so switching engines changes speed, never the maths.
+DeepSpeed is imported once per process; on a CPU it runs one gloo process with
+its JIT extensions cached under the project's cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlease.config import TrainingConfig
+from fedlease.engine.batching import Batch
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the steps
+    steps: int
+    seconds: float
+    setup_seconds: float  # engine creation and teardown (the fixed per-client-round cost)
+
+
+def compute_loss(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    inputs = {k: v for k, v in tensors.items() if k != "labels"}
+    logits = model(**inputs).logits
+    labels = tensors["labels"]
+    if kind == "classification":
+        return F.cross_entropy(logits.float(), labels)
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    if not (shift_labels != -100).any():
+        raise ValueError("batch has no response tokens to score (all truncated)")
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def _lr_lambda(cfg: TrainingConfig):
+    warm = cfg.deepspeed.warmup_steps if cfg.deepspeed.scheduler == "linear_warmup" else 0
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warm) if warm else 1.0
+
+    return factor
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, cfg: TrainingConfig) -> None:
+        self.cfg = cfg
+
+    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str) -> TrainResult:
+        t0 = time.perf_counter()
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
+        accum = self.cfg.deepspeed.gradient_accumulation_steps
+        setup = time.perf_counter() - t0
+        model.train()
+        losses: list[float] = []
+        dev = device()
+        for i, batch in enumerate(batches):
+            loss = compute_loss(model, {k: v.to(dev) for k, v in batch.tensors.items()}, kind)
+            (loss / accum).backward()
+            losses.append(float(loss.detach()))
+            if (i + 1) % accum == 0:
+                self._step(opt, sched, params)
+        if len(losses) % accum:
+            self._step(opt, sched, params)
+        model.eval()
+        return TrainResult(sum(losses) / max(1, len(losses)), len(losses), time.perf_counter() - t0, setup)
+
+    def _step(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter]) -> None:
+        if self.cfg.deepspeed.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.deepspeed.gradient_clipping)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_deepspeed_env(cache_dir: Path) -> None:
+    """Single-process DeepSpeed without a launcher; JIT extensions cached in the project."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str((cache_dir / "torch_extensions").resolve()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
+def resolve_precision(cfg: TrainingConfig) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
+    """The DeepSpeed config generated from params.yaml (saved with each run)."""
+    ds = cfg.deepspeed
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": cfg.batch_size * ds.gradient_accumulation_steps,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "gradient_clipping": ds.gradient_clipping,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    precision = resolve_precision(cfg)
+    if precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        conf["fp16"] = {"enabled": True}
+    return conf
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, cfg: TrainingConfig, cache_dir: Path) -> None:
+        if cfg.deepspeed.zero_stage == 3:
+            raise ValueError("training.deepspeed.zero_stage: 3 shards the frozen base model across ranks, "
+                             "which a one-process client cannot use; choose 0-2")
+        prepare_deepspeed_env(cache_dir)
+        import deepspeed  # noqa: PLC0415 - imported once per worker process, after the env is set
+
+        self.deepspeed = deepspeed
+        self.cfg = cfg
+        self.config = deepspeed_config(cfg)
+        self._comm_ready = False
+
+    def save_config(self, path: Path) -> None:
+        from fedlease.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.config, indent=2) + "\n")
+
+    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str) -> TrainResult:
+        t0 = time.perf_counter()
+        if not self._comm_ready:
+            self.deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                            verbose=False)
+            self._comm_ready = True
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
+        engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                    model_parameters=params, config=self.config)
+        setup = time.perf_counter() - t0
+        engine.train()
+        losses: list[float] = []
+        dev = engine.device
+        for batch in batches:
+            tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
+            loss = compute_loss(engine, tensors, kind)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        t1 = time.perf_counter()
+        engine.eval()
+        engine.destroy()
+        del engine, opt, sched
+        for p in params:
+            p.grad = None
+        setup += time.perf_counter() - t1
+        model.eval()
+        return TrainResult(sum(losses) / max(1, len(losses)), len(losses), time.perf_counter() - t0, setup)
+
+
+def make_engine(cfg: TrainingConfig, cache_dir: Path) -> TorchEngine | DeepSpeedEngine:
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(cfg, cache_dir)
+    return TorchEngine(cfg)

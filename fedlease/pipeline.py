@@ -1,0 +1,188 @@
+"""The pipeline's stages as plain functions: data -> warmup -> allocate -> federate -> evaluate.
+
+The CLI (and so `dvc repro`), the Prefect flows and the tests all call these, with
+a `ClientMapper` choosing how client work is dispatched. Every stage reads the
+previous stage's files and writes its own atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fedlease.allocation import Allocation, b_distance_matrix, choose_experts, init_experts
+from fedlease.client import runtime_for
+from fedlease.config import Config
+from fedlease.data.stage import load_manifest, run_data_stage
+from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
+from fedlease.paths import RunPaths
+from fedlease.server import ClientMapper, run_rounds, sequential_mapper
+from fedlease.strategies import make_strategy
+from fedlease.strategies.base import ModelSpec, ServerState, prefixed, unprefixed
+
+
+def stage_data(cfg: Config) -> dict[str, Any]:
+    return run_data_stage(cfg)
+
+
+def _num_clients(cfg: Config) -> int:
+    return len(load_manifest(cfg)["clients"])
+
+
+def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[str]:
+    """Every client trains one LoRA from the common init; adapters land in <output>/warmup/."""
+    paths = RunPaths.of(cfg)
+    n = _num_clients(cfg)
+    strategy = make_strategy("warmup", cfg, n)
+    common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
+    result = run_rounds(cfg, strategy, lambda: strategy.init_state(common), paths.warmup / "run", 1, mapper, n,
+                        evaluate=False)
+    state = result["state"]
+    missing = [c for c in range(n) if not any(k.startswith(f"client{c}.") for k in state.tensors)]
+    if missing:
+        raise RuntimeError(f"warm-up: clients {missing} produced no adapter")
+    out = []
+    for c in range(n):
+        path = paths.warmup_adapter(c)
+        save_tensors(path, unprefixed(state.tensors, f"client{c}."))
+        out.append(str(path))
+    atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": result["history"]})
+    return out
+
+
+def stage_allocate(cfg: Config) -> dict[str, Any]:
+    """B-distance clustering, silhouette choice of M, cluster-mean expert init."""
+    from fedlease.plots import plot_allocation
+
+    paths = RunPaths.of(cfg)
+    manifest = load_manifest(cfg)
+    n = len(manifest["clients"])
+    adapters = [load_tensors(paths.warmup_adapter(c)) for c in range(n)]
+    dist = b_distance_matrix(adapters)
+    fl = cfg.fedlease
+    alloc = choose_experts(dist, fl.m_max, fl.clustering.method, fl.clustering.linkage, fl.clustering.fixed_m,
+                           cfg.seed)
+    weights = [float(c["train"]) for c in manifest["clients"]] if fl.weighting == "examples" else None
+    experts = init_experts(adapters, alloc, weights)
+    tensors = {}
+    for e, expert in enumerate(experts):
+        tensors.update(prefixed(expert, f"expert{e}."))
+    save_tensors(paths.allocation / "experts.safetensors", tensors)
+    doc = alloc.to_json()
+    doc["tasks"] = {str(c["client_id"]): c["task"] for c in manifest["clients"]}
+    doc["ari_vs_task"] = task_ari(alloc, [c["task"] for c in manifest["clients"]])
+    atomic_write_json(paths.cluster_map, doc)
+    atomic_write_json(paths.allocation / "silhouette.json",
+                      [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
+    plot_allocation(alloc, [c["task"] for c in manifest["clients"]], paths.allocation)
+    return doc
+
+
+def task_ari(alloc: Allocation, tasks: list[str]) -> float:
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(tasks, alloc.assignment))
+
+
+def _fedlease_initial(cfg: Config, strategy: Any) -> ServerState:
+    paths = RunPaths.of(cfg)
+    tensors = load_tensors(paths.allocation / "experts.safetensors")
+    experts = [unprefixed(tensors, f"expert{e}.") for e in range(strategy.num_experts)]
+    common = runtime_for(cfg).common_init(strategy.spec(0))
+    router = {k: v for k, v in common.items() if k.startswith("router.")}
+    return strategy.initial_state(experts, router)
+
+
+def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
+                   strategies: list[str] | None = None) -> dict[str, Any]:
+    """Run every configured method on the same partitions, seeds and budgets."""
+    from fedlease.client import strategy_for
+
+    paths = RunPaths.of(cfg)
+    n = _num_clients(cfg)
+    results = {}
+    for name in strategies or cfg.strategies:
+        t0 = time.perf_counter()
+        strategy = strategy_for(cfg, name, n)
+        if name == "fedlease":
+            initial = lambda s=strategy: _fedlease_initial(cfg, s)  # noqa: E731
+        else:
+            common = runtime_for(cfg).common_init(strategy.spec(0))
+            initial = lambda s=strategy, c=common: s.init_state(c)  # noqa: E731
+        out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n)
+        summary = {
+            "strategy": name, "history": out["history"], "wall_seconds": time.perf_counter() - t0,
+            "trainable_params": trainable_params(cfg, strategy),
+        }
+        atomic_write_json(paths.strategy_dir(name) / "result.json", summary)
+        results[name] = summary
+    return results
+
+
+def trainable_params(cfg: Config, strategy: Any) -> int:
+    """Parameters one client trains (adapters + router + head) for the table."""
+    from fedlease.models.adapters import set_trainable
+
+    rt = runtime_for(cfg)
+    model = rt.fresh_model(strategy.spec(0), 2)
+    params = set_trainable(model, strategy.train_groups, rt.head_module())
+    return sum(p.numel() for p in params)
+
+
+def stage_evaluate(cfg: Config) -> dict[str, Any]:
+    """Collect every method's final metrics into metrics.json, a results table and plots."""
+    from fedlease.plots import plot_accuracy_rounds, plot_communication
+    from fedlease.report import results_table
+
+    paths = RunPaths.of(cfg)
+    methods = {}
+    for name in cfg.strategies:
+        res = read_json(paths.strategy_dir(name) / "result.json")
+        methods[name] = summarise_method(res)
+    alloc = read_json(paths.cluster_map) if paths.cluster_map.exists() else None
+    metrics = {"methods": methods}
+    if alloc is not None:
+        metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
+                                 "silhouette": alloc["silhouette"]}
+    atomic_write_json(paths.metrics, metrics)
+    curves = []
+    for name in cfg.strategies:
+        res = read_json(paths.strategy_dir(name) / "result.json")
+        for rec in res["history"]:
+            if "eval" in rec:
+                curves.append({"method": name, "round": rec["round"], "score": rec["eval"]["mean"]})
+    atomic_write_json(paths.plots / "score_per_round.json", curves)
+    plot_accuracy_rounds(curves, paths.plots / "score_per_round.png")
+    plot_communication({n: read_json(paths.strategy_dir(n) / "result.json")["history"] for n in cfg.strategies},
+                       paths.plots / "communication.png")
+    table = results_table(metrics)
+    from fedlease.io import atomic_write_text
+
+    atomic_write_text(paths.root / "results.md", table + "\n")
+    return metrics
+
+
+def summarise_method(res: dict[str, Any]) -> dict[str, Any]:
+    history = res["history"]
+    last_eval = next(r["eval"] for r in reversed(history) if "eval" in r)
+    rounds = len(history)
+    ups = [sum(r["bytes_up"].values()) / max(1, len(r["bytes_up"])) for r in history]
+    downs = [sum(r["bytes_down"].values()) / max(1, len(r["bytes_down"])) for r in history]
+    return {
+        "metric": last_eval["metric"], "mean": last_eval["mean"], "per_task": last_eval["per_task"],
+        "mean_macro_f1": last_eval.get("mean_macro_f1"), "rounds": rounds,
+        "bytes_up_per_client_round": float(sum(ups) / max(1, rounds)),
+        "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
+        "wall_seconds": res["wall_seconds"], "trainable_params": res["trainable_params"],
+        "per_round": [{"round": r["round"], "mean": r["eval"]["mean"]} for r in history if "eval" in r],
+    }
+
+
+def run_all(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
+    stage_data(cfg)
+    if "fedlease" in cfg.strategies:
+        stage_warmup(cfg, mapper)
+        stage_allocate(cfg)
+    stage_federate(cfg, mapper)
+    return stage_evaluate(cfg)
+

@@ -1,0 +1,212 @@
+"""The round loop, owned in one place: sample, send, collect, validate, aggregate, evaluate, checkpoint.
+
+Client work is dispatched through a `ClientMapper` (sequential here; the Prefect
+flows pass one that submits one task per client), so the loop is identical in
+`make run`, the Prefect deployment and `dvc repro`. After every round an atomic
+checkpoint (server tensors + JSON with the round, history and sampling seed) is
+written; a re-run resumes after the last finished round, and a finished run is a
+no-op that returns its results.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedlease.client import client_evaluate, client_train, validate_update, write_download
+from fedlease.config import Config
+from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
+from fedlease.strategies.base import ServerState, Strategy, Update
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients reported for a round; the last checkpoint is intact."""
+
+
+class ClientMapper(Protocol):
+    def __call__(self, fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
+                 ) -> list[dict[str, Any] | BaseException]: ...
+
+
+def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
+                      ) -> list[dict[str, Any] | BaseException]:
+    """Run client calls one after another in this process (retries as configured)."""
+    out: list[dict[str, Any] | BaseException] = []
+    for call in calls:
+        cfg: Config = call["cfg"]
+        for attempt in range(cfg.orchestration.retries + 1):
+            try:
+                out.append(fn(**call))
+                break
+            except Exception as exc:  # noqa: BLE001 - a failed client is dropped, not fatal
+                if attempt == cfg.orchestration.retries:
+                    out.append(exc)
+                else:
+                    time.sleep(cfg.orchestration.retry_delay_s)
+    return out
+
+
+def sample_clients(cfg: Config, round_: int, num_clients: int) -> list[int]:
+    """Seeded per round, so a resumed run replays exactly the same choices."""
+    k = cfg.sampled_per_round()
+    if k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([cfg.seed, round_, 4242])
+    return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Checkpoint:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @property
+    def meta_path(self) -> Path:
+        return self.folder / "checkpoint.json"
+
+    def load(self) -> tuple[ServerState, dict[str, Any]] | None:
+        if not self.meta_path.exists():
+            return None
+        meta = read_json(self.meta_path)
+        tensors = load_tensors(self.folder / meta["state_file"])
+        return ServerState(tensors, meta["state_meta"]), meta
+
+    def save(self, state: ServerState, meta: dict[str, Any]) -> None:
+        name = f"state_r{meta['round']:04d}.safetensors"
+        save_tensors(self.folder / name, state.tensors)
+        atomic_write_json(self.meta_path, {**meta, "state_file": name, "state_meta": state.meta})
+        for old in self.folder.glob("state_r*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerState], run_dir: Path, rounds: int,
+               mapper: ClientMapper = sequential_mapper, num_clients: int | None = None,
+               evaluate: bool = True, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) `rounds` rounds of `strategy`; return {"history": [...], "state": ServerState}."""
+    n = num_clients if num_clients is not None else cfg.num_clients
+    ckpt = Checkpoint(run_dir / "checkpoint")
+    loaded = ckpt.load()
+    if loaded is not None:
+        state, meta = loaded
+        history: list[dict[str, Any]] = meta["history"]
+        start = meta["round"] + 1
+        if start <= rounds:
+            _progress(f"[{strategy.name}] resuming after round {meta['round']}")
+    else:
+        state, history, start = initial(), [], 1
+    for round_ in range(start, rounds + 1):
+        t0 = time.perf_counter()
+        sampled = sample_clients(cfg, round_, n)
+        rdir = run_dir / "rounds" / f"r{round_:04d}"
+        calls = []
+        for cid in sampled:
+            down = rdir / f"down_{cid:03d}.safetensors"
+            write_download(down, strategy.download(state, cid))
+            calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
+                          "download_path": str(down), "upload_path": str(rdir / f"up_{cid:03d}.safetensors"),
+                          "num_clients": n})
+        results = mapper(client_train, calls, f"{strategy.name}-r{round_}-train")
+        updates, reports, dropped = [], [], {}
+        for cid, res in zip(sampled, results, strict=True):
+            if isinstance(res, BaseException):
+                dropped[cid] = f"{type(res).__name__}: {res}"
+                continue
+            try:
+                tensors = validate_update(Path(res["upload"]), None)
+            except Exception as exc:  # noqa: BLE001
+                dropped[cid] = str(exc)
+                continue
+            updates.append(Update(cid, tensors, res["num_examples"], res["meta"]))
+            reports.append(res)
+        needed = max(1, int(np.ceil(cfg.federation.min_clients_fraction * len(sampled))))
+        if len(updates) < needed:
+            raise RoundFailed(f"[{strategy.name}] round {round_}: only {len(updates)} of {len(sampled)} sampled "
+                              f"clients reported (need {needed}); dropped: {dropped}")
+        shape_ref = _shape_reference(updates)
+        bad = [u for u in updates if {k: tuple(v.shape) for k, v in u.tensors.items()} != shape_ref[u.meta.get("expert", u.meta.get("cluster", 0))]]
+        for u in bad:
+            dropped[u.client_id] = "update shapes differ from the other clients'"
+        updates = [u for u in updates if u not in bad]
+        state = strategy.aggregate(state, updates)
+        record: dict[str, Any] = {
+            "round": round_, "sampled": sampled, "dropped": {str(k): v for k, v in dropped.items()},
+            "loss": float(np.mean([r["loss"] for r in reports])) if reports else float("nan"),
+            "bytes_up": {str(r["client_id"]): r["bytes_up"] for r in reports},
+            "bytes_down": {str(r["client_id"]): r["bytes_down"] for r in reports},
+            "client_seconds": float(sum(r["seconds"] for r in reports)),
+            "setup_seconds": float(sum(r["setup_seconds"] for r in reports)),
+        }
+        if evaluate and (round_ % cfg.federation.eval_every == 0 or round_ == rounds):
+            record["eval"] = evaluate_clients(cfg, strategy, state, rdir, round_, n, mapper)
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        ckpt.save(state, {"round": round_, "history": history, "strategy": strategy.name})
+        shutil.rmtree(rdir, ignore_errors=True)
+        _progress(round_line(strategy.name, record))
+        if on_round is not None:
+            on_round(record)
+    return {"history": history, "state": state}
+
+
+def _shape_reference(updates: list[Update]) -> dict[Any, dict[str, tuple[int, ...]]]:
+    """Majority shape signature per expert/cluster group (a client with other shapes is dropped)."""
+    groups: dict[Any, list[dict[str, tuple[int, ...]]]] = {}
+    for u in updates:
+        groups.setdefault(u.meta.get("expert", u.meta.get("cluster", 0)), []).append(
+            {k: tuple(v.shape) for k, v in u.tensors.items()})
+    ref = {}
+    for key, sigs in groups.items():
+        ref[key] = max(sigs, key=lambda s: sum(s == t for t in sigs))
+    return ref
+
+
+def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: Path, round_: int, n: int,
+                     mapper: ClientMapper) -> dict[str, Any]:
+    calls = []
+    for cid in range(n):
+        down = rdir / f"eval_{cid:03d}.safetensors"
+        write_download(down, strategy.download(state, cid))
+        calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
+                      "download_path": str(down), "num_clients": n})
+    results = mapper(client_evaluate, calls, f"{strategy.name}-r{round_}-eval")
+    clients = {}
+    for cid, res in zip(range(n), results, strict=True):
+        clients[str(cid)] = {"error": f"{type(res).__name__}: {res}"} if isinstance(res, BaseException) else res
+    return summarise_eval(clients, cfg.data.kind)
+
+
+def summarise_eval(clients: dict[str, dict[str, Any]], kind: str) -> dict[str, Any]:
+    metric = "accuracy" if kind == "classification" else "rougeL"
+    ok = {k: v for k, v in clients.items() if metric in v}
+    per_task: dict[str, list[float]] = {}
+    for v in ok.values():
+        per_task.setdefault(v["task"], []).append(v[metric])
+    out = {
+        "metric": metric,
+        "mean": float(np.mean([v[metric] for v in ok.values()])) if ok else float("nan"),
+        "per_task": {t: float(np.mean(vals)) for t, vals in sorted(per_task.items())},
+        "clients": clients,
+    }
+    if kind == "classification" and ok:
+        out["mean_macro_f1"] = float(np.mean([v["macro_f1"] for v in ok.values()]))
+    return out
+
+
+def round_line(name: str, record: dict[str, Any]) -> str:
+    ev = record.get("eval")
+    score = f"{ev['metric']} {ev['mean']:.4f}" if ev else "no eval"
+    up = sum(record["bytes_up"].values())
+    down = sum(record["bytes_down"].values())
+    dropped = f" dropped {sorted(record['dropped'])}" if record["dropped"] else ""
+    return (f"[{name}] round {record['round']}: {score} | loss {record['loss']:.4f} | "
+            f"{record['seconds']:.1f}s | up {up / 1e6:.2f} MB down {down / 1e6:.2f} MB{dropped}")

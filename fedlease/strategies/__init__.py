@@ -1,0 +1,23 @@
+"""Federated methods behind one interface; `make_strategy` builds one by name."""
+
+from __future__ import annotations
+
+from fedlease.config import Config
+from fedlease.strategies.base import Strategy
+
+
+def make_strategy(name: str, cfg: Config, num_clients: int) -> Strategy:
+    from fedlease.strategies.fedit import FedIT
+    from fedlease.strategies.fedlease import FedLEASE, Warmup
+    from fedlease.strategies.fedsa_lora import FedSALoRA
+    from fedlease.strategies.ffa_lora import FFALoRA
+    from fedlease.strategies.ifca import IFCA
+    from fedlease.strategies.local import LocalOnly
+
+    registry: dict[str, type[Strategy]] = {
+        "fedlease": FedLEASE, "warmup": Warmup, "fedit": FedIT, "ffa_lora": FFALoRA,
+        "fedsa_lora": FedSALoRA, "ifca": IFCA, "local": LocalOnly,
+    }
+    if name not in registry:
+        raise ValueError(f"strategies: unknown method {name!r} (known: {sorted(registry)})")
+    return registry[name](cfg, num_clients)

@@ -1,0 +1,48 @@
+"""IFCA + LoRA: K cluster LoRAs; each round a client picks the one with the lowest loss on its
+training data, trains it and uploads it; the server averages within clusters."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlease.allocation import weighted_mean
+from fedlease.strategies.base import (Download, ServerState, Strategy, Tensors, Update, prefixed, select,
+                                      unprefixed)
+
+
+class IFCA(Strategy):
+    name = "ifca"
+    train_groups = ("lora", "head")
+    upload_groups = ("lora",)
+    local_groups = ("head",)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.baselines.ifca_clusters
+
+    def init_state(self, common_init: Tensors) -> ServerState:
+        # Distinct cluster models are needed for the first choice to mean anything:
+        # B gets a small seeded perturbation per cluster (A keeps the common init).
+        tensors: Tensors = {}
+        for c in range(self.k):
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + c)
+            lora = select(common_init, "lora.")
+            lora = {key: (v + torch.randn(v.shape, generator=gen) * self.cfg.baselines.ifca_init_std
+                          if key.endswith(".B") else v) for key, v in lora.items()}
+            tensors.update(prefixed(lora, f"cluster{c}."))
+        return ServerState(tensors)
+
+    def download(self, state: ServerState, client_id: int) -> Download:
+        return Download(state.tensors, {"clusters": self.k})
+
+    def candidates(self, download: Download) -> list[Tensors]:
+        return [unprefixed(download.tensors, f"cluster{c}.") for c in range(self.k)]
+
+    def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
+        tensors = dict(state.tensors)
+        for c in range(self.k):
+            chosen = [u for u in updates if u.meta.get("cluster") == c]
+            if chosen:
+                mean = weighted_mean([u.tensors for u in chosen], self.weights(chosen))
+                tensors.update(prefixed(mean, f"cluster{c}."))
+        return ServerState(tensors, state.meta)

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny task files written for the tests and a tiny, fast config."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+POS = ["great", "wonderful", "excellent", "lovely", "superb", "brilliant"]
+NEG = ["awful", "terrible", "boring", "dreadful", "poor", "horrible"]
+ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat"]
+CITIES = ["paris", "rome", "berlin", "madrid", "vienna", "prague"]
+
+
+def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 2
+            word = rng.choice(POS if label else NEG)
+            w.writerow([f"the film was {word} and {rng.choice(POS if label else NEG)} overall", label])
+    return path
+
+
+def write_topic_csv(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "text_pair", "label"])
+        for i in range(n):
+            label = ["animal", "city", "none"][i % 3]
+            pool = ANIMALS if label == "animal" else CITIES if label == "city" else ["table", "chair", "lamp"]
+            w.writerow([f"we talked about the {rng.choice(pool)}", f"is it about an {label}?", label])
+    return path
+
+
+def tiny_params(tmp: Path, **over: Any) -> dict[str, Any]:
+    """A params dict for the tiny random BERT on two fixture tasks (fast plumbing, not quality)."""
+    data_dir = tmp / "fixtures"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    a = write_sentiment_csv(data_dir / "sentiment.csv", 80, 1)
+    b = write_topic_csv(data_dir / "topic.csv", 90, 2)
+    params: dict[str, Any] = {
+        "seed": 0,
+        "output_dir": str(tmp / "outputs"),
+        "data": {
+            "cache_dir": str(tmp / "cache"),
+            "tasks": [
+                {"name": "sentiment", "source": "local", "path": str(a)},
+                {"name": "topic", "source": "local", "path": str(b)},
+            ],
+            "partition": {"scheme": "task", "clients_per_task": 2, "train_per_client": 16, "test_per_client": 8},
+        },
+        "model": {"name": "tiny:bert", "max_length": 16},
+        "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]},
+        "fedlease": {"warmup_epochs": 1, "m_max": 3},
+        "strategies": ["fedlease", "fedit"],
+        "training": {"engine": "torch", "batch_size": 8, "local_epochs": 1, "eval_batch_size": 16},
+        "federation": {"rounds": 2},
+        "tracking": {"enabled": False},
+    }
+    for key, value in over.items():
+        node = params
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return params
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path):
+    from fedlease.config import config_from_dict
+
+    return config_from_dict(tiny_params(tmp_path))

@@ -1,0 +1,93 @@
+"""Stage 1 maths: B distances, silhouette choice of M, cluster-mean init, aggregation, late joiners."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlease.allocation import (Allocation, assign_late_joiner, b_distance_matrix, choose_experts, init_experts,
+                                 weighted_mean)
+
+
+def _adapter(b1: list[float], b2: list[float], a: float = 0.0) -> dict[str, torch.Tensor]:
+    return {"lora.m1.B": torch.tensor([b1], dtype=torch.float32), "lora.m2.B": torch.tensor([b2], dtype=torch.float32),
+            "lora.m1.A": torch.full((1, 2), a), "lora.m2.A": torch.full((1, 2), a)}
+
+
+def test_distance_is_mean_over_modules_of_one_minus_cosine():
+    x = _adapter([1.0, 0.0], [1.0, 1.0])
+    y = _adapter([0.0, 1.0], [1.0, 1.0])  # module 1 orthogonal (d=1), module 2 identical (d=0)
+    z = _adapter([-1.0, 0.0], [-1.0, -1.0])  # opposite of x in both modules (d=2)
+    d = b_distance_matrix([x, y, z])
+    assert d[0, 1] == pytest.approx(0.5)
+    assert d[0, 2] == pytest.approx(2.0)
+    assert d[1, 2] == pytest.approx((1.0 + 2.0) / 2)
+    assert np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+
+
+def _planted(k: int, per: int, seed: int = 0, noise: float = 0.05) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    centers = [torch.randn(16, generator=gen) for _ in range(k)]
+    out = []
+    for c in range(k):
+        for _ in range(per):
+            b = centers[c] + noise * torch.randn(16, generator=gen)
+            out.append({"lora.m.B": b.reshape(4, 4), "lora.m.A": torch.randn(4, 4, generator=gen)})
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_silhouette_recovers_planted_clusters(k: int):
+    adapters = _planted(k, 3, seed=k)
+    alloc = choose_experts(b_distance_matrix(adapters), m_max=8)
+    assert alloc.num_experts == k
+    truth = [c for c in range(k) for _ in range(3)]
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth, alloc.assignment) == 1.0
+    assert set(alloc.silhouette) == set(range(2, min(8, len(adapters) - 1) + 1))
+    assert alloc.assignment[0] == 0  # canonical numbering
+
+
+def test_fixed_m_and_spectral():
+    adapters = _planted(3, 3)
+    d = b_distance_matrix(adapters)
+    assert choose_experts(d, 8, fixed_m=3).num_experts == 3
+    assert choose_experts(d, 8, fixed_m=1).assignment == [0] * 9
+    spectral = choose_experts(d, 8, method="spectral")
+    assert spectral.num_experts == 3
+
+
+def test_cluster_mean_init():
+    adapters = [_adapter([1, 0], [0, 1], a=1.0), _adapter([3, 0], [0, 3], a=3.0), _adapter([5, 5], [5, 5], a=5.0)]
+    alloc = Allocation([0, 0, 1], 2)
+    experts = init_experts(adapters, alloc)
+    assert experts[0]["lora.m1.B"].tolist() == [[2.0, 0.0]]
+    assert experts[0]["lora.m1.A"].tolist() == [[2.0, 2.0]]
+    assert experts[1]["lora.m2.B"].tolist() == [[5.0, 5.0]]
+    weighted = init_experts(adapters, alloc, weights=[3.0, 1.0, 1.0])
+    assert weighted[0]["lora.m1.B"].tolist() == [[1.5, 0.0]]
+
+
+def test_weighted_mean_hand_made_updates():
+    u = [{"w": torch.tensor([0.0, 4.0])}, {"w": torch.tensor([2.0, 0.0])}]
+    assert weighted_mean(u)["w"].tolist() == [1.0, 2.0]
+    assert weighted_mean(u, [3, 1])["w"].tolist() == [0.5, 3.0]
+    with pytest.raises(ValueError):
+        weighted_mean([])
+
+
+def test_late_joiner_lands_in_nearest_cluster():
+    adapters = _planted(3, 3, seed=11)
+    alloc = choose_experts(b_distance_matrix(adapters), m_max=8)
+    newcomer = {k: v + 0.01 for k, v in adapters[7].items()}
+    expert, means = assign_late_joiner(newcomer, adapters, alloc)
+    assert expert == alloc.assignment[7]
+    assert means[expert] == min(means)
+
+
+def test_allocation_json_round_trip():
+    alloc = Allocation([0, 1, 1], 2, {2: 0.5}, [[0.0]], 0.1)
+    again = Allocation.from_json(alloc.to_json())
+    assert again.assignment == [0, 1, 1] and again.silhouette == {2: 0.5}

@@ -1,0 +1,127 @@
+"""The mixture layer and router against the paper's equations, on hand-checkable tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedlease.config import LoraConfig, RouterConfig
+from fedlease.models.adapters import get_state, lora_layers, set_state, set_trainable, stack_foreign, wrap_lora
+from fedlease.models.moe import mixture_delta, route, slot_map
+
+
+def test_slot_map_adaptive_top_m():
+    slots, keep = slot_map(3)
+    # 2M-1 = 5 slots: three map to the own expert (0), then one each to experts 1 and 2.
+    assert keep == 3
+    assert slots.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def test_route_hand_checked():
+    slots, keep = slot_map(2)  # 3 slots: [own, own, foreign]
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))  # softmax = [0.5, 0.2, 0.3]
+    # keep top 2 -> slots 0 (0.5) and 2 (0.3); own = 0.5, foreign = 0.3
+    g, sel = route(logits, slots, keep, renormalize=False)
+    assert torch.allclose(g, torch.tensor([[0.5, 0.3]]))
+    assert sel.tolist() == [[True, True]]
+    g, _ = route(logits, slots, keep, renormalize=True)
+    assert torch.allclose(g, torch.tensor([[0.625, 0.375]]))
+    # own slots add up when both are kept; the foreign expert is then not selected
+    logits = torch.log(torch.tensor([[0.4, 0.35, 0.25]]))
+    g, sel = route(logits, slots, keep, renormalize=False)
+    assert torch.allclose(g, torch.tensor([[0.75, 0.0]]))
+    assert sel.tolist() == [[True, False]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 12), tokens=st.integers(1, 6), seed=st.integers(0, 10_000), scale=st.floats(0.01, 50))
+def test_assigned_expert_always_selected(m: int, tokens: int, seed: int, scale: float):
+    slots, keep = slot_map(m)
+    logits = torch.randn(tokens, 2 * m - 1, generator=torch.Generator().manual_seed(seed)) * scale
+    g, sel = route(logits, slots, keep, renormalize=True)
+    assert sel[:, 0].all(), "the own expert must be in every token's top M"
+    used = sel.sum(-1)
+    assert ((used >= 1) & (used <= m)).all()
+    assert torch.allclose(g.sum(-1), torch.ones(tokens, dtype=g.dtype), atol=1e-5)
+    assert ((g > 0) <= sel).all(), "no weight on an unselected expert"
+
+
+def test_topk_ablation_can_drop_own_expert():
+    slots, keep = slot_map(3, top_k=1)
+    g, sel = route(torch.tensor([[0.0, 5.0, 0.0]]), slots, keep, renormalize=True)
+    assert g.tolist() == [[0.0, 1.0, 0.0]] and sel.tolist() == [[False, True, False]]
+
+
+def test_mixture_delta_equals_sum_of_weighted_loras():
+    gen = torch.Generator().manual_seed(0)
+    m, r, d_in, d_out = 3, 2, 5, 4
+    a = torch.randn(m, r, d_in, generator=gen)
+    b = torch.randn(m, d_out, r, generator=gen)
+    x = torch.randn(7, d_in, generator=gen)
+    gates = torch.rand(7, m, generator=gen)
+    expected = sum(gates[:, e : e + 1] * 2.0 * (x @ a[e].T @ b[e].T) for e in range(m))
+    assert torch.allclose(mixture_delta(x, a, b, gates, 2.0), expected, atol=1e-5)
+
+
+def _tiny_base(hidden: int = 8) -> nn.Module:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = nn.Linear(hidden, hidden)
+            self.value = nn.Linear(hidden, hidden)
+            self.classifier = nn.Linear(hidden, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.value(torch.relu(self.query(x))))
+
+    torch.manual_seed(0)
+    return Block()
+
+
+def test_single_expert_is_exactly_plain_lora():
+    lora = LoraConfig(r=2, alpha=4, target_modules=["query", "value"])
+    plain = wrap_lora(_tiny_base(), lora, None, seed=3)
+    mix = wrap_lora(_tiny_base(), lora, 1, RouterConfig(), seed=3)
+    state = get_state(plain, "classifier")
+    for key in state:
+        if key.endswith(".B"):
+            state[key] = torch.randn_like(state[key])
+    set_state(plain, state, "classifier")
+    set_state(mix, state, "classifier")
+    x = torch.randn(4, 6, 8)
+    assert torch.equal(plain(x), mix(x))
+
+
+def test_gradients_reach_only_own_expert_router_and_head():
+    lora = LoraConfig(r=2, alpha=4, target_modules=["query", "value"])
+    model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=0)
+    state = get_state(model, "classifier", ("lora", "foreign"))
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items()}, "classifier")
+    params = set_trainable(model, ("lora", "router", "head"), "classifier")
+    model(torch.randn(2, 5, 8)).sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(("lora_A" in n or "lora_B" in n or "lora_router" in n or "classifier" in n) for n in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    for layer in lora_layers(model).values():
+        assert not layer.moe_foreign_A.requires_grad and layer.moe_foreign_A.grad is None
+        assert layer.get_base_layer().weight.grad is None
+
+
+def test_foreign_experts_are_used_and_stacked_in_order():
+    experts = [{"lora.m.A": torch.full((2, 3), float(e)), "lora.m.B": torch.full((4, 2), float(e))} for e in range(4)]
+    foreign = stack_foreign(experts, own=2)
+    assert foreign["foreign.m.A"][:, 0, 0].tolist() == [0.0, 1.0, 3.0]
+    assert foreign["foreign.m.B"].shape == (3, 4, 2)
+
+
+def test_state_shape_mismatch_is_rejected():
+    model = wrap_lora(_tiny_base(), LoraConfig(r=2, alpha=4, target_modules=["query"]), None, seed=0)
+    from fedlease.io import ArtifactError
+
+    with pytest.raises(ArtifactError, match="shape"):
+        set_state(model, {"lora.query.A": torch.zeros(3, 8)})
+    with pytest.raises(ArtifactError, match="no adapted module"):
+        set_state(model, {"lora.nowhere.A": torch.zeros(2, 8)})
