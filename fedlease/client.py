@@ -132,7 +132,10 @@ def read_download(path: Path) -> Download:
 
 
 def local_dir(cfg: Config, strategy: str, client_id: int) -> Path:
-    return RunPaths.of(cfg).root / "clients" / f"client_{client_id:03d}" / strategy
+    """A client's local state for one method, under that method's stage output (one DVC out each)."""
+    paths = RunPaths.of(cfg)
+    base = paths.warmup if strategy == "warmup" else paths.strategy_dir(strategy)
+    return base / "clients" / f"client_{client_id:03d}"
 
 
 def _latest_local(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Path | None:

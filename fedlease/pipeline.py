@@ -36,7 +36,7 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
     strategy = make_strategy("warmup", cfg, n)
     common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
     result = run_rounds(cfg, strategy, lambda: strategy.init_state(common), paths.warmup / "run", 1, mapper, n,
-                        evaluate=False)
+                        evaluate=False, inputs=[paths.manifest])
     state = result["state"]
     missing = [c for c in range(n) if not any(k.startswith(f"client{c}.") for k in state.tensors)]
     if missing:
@@ -109,7 +109,9 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         else:
             common = runtime_for(cfg).common_init(strategy.spec(0))
             initial = lambda s=strategy, c=common: s.init_state(c)  # noqa: E731
-        out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n)
+        inputs = [paths.manifest] + ([paths.allocation / "experts.safetensors"] if name == "fedlease" else [])
+        out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n,
+                         inputs=inputs)
         summary = {
             "strategy": name, "history": out["history"], "wall_seconds": time.perf_counter() - t0,
             "trainable_params": trainable_params(cfg, strategy),

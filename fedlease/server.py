@@ -10,6 +10,7 @@ no-op that returns its results.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -52,6 +53,22 @@ def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, A
     return out
 
 
+def fingerprint(cfg: Config, strategy: str, inputs: list[Path] | tuple[Path, ...]) -> str:
+    """What a checkpoint was made from: every param that changes results, plus the input files.
+
+    `federation.rounds` is left out so that a finished run can be extended; tracking and
+    orchestration settings do not change results.
+    """
+    import hashlib
+
+    doc = cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True,
+                                               "federation": {"rounds"}, "output_dir": True})
+    h = hashlib.sha256(json.dumps([doc, strategy], sort_keys=True).encode())
+    for path in inputs:
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+    return h.hexdigest()[:16]
+
+
 def sample_clients(cfg: Config, round_: int, num_clients: int) -> list[int]:
     """Seeded per round, so a resumed run replays exactly the same choices."""
     k = cfg.sampled_per_round()
@@ -91,11 +108,17 @@ class Checkpoint:
 
 def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerState], run_dir: Path, rounds: int,
                mapper: ClientMapper = sequential_mapper, num_clients: int | None = None,
-               evaluate: bool = True, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               evaluate: bool = True, on_round: Callable[[dict[str, Any]], None] | None = None,
+               inputs: list[Path] = ()) -> dict[str, Any]:
     """Run (or resume) `rounds` rounds of `strategy`; return {"history": [...], "state": ServerState}."""
     n = num_clients if num_clients is not None else cfg.num_clients
     ckpt = Checkpoint(run_dir / "checkpoint")
+    fp = fingerprint(cfg, strategy.name, inputs)
     loaded = ckpt.load()
+    if loaded is not None and loaded[1].get("fingerprint") != fp:
+        _progress(f"[{strategy.name}] params or inputs changed since the checkpoint: starting afresh")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        loaded = None
     if loaded is not None:
         state, meta = loaded
         history: list[dict[str, Any]] = meta["history"]
@@ -150,7 +173,7 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
             record["eval"] = evaluate_clients(cfg, strategy, state, rdir, round_, n, mapper)
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        ckpt.save(state, {"round": round_, "history": history, "strategy": strategy.name})
+        ckpt.save(state, {"round": round_, "history": history, "strategy": strategy.name, "fingerprint": fp})
         shutil.rmtree(rdir, ignore_errors=True)
         _progress(round_line(strategy.name, record))
         if on_round is not None:

@@ -1,0 +1,92 @@
+"""End to end on the tiny config: every stage's real outputs, determinism, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlease.config import config_from_dict
+from fedlease.io import read_json
+from fedlease.paths import RunPaths
+from fedlease.pipeline import run_all
+
+from .conftest import REPO, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def _final(metrics: dict) -> dict:
+    return {m: (v["mean"], v["per_task"], v["bytes_up_per_client_round"]) for m, v in metrics["methods"].items()}
+
+
+def test_end_to_end_outputs_and_determinism(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path / "a"))
+    metrics = run_all(cfg)
+    paths = RunPaths.of(cfg)
+    assert set(metrics["methods"]) == {"fedlease", "fedit"}
+    cmap = read_json(paths.cluster_map)
+    assert cmap["num_experts"] == len(set(cmap["assignment"].values())) >= 2
+    assert len(list(paths.warmup.glob("client_*.safetensors"))) == 4
+    hist = read_json(paths.strategy_dir("fedlease") / "result.json")["history"]
+    assert [h["round"] for h in hist] == [1, 2]
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in hist[-1]["eval"]["clients"].values())
+    # FedLEASE uploads one expert + router, downloads M experts + router: more down than up
+    last = hist[-1]
+    assert all(last["bytes_down"][c] > last["bytes_up"][c] > 0 for c in last["bytes_up"])
+    assert "router" in next(iter(hist[-1]["eval"]["clients"].values()))
+    assert (paths.root / "results.md").read_text().count("|") > 10
+    assert (paths.plots / "score_per_round.png").stat().st_size > 1000
+    # same params and seed -> identical metrics
+    again = run_all(config_from_dict(tiny_params(tmp_path / "b")))
+    assert _final(again) == _final(metrics)
+
+
+def test_finished_run_is_a_noop_and_params_change_restarts(tmp_path: Path):
+    raw = tiny_params(tmp_path, strategies=["fedit"])
+    cfg = config_from_dict(raw)
+    first = run_all(cfg)
+    ckpt = RunPaths.of(cfg).strategy_dir("fedit") / "checkpoint" / "checkpoint.json"
+    stamp = ckpt.stat().st_mtime_ns
+    assert _final(run_all(cfg)) == _final(first)
+    assert ckpt.stat().st_mtime_ns == stamp, "a finished run must not train again"
+    raw["training"]["lr"] = 0.01
+    run_all(config_from_dict(raw))
+    assert ckpt.stat().st_mtime_ns != stamp, "changed params must not resume a stale checkpoint"
+
+
+def test_kill_and_resume_gives_identical_metrics(tmp_path: Path):
+    raw = tiny_params(tmp_path / "killed", strategies=["fedlease"])
+    raw["federation"]["rounds"] = 4
+    params = tmp_path / "killed.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedlease.cli", "run", "--params", str(params)], cwd=REPO,
+                            env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "[fedlease] round 2:" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = read_json(Path(raw["output_dir"]) / "federate" / "fedlease" / "checkpoint" / "checkpoint.json")
+    assert ckpt["round"] == 2
+    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "run", "--params", str(params)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming after round 2" in res.stderr
+    resumed = json.loads((Path(raw["output_dir"]) / "metrics.json").read_text())
+    clean_raw = tiny_params(tmp_path / "clean", strategies=["fedlease"])
+    clean_raw["federation"]["rounds"] = 4
+    clean = run_all(config_from_dict(clean_raw))
+    assert _final(resumed) == _final(clean)
+    hist = read_json(Path(raw["output_dir"]) / "federate" / "fedlease" / "result.json")["history"]
+    assert [h["round"] for h in hist] == [1, 2, 3, 4]
