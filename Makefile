@@ -10,10 +10,13 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONWARNINGS := ignore
 
-.PHONY: install run test data pipeline clean-outputs
+STACK := infra/stack.sh
+
+.PHONY: install run run-local test up down status clean-outputs
 
 install: $(STAMP)
 
@@ -28,8 +31,25 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-run: install
+# The main job: the stack up (if down), the full pipeline as the Prefect deployment, then the results.
+run: install up
+	@eval "$$($(STACK) env)"; set -o pipefail; \
+	  $(BIN)/prefect deployment run fedlease/full --watch --watch-interval 5 | grep -v -e '^$$' || { echo "flow run failed; see infra/state/logs/serve.log"; exit 1; }
+	@echo; cat outputs/results.md; echo
+	@eval "$$($(STACK) env)"; echo "Prefect UI: $${PREFECT_API_URL%/api}   MLflow UI: $$MLFLOW_TRACKING_URI   (make down stops them)"
+
+# The same pipeline in this process, without the stack (tracking to ./mlflow.db).
+run-local: install
 	$(BIN)/fedlease run
+
+up: install
+	@$(STACK) up
+
+down:
+	@$(STACK) down
+
+status:
+	@$(STACK) status
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -8,6 +8,7 @@ previous stage's files and writes its own atomically.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fedlease.allocation import Allocation, b_distance_matrix, choose_experts, init_experts
@@ -19,10 +20,17 @@ from fedlease.paths import RunPaths
 from fedlease.server import ClientMapper, run_rounds, sequential_mapper
 from fedlease.strategies import make_strategy
 from fedlease.strategies.base import ModelSpec, ServerState, prefixed, unprefixed
+from fedlease.tracking import Tracker
 
 
 def stage_data(cfg: Config) -> dict[str, Any]:
-    return run_data_stage(cfg)
+    tracker = Tracker(cfg)
+    manifest = run_data_stage(cfg)
+    paths = RunPaths.of(cfg)
+    parent = tracker.parent_run_id()
+    for name in ("stats.json", "stats.png", "manifest.json"):
+        tracker.log_artifacts(parent, paths.data / name, "data")
+    return manifest
 
 
 def _num_clients(cfg: Config) -> int:
@@ -32,6 +40,7 @@ def _num_clients(cfg: Config) -> int:
 def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[str]:
     """Every client trains one LoRA from the common init; adapters land in <output>/warmup/."""
     paths = RunPaths.of(cfg)
+    tracker = Tracker(cfg)
     n = _num_clients(cfg)
     strategy = make_strategy("warmup", cfg, n)
     common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
@@ -47,6 +56,9 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
         save_tensors(path, unprefixed(state.tensors, f"client{c}."))
         out.append(str(path))
     atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": result["history"]})
+    parent = tracker.parent_run_id()
+    for path in out:
+        tracker.log_artifacts(parent, Path(path), "warmup_adapters")
     return out
 
 
@@ -75,6 +87,13 @@ def stage_allocate(cfg: Config) -> dict[str, Any]:
     atomic_write_json(paths.allocation / "silhouette.json",
                       [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
     plot_allocation(alloc, [c["task"] for c in manifest["clients"]], paths.allocation)
+    tracker = Tracker(cfg)
+    parent = tracker.parent_run_id()
+    for k, score in sorted(alloc.silhouette.items()):
+        tracker.log_metrics(parent, {"allocation.silhouette": score}, step=k)
+    tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
+                                 "allocation.ari_vs_task": doc["ari_vs_task"]})
+    tracker.log_artifacts(parent, paths.allocation, "allocation")
     return doc
 
 
@@ -99,6 +118,7 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
     from fedlease.client import strategy_for
 
     paths = RunPaths.of(cfg)
+    tracker = Tracker(cfg)
     n = _num_clients(cfg)
     results = {}
     for name in strategies or cfg.strategies:
@@ -111,14 +131,55 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
             initial = lambda s=strategy, c=common: s.init_state(c)  # noqa: E731
         inputs = [paths.manifest] + ([paths.allocation / "experts.safetensors"] if name == "fedlease" else [])
         out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n,
-                         inputs=inputs)
+                         inputs=inputs, on_round=lambda rec, hist, m=name: _log_round(tracker, m, rec, hist))
         summary = {
             "strategy": name, "history": out["history"], "wall_seconds": time.perf_counter() - t0,
             "trainable_params": trainable_params(cfg, strategy),
         }
         atomic_write_json(paths.strategy_dir(name) / "result.json", summary)
+        export_final_model(cfg, strategy, out["state"], paths.strategy_dir(name) / "final")
+        run_id = tracker.method_run_id(name)
+        tracker.log_artifacts(run_id, paths.strategy_dir(name) / "final", "final_model")
+        tracker.log_artifacts(run_id, paths.strategy_dir(name) / "result.json", "")
         results[name] = summary
     return results
+
+
+def _log_round(tracker: Tracker, method: str, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    cumulative = {"up": sum(sum(r["bytes_up"].values()) for r in history[:-1]),
+                  "down": sum(sum(r["bytes_down"].values()) for r in history[:-1])}
+    tracker.log_round(method, record, cumulative)
+
+
+def export_final_model(cfg: Config, strategy: Any, state: ServerState, folder: Path) -> None:
+    """Final server state (experts, routers / shared LoRA) as safetensors + the cluster map + a loading README."""
+    from fedlease.io import atomic_dir, atomic_write_text
+
+    paths = RunPaths.of(cfg)
+    with atomic_dir(folder) as tmp:
+        save_tensors(tmp / "server_state.safetensors", state.tensors)
+        atomic_write_json(tmp / "meta.json", {"strategy": strategy.name, "state_meta": state.meta,
+                                              "model": cfg.model.model_dump(), "lora": cfg.lora.model_dump()})
+        if paths.cluster_map.exists() and strategy.name == "fedlease":
+            atomic_write_json(tmp / "cluster_map.json", read_json(paths.cluster_map))
+        if getattr(runtime_for(cfg)._engine, "config", None) is not None:
+            atomic_write_json(tmp / "deepspeed_config.json", runtime_for(cfg).engine.config)
+        atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
+
+
+MODEL_README = """# Final {strategy} model (FedLEASE pipeline)
+
+- `server_state.safetensors`: the server's final tensors. For FedLEASE: `expert<e>.lora.<module>.A|B`
+  (one LoRA expert per cluster, rank r, scaling alpha/r) and `router<e>.router.<module>` (the router
+  of cluster e, shape (2M-1, d_in)). For the single-LoRA baselines: `lora.<module>.A|B`.
+- `cluster_map.json`: client -> expert, silhouette per k, the B-distance matrix.
+- `meta.json`: base model and LoRA settings; `deepspeed_config.json`: the engine config used.
+- Client heads stay with the clients (`../clients/client_NNN/round_XXXX.safetensors`).
+
+Rebuild a client's model and predict without the training code path:
+
+    fedlease predict --model-dir <this folder> --client 3 "some text"
+"""
 
 
 def trainable_params(cfg: Config, strategy: Any) -> int:
@@ -161,6 +222,15 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
     from fedlease.io import atomic_write_text
 
     atomic_write_text(paths.root / "results.md", table + "\n")
+    tracker = Tracker(cfg)
+    parent = tracker.parent_run_id()
+    for name, m in methods.items():
+        tracker.log_metrics(tracker.method_run_id(name), {f"final_mean_{m['metric']}": m["mean"],
+                                                          "wall_seconds": m["wall_seconds"],
+                                                          "trainable_params": m["trainable_params"]})
+        tracker.log_metrics(parent, {f"{name}.final_mean_{m['metric']}": m["mean"]})
+    for path in (paths.metrics, paths.root / "results.md", paths.plots):
+        tracker.log_artifacts(parent, path, "results")
     return metrics
 
 

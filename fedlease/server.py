@@ -108,7 +108,8 @@ class Checkpoint:
 
 def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerState], run_dir: Path, rounds: int,
                mapper: ClientMapper = sequential_mapper, num_clients: int | None = None,
-               evaluate: bool = True, on_round: Callable[[dict[str, Any]], None] | None = None,
+               evaluate: bool = True,
+               on_round: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
                inputs: list[Path] = ()) -> dict[str, Any]:
     """Run (or resume) `rounds` rounds of `strategy`; return {"history": [...], "state": ServerState}."""
     n = num_clients if num_clients is not None else cfg.num_clients
@@ -177,7 +178,7 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
         shutil.rmtree(rdir, ignore_errors=True)
         _progress(round_line(strategy.name, record))
         if on_round is not None:
-            on_round(record)
+            on_round(record, history)
     return {"history": history, "state": state}
 
 

@@ -1,0 +1,172 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline run (its id kept in <output_dir>/tracking.json so every
+stage, a DVC stage or a resumed run continues the same run), one nested run per
+method, per-round metrics with step = round, artifacts and the registered model.
+With tracking disabled every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fedlease.config import Config, flatten
+from fedlease.io import atomic_write_json, read_json
+from fedlease.paths import RunPaths
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached; the message names the URI."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast, before any run starts, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise TrackingError(f"tracking server {uri} answered {resp.status} on /health")
+    except OSError as exc:
+        raise TrackingError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+class Tracker:
+    """Thin wrapper; every method is safe to call when tracking is disabled."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.tracking.enabled
+        self.paths = RunPaths.of(cfg)
+        self.state_file = self.paths.root / "tracking.json"
+        self.client: Any = None
+        if self.enabled:
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            uri = tracking_uri(cfg)
+            check_reachable(uri, cfg.tracking.connect_timeout_s)
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            mlflow.set_tracking_uri(uri)
+            self.mlflow = mlflow
+            self.client = MlflowClient(uri)
+            self.uri = uri
+
+    # --- run bookkeeping -------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return read_json(self.state_file) if self.state_file.exists() else {}
+
+    def parent_run_id(self) -> str | None:
+        if not self.enabled:
+            return None
+        state = self._state()
+        run_id = state.get("parent")
+        if run_id and self._exists(run_id):
+            return run_id
+        exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.tracking.experiment)
+        run = self.client.create_run(exp_id, run_name=f"pipeline-seed{self.cfg.seed}",
+                                     tags={"fedlease.kind": "pipeline", "fedlease.output_dir": str(self.paths.root)})
+        params = flatten(self.cfg)
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        atomic_write_json(self.state_file, {"parent": run.info.run_id, "methods": {}, "uri": self.uri})
+        return run.info.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # noqa: BLE001 - a run of another store or a deleted one
+            return False
+
+    def method_run_id(self, method: str) -> str | None:
+        if not self.enabled:
+            return None
+        parent = self.parent_run_id()
+        state = self._state()
+        run_id = state.get("methods", {}).get(method)
+        if run_id and self._exists(run_id):
+            return run_id
+        parent_run = self.client.get_run(parent)
+        run = self.client.create_run(parent_run.info.experiment_id, run_name=method,
+                                     tags={"mlflow.parentRunId": parent, "fedlease.kind": "method",
+                                           "fedlease.method": method})
+        state.setdefault("methods", {})[method] = run.info.run_id
+        atomic_write_json(self.state_file, state)
+        return run.info.run_id
+
+    # --- logging ----------------------------------------------------------------------------------
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+        if not self.enabled or run_id is None:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_round(self, method: str, record: dict[str, Any], cumulative: dict[str, float]) -> None:
+        """Per-round metrics of one method, step = round."""
+        if not self.enabled:
+            return
+        metrics = round_metrics(record, cumulative)
+        self.log_metrics(self.method_run_id(method), metrics, step=record["round"])
+
+    def log_artifacts(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
+        if self.enabled and run_id is not None and folder.exists():
+            if folder.is_dir():
+                self.client.log_artifacts(run_id, str(folder), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(folder), artifact_path)
+
+    def set_terminated(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if self.enabled and run_id is not None:
+            self.client.set_terminated(run_id, status)
+
+
+def round_metrics(record: dict[str, Any], cumulative: dict[str, float]) -> dict[str, float]:
+    """Flatten one round record into MLflow metric names (cumulative bytes updated in place)."""
+    out: dict[str, float] = {"train_loss": record["loss"], "round_seconds": record["seconds"],
+                             "clients_dropped": float(len(record["dropped"])),
+                             "clients_reported": float(len(record["bytes_up"]))}
+    up = sum(record["bytes_up"].values())
+    down = sum(record["bytes_down"].values())
+    cumulative["up"] = cumulative.get("up", 0.0) + up
+    cumulative["down"] = cumulative.get("down", 0.0) + down
+    out.update({"bytes_up_total": up, "bytes_down_total": down, "bytes_up_cumulative": cumulative["up"],
+                "bytes_down_cumulative": cumulative["down"]})
+    for cid, b in record["bytes_up"].items():
+        out[f"client_{cid}.bytes_up"] = b
+        out[f"client_{cid}.bytes_down"] = record["bytes_down"][cid]
+    ev = record.get("eval")
+    if ev:
+        metric = ev["metric"]
+        out[f"mean_{metric}"] = ev["mean"]
+        if "mean_macro_f1" in ev:
+            out["mean_macro_f1"] = ev["mean_macro_f1"]
+        for task, v in ev["per_task"].items():
+            out[f"task_{task}.{metric}"] = v
+        for cid, c in ev["clients"].items():
+            for key in ("accuracy", "macro_f1", "rougeL"):
+                if key in c:
+                    out[f"client_{cid}.{key}"] = c[key]
+    return out

@@ -1,0 +1,1 @@
+"""Prefect flows of the FedLEASE pipeline (orchestration only; the maths live in `fedlease/`)."""

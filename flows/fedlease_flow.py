@@ -1,0 +1,116 @@
+"""Prefect flows: partition, warmup, allocate, federate, evaluate, and `fedlease` chaining them.
+
+Flows only orchestrate: every number is computed in `fedlease/`. Client work is one
+Prefect task per client per stage (warm-up, each local round, each evaluation), so
+the UI shows which client does what; tasks pass file paths, never tensors.
+`prefect deployment run fedlease/full` runs the `fedlease` flow (see infra/).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from fedlease import pipeline  # noqa: E402
+from fedlease.config import Config, load_config  # noqa: E402
+from fedlease.server import ClientMapper  # noqa: E402
+
+
+@task(name="client", cache_policy=NO_CACHE, persist_result=False)
+def client_task(fn: Callable[..., dict[str, Any]], call: dict[str, Any]) -> dict[str, Any]:
+    """One client's work for one stage and round (train or evaluate), from files to files."""
+    return fn(**call)
+
+
+def prefect_mapper(cfg: Config) -> ClientMapper:
+    """Submit one task per client; retries and timeouts come from params.yaml."""
+    orch = cfg.orchestration
+
+    def run(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
+            ) -> list[dict[str, Any] | BaseException]:
+        futures = []
+        for call in calls:
+            name = f"{label}-client-{call['client_id']:03d}"
+            t = client_task.with_options(name=f"{label.split('-r')[0]}-{fn.__name__}", task_run_name=name,
+                                         retries=orch.retries, retry_delay_seconds=orch.retry_delay_s,
+                                         timeout_seconds=orch.task_timeout_s)
+            futures.append(t.submit(fn, call))
+        out: list[dict[str, Any] | BaseException] = []
+        for fut in futures:
+            try:
+                out.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - a failed client is dropped by the server
+                out.append(exc)
+        return out
+
+    return run
+
+
+def _runner(cfg: Config) -> Any:
+    if cfg.orchestration.task_runner == "ray":
+        from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
+
+        return RayTaskRunner()
+    workers = 1 if cfg.orchestration.task_runner == "sequential" else os.cpu_count() or 1
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def _cfg(params: str, overrides: list[str] | None) -> Config:
+    return load_config(params, overrides or [])
+
+
+@flow(name="partition")
+def partition_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read the tasks and write per-client partitions and stats."""
+    return pipeline.stage_data(_cfg(params, overrides))
+
+
+@flow(name="warmup")
+def warmup_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> list[str]:
+    """Each client warms up one LoRA from the common init (one task per client)."""
+    cfg = _cfg(params, overrides)
+    return pipeline.stage_warmup(cfg, prefect_mapper(cfg))
+
+
+@flow(name="allocate")
+def allocate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Cluster clients by LoRA B, choose M by silhouette, initialise the experts."""
+    return pipeline.stage_allocate(_cfg(params, overrides))
+
+
+@flow(name="federate")
+def federate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Federated rounds of every configured method (one task per client per round)."""
+    cfg = _cfg(params, overrides)
+    res = pipeline.stage_federate(cfg, prefect_mapper(cfg))
+    return {name: r["history"][-1].get("eval", {}).get("mean") for name, r in res.items()}
+
+
+@flow(name="evaluate")
+def evaluate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Final metrics, the results table and plots."""
+    return pipeline.stage_evaluate(_cfg(params, overrides))
+
+
+@flow(name="fedlease", log_prints=True)
+def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline: partition -> warmup -> allocate -> federate -> evaluate."""
+    cfg = _cfg(params, overrides)
+    runner = _runner(cfg)
+    partition_flow(params, overrides)
+    if "fedlease" in cfg.strategies:
+        warmup_flow.with_options(task_runner=runner)(params, overrides)
+        allocate_flow(params, overrides)
+    federate_flow.with_options(task_runner=_runner(cfg))(params, overrides)
+    metrics = evaluate_flow(params, overrides)
+    from fedlease.report import results_table
+
+    print(results_table(metrics))
+    return metrics
