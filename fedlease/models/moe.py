@@ -126,8 +126,10 @@ class MixtureVariant(LoraVariant):
                 **kwargs: Any) -> torch.Tensor:
         own_a = module.lora_A[active_adapter].weight
         own_b = module.lora_B[active_adapter].weight
-        a_stack = torch.cat([own_a.unsqueeze(0), module.moe_foreign_A], dim=0)
-        b_stack = torch.cat([own_b.unsqueeze(0), module.moe_foreign_B], dim=0)
+        # frozen experts are buffers: follow the trainable expert's dtype (bf16 under DeepSpeed)
+        a_stack = torch.cat([own_a.unsqueeze(0), module.moe_foreign_A.to(own_a.dtype)], dim=0)
+        b_stack = torch.cat([own_b.unsqueeze(0), module.moe_foreign_B.to(own_b.dtype)], dim=0)
+        x = x.to(own_a.dtype)
         gates, selected = route(module.lora_router[active_adapter](x), module.moe_slots, module.moe_keep,
                                 module.moe_renormalize)
         if module.moe_telemetry is not None:
