@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -101,9 +102,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedlease.predict import predict
+    from fedlease.tracking import fetch_model, tracking_uri
+
+    cfg = _load(args)
+    folder = fetch_model(args.model_uri, Path(tempfile.mkdtemp(prefix="fedlease-model-")), tracking_uri(cfg))
+    for text, pred in zip(args.text, predict(folder, args.client, args.text, args.pair), strict=True):
+        print(f"client {args.client}: {pred}\t<- {text}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlease.tracking import report_from_mlflow
+
+    print(report_from_mlflow(_load(args), args.run_id))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": cmd_data, "warmup": cmd_warmup, "allocate": cmd_allocate, "federate": cmd_federate,
-    "evaluate": cmd_evaluate, "run": cmd_run,
+    "evaluate": cmd_evaluate, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
 }
 
 
@@ -119,12 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"data": "read tasks and write client partitions", "warmup": "warm up one LoRA per client",
              "allocate": "cluster clients by LoRA B and initialise experts",
              "federate": "run the federated rounds of every configured method",
-             "evaluate": "collect final metrics, tables and plots", "run": "all stages, in this process"}
+             "evaluate": "collect final metrics, tables and plots", "run": "all stages, in this process",
+             "predict": "rebuild a client's model (registry, run or folder) and predict",
+             "report": "markdown table of a pipeline run, read back from MLflow"}
     for name, func in COMMANDS.items():
         p = sub.add_parser(name, help=helps[name])
         _add_params(p)
         if name == "federate":
             p.add_argument("--strategy", action="append", help="only this method (repeatable)")
+        if name == "predict":
+            p.add_argument("--model-uri", default="models:/fedlease@current",
+                           help="models:/name@alias, runs:/<id>/final_model or a local folder")
+            p.add_argument("--client", type=int, required=True, help="whose model (its expert, router, head)")
+            p.add_argument("--pair", default=None, help="second text of a pair task (e.g. the claim)")
+            p.add_argument("text", nargs="+")
+        if name == "report":
+            p.add_argument("--run-id", default=None, help="pipeline (parent) run; default: the latest")
         p.set_defaults(func=func)
     return parser
 
@@ -136,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlease.io import ArtifactError
     from fedlease.models.base import ModelError
     from fedlease.server import RoundFailed
+    from fedlease.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
     try:
@@ -143,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed) as exc:
+    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -92,6 +92,10 @@ class ClientRuntime:
             set_state(built.model, {f"head.{k}": v for k, v in init.items()}, head)
         return built.model
 
+    def engine_config(self) -> dict[str, Any] | None:
+        """The generated DeepSpeed config, if this process built a DeepSpeed engine."""
+        return getattr(self._engine, "config", None)
+
     def common_init(self, spec: ModelSpec) -> Tensors:
         return dict(self.build(spec).common)
 
@@ -138,7 +142,7 @@ def local_dir(cfg: Config, strategy: str, client_id: int) -> Path:
     return base / "clients" / f"client_{client_id:03d}"
 
 
-def _latest_local(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Path | None:
+def latest_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Path | None:
     names = [strategy.name] + ([getattr(strategy, "inherit_local_from")] if hasattr(strategy, "inherit_local_from")
                                else [])
     for name in names:
@@ -156,7 +160,7 @@ def _load_client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, ro
     model = rt.fresh_model(strategy.spec(client_id), num_labels)
     head = rt.head_module()
     set_state(model, strategy.client_state(download), head)
-    local = _latest_local(rt.cfg, strategy, client_id, local_up_to)
+    local = latest_local_state(rt.cfg, strategy, client_id, local_up_to)
     if local is not None:
         state = load_tensors(local)
         keep = {k: v for k, v in state.items() if _group(k) in _expand(strategy.local_groups)}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -178,6 +178,16 @@ class TrackingConfig(_Strict):
     uri: str | None = Field(default=None, description="None: $MLFLOW_TRACKING_URI, else sqlite under the project")
     experiment: str = "fedlease"
     connect_timeout_s: PositiveFloat = 5.0
+    registered_model: str = Field(default="fedlease", description="Registry name of the final FedLEASE model")
+    alias: str = Field(default="current", pattern=r"^[A-Za-z0-9_-]+$",
+                       description="Registry alias of the newest model ('latest' is reserved by MLflow)")
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() == "latest":
+            raise ValueError("'latest' is reserved by MLflow; choose another alias")
+        return value
 
 
 class OrchestrationConfig(_Strict):

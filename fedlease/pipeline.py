@@ -7,6 +7,7 @@ previous stage's files and writes its own atomically.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from fedlease.paths import RunPaths
 from fedlease.server import ClientMapper, run_rounds, sequential_mapper
 from fedlease.strategies import make_strategy
 from fedlease.strategies.base import ModelSpec, ServerState, prefixed, unprefixed
-from fedlease.tracking import Tracker
+from fedlease.tracking import Tracker, register_model
 
 
 def stage_data(cfg: Config) -> dict[str, Any]:
@@ -141,6 +142,8 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         run_id = tracker.method_run_id(name)
         tracker.log_artifacts(run_id, paths.strategy_dir(name) / "final", "final_model")
         tracker.log_artifacts(run_id, paths.strategy_dir(name) / "result.json", "")
+        if name == "fedlease":
+            register_model(tracker, run_id, "final_model")
         results[name] = summary
     return results
 
@@ -162,8 +165,25 @@ def export_final_model(cfg: Config, strategy: Any, state: ServerState, folder: P
                                               "model": cfg.model.model_dump(), "lora": cfg.lora.model_dump()})
         if paths.cluster_map.exists() and strategy.name == "fedlease":
             atomic_write_json(tmp / "cluster_map.json", read_json(paths.cluster_map))
-        if getattr(runtime_for(cfg)._engine, "config", None) is not None:
-            atomic_write_json(tmp / "deepspeed_config.json", runtime_for(cfg).engine.config)
+        engine_config = runtime_for(cfg).engine_config()
+        if engine_config is not None:
+            atomic_write_json(tmp / "deepspeed_config.json", engine_config)
+        atomic_write_json(tmp / "params.json", cfg.model_dump(mode="json"))
+        manifest = load_manifest(cfg)
+        atomic_write_json(tmp / "clients.json", {str(c["client_id"]): {"task": c["task"]} for c in manifest["clients"]})
+        # The simulation keeps every client's local state (its head) beside the model so any
+        # client's model can be rebuilt; in a real deployment each silo keeps its own.
+        from fedlease.client import latest_local_state
+        from fedlease.data.stage import load_client
+
+        (tmp / "clients").mkdir()
+        for c in manifest["clients"]:
+            cid = c["client_id"]
+            local = latest_local_state(cfg, strategy, cid, 10**9)
+            if local is not None:
+                shutil.copyfile(local, tmp / "clients" / f"client_{cid:03d}.safetensors")
+            label_names = load_client(cfg, cid).label_names
+            atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
         atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
 
 

@@ -170,3 +170,77 @@ def round_metrics(record: dict[str, Any], cumulative: dict[str, float]) -> dict[
                 if key in c:
                     out[f"client_{cid}.{key}"] = c[key]
     return out
+
+
+def register_model(tracker: Tracker, run_id: str | None, artifact_path: str) -> str | None:
+    """Register `runs:/<run>/<artifact_path>` under tracking.registered_model and point the alias at it."""
+    if not tracker.enabled or run_id is None:
+        return None
+    name, alias = tracker.cfg.tracking.registered_model, tracker.cfg.tracking.alias
+    client = tracker.client
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        client.create_registered_model(name, description="FedLEASE experts, routers and client heads")
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def fetch_model(uri: str, dest: Path, tracking: str | None = None) -> Path:
+    """A local folder for `models:/name@alias`, `models:/name/version`, `runs:/...` or a plain path."""
+    if not uri.startswith(("models:/", "runs:/")):
+        return Path(uri)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    source = uri
+    if uri.startswith("models:/"):
+        client = MlflowClient()
+        ref = uri[len("models:/") :]
+        mv = (client.get_model_version_by_alias(*ref.split("@", 1)) if "@" in ref
+              else client.get_model_version(*ref.split("/", 1)))
+        source = mv.source
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest)))
+
+
+def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
+    """Markdown table (method x task score, average, MB per round, wall time) from a parent run's children."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    check_reachable(uri, cfg.tracking.connect_timeout_s)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        raise TrackingError(f"no experiment {cfg.tracking.experiment!r} at {uri}")
+    if run_id is None:
+        parents = client.search_runs([exp.experiment_id], "tags.`fedlease.kind` = 'pipeline'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise TrackingError(f"no pipeline run in experiment {cfg.tracking.experiment!r} at {uri}")
+        run_id = parents[0].info.run_id
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    rows = []
+    for child in sorted(children, key=lambda r: r.info.run_name or ""):
+        m = child.data.metrics
+        metric = "accuracy" if "mean_accuracy" in m else "rougeL"
+        tasks = {k[len("task_") : -len("." + metric)]: v for k, v in m.items()
+                 if k.startswith("task_") and k.endswith("." + metric)}
+        ups = client.get_metric_history(child.info.run_id, "bytes_up_total")
+        reported = client.get_metric_history(child.info.run_id, "clients_reported")
+        per_client = [u.value / max(1.0, r.value) for u, r in zip(ups, reported, strict=False)]
+        rows.append((child.info.run_name, tasks, m.get(f"mean_{metric}", float("nan")),
+                     sum(per_client) / max(1, len(per_client)) / 1e6, m.get("wall_seconds", float("nan"))))
+    all_tasks = sorted({t for r in rows for t in r[1]})
+    lines = [f"Run {run_id} ({uri})", "", "| method | " + " | ".join(all_tasks) + " | avg | MB up/client/round | wall s |",
+             "|" + "---|" * (len(all_tasks) + 4)]
+    for name, tasks, mean, mb, wall in rows:
+        cells = [f"{100 * tasks.get(t, float('nan')):.2f}" for t in all_tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * mean:.2f} | {mb:.3f} | {wall:.0f} |")
+    return "\n".join(lines)

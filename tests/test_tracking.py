@@ -1,0 +1,74 @@
+"""MLflow: parent + nested runs, per-round metrics with step = round, artifacts, registry, predict, report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlease.config import config_from_dict
+from fedlease.pipeline import run_all
+
+from .conftest import REPO, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = tiny_params(tmp_path, strategies=["fedlease", "fedit"])
+    raw["tracking"] = {"enabled": True, "uri": uri, "experiment": "t", "registered_model": "fl-test"}
+    cfg = config_from_dict(raw)
+    run_all(cfg)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("t")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fedlease.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"fedlease", "fedit"}
+    hist = client.get_metric_history(children["fedlease"].info.run_id, "mean_accuracy")
+    assert sorted(m.step for m in hist) == [1, 2]
+    assert parents[0].data.params["lora.r"] == "2"
+    sil = client.get_metric_history(parents[0].info.run_id, "allocation.silhouette")
+    assert sorted(m.step for m in sil) == [2, 3]
+    arts = {a.path for a in client.list_artifacts(children["fedlease"].info.run_id, "final_model")}
+    assert "final_model/server_state.safetensors" in arts and "final_model/README.md" in arts
+    parent_arts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"allocation", "data", "warmup_adapters", "results"} <= parent_arts
+    mv = client.get_model_version_by_alias("fl-test", "current")
+    assert mv.run_id == children["fedlease"].info.run_id
+
+    # a re-run continues the same parent run instead of creating another
+    run_all(cfg)
+    assert len([r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("fedlease.kind") == "pipeline"]) == 1
+
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "predict", "--params", str(params), "--model-uri",
+                          "models:/fl-test@current", "--client", "0", "the film was great and lovely overall"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert res.stdout.startswith("client 0: ") and res.stdout.split("\t")[0].split(": ")[1] in ("0", "1")
+    rep = subprocess.run([sys.executable, "-m", "fedlease.cli", "report", "--params", str(params)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert rep.returncode == 0, rep.stderr[-1500:]
+    assert "| fedlease |" in rep.stdout and "| fedit |" in rep.stdout and "sentiment" in rep.stdout
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
+    raw = tiny_params(tmp_path)
+    raw["tracking"] = {"enabled": True, "uri": "http://127.0.0.1:9", "connect_timeout_s": 2}
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "data", "--params", str(params)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 1
+    assert "http://127.0.0.1:9" in res.stderr and "Traceback" not in res.stderr
+    assert not (Path(raw["output_dir"]) / "data").exists(), "no stage output when tracking is unreachable"
