@@ -16,7 +16,7 @@ export PYTHONWARNINGS := ignore
 
 STACK := infra/stack.sh
 
-.PHONY: install run run-local test up down status clean-outputs
+.PHONY: install run run-local test browser up down status clean-outputs
 
 install: $(STAMP)
 
@@ -51,8 +51,12 @@ down:
 status:
 	@$(STACK) status
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q tests
+
+# Debian's Chromium for the MLflow UI browser test (installed when missing and run as root).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium missing: the browser test will be skipped"; }
 
 clean-outputs:
 	rm -rf outputs

@@ -115,6 +115,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from fedlease.pipeline import join_client
+
+    rec = join_client(_load(args), args.data, args.task)
+    dists = ", ".join(f"E{e}: {d:.3f}" for e, d in enumerate(rec["mean_distances"]))
+    print(f"join: client {rec['client_id']} ({rec['task']}) -> expert {rec['expert']} (mean B-distance {dists}); "
+          f"accuracy after one round {rec['accuracy']:.4f}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedlease.tracking import report_from_mlflow
 
@@ -125,6 +135,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": cmd_data, "warmup": cmd_warmup, "allocate": cmd_allocate, "federate": cmd_federate,
     "evaluate": cmd_evaluate, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
+    "join": cmd_join,
 }
 
 
@@ -142,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
              "federate": "run the federated rounds of every configured method",
              "evaluate": "collect final metrics, tables and plots", "run": "all stages, in this process",
              "predict": "rebuild a client's model (registry, run or folder) and predict",
-             "report": "markdown table of a pipeline run, read back from MLflow"}
+             "report": "markdown table of a pipeline run, read back from MLflow",
+             "join": "add a client after allocation: warm up, nearest cluster, one round"}
     for name, func in COMMANDS.items():
         p = sub.add_parser(name, help=helps[name])
         _add_params(p)
@@ -154,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--client", type=int, required=True, help="whose model (its expert, router, head)")
             p.add_argument("--pair", default=None, help="second text of a pair task (e.g. the claim)")
             p.add_argument("text", nargs="+")
+        if name == "join":
+            p.add_argument("--data", required=True, help="the new client's .csv/.jsonl file")
+            p.add_argument("--task", required=True, help="a name for its task (for tables)")
         if name == "report":
             p.add_argument("--run-id", default=None, help="pipeline (parent) run; default: the latest")
         p.set_defaults(func=func)

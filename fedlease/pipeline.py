@@ -113,6 +113,61 @@ def _fedlease_initial(cfg: Config, strategy: Any) -> ServerState:
     return strategy.initial_state(experts, router)
 
 
+def join_client(cfg: Config, data_file: str, task: str) -> dict[str, Any]:
+    """Beyond the paper: a client joining after allocation warms up from the common init, takes the
+    expert of the cluster with the smallest mean B-distance (no re-clustering), then trains one
+    FedLEASE round from the current experts. Returns its assignment and accuracy."""
+    import numpy as np
+
+    from fedlease.allocation import assign_late_joiner
+    from fedlease.client import client_evaluate, client_train, strategy_for, write_download
+    from fedlease.config import TaskSpec
+    from fedlease.data.partition import ClientData
+    from fedlease.data.sources import DataError, read_local
+    from fedlease.data.stage import late_client_file
+    from fedlease.server import Checkpoint
+    from fedlease.strategies.base import Download, select
+
+    paths = RunPaths.of(cfg)
+    n = _num_clients(cfg)
+    late_root = paths.root / "late"
+    joined = read_json(late_root / "joined.json") if (late_root / "joined.json").exists() else {}
+    cid = n + len(joined)
+    data = read_local(TaskSpec(name=task, source="local", path=data_file), cfg.data.kind)
+    part = cfg.data.partition
+    if len(data.records) < 2:
+        raise DataError(f"{data_file}: a joining client needs at least 2 examples")
+    order = np.random.default_rng([cfg.seed, cid]).permutation(len(data.records))
+    n_test = max(1, round(len(order) * part.test_per_client / (part.train_per_client + part.test_per_client)))
+    recs = [{**data.records[i], "task": task} for i in order]
+    atomic_write_json(late_client_file(cfg, cid),
+                      ClientData(cid, task, data.label_names, recs[n_test:], recs[:n_test]).to_json())
+    # 1. warm-up from the common init, exactly as the original clients did
+    work = late_root / f"client_{cid:03d}"
+    common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
+    down = work / "warmup_down.safetensors"
+    write_download(down, Download(select(common, "lora.")))
+    client_train(cfg, "warmup", cid, 1, str(down), str(work / "warmup_adapter.safetensors"), n + 1)
+    # 2. nearest cluster by mean B-distance
+    adapters = [load_tensors(paths.warmup_adapter(c)) for c in range(n)]
+    alloc = Allocation.from_json(read_json(paths.cluster_map))
+    expert, means = assign_late_joiner(load_tensors(work / "warmup_adapter.safetensors"), adapters, alloc)
+    # 3. one local round from the current experts (the latest FedLEASE checkpoint, else the initial experts)
+    strategy = strategy_for(cfg, "fedlease", n + 1)
+    loaded = Checkpoint(paths.strategy_dir("fedlease") / "checkpoint").load()
+    state = loaded[0] if loaded is not None else _fedlease_initial(cfg, strategy)
+    tensors = select(state.tensors, "expert")
+    tensors.update(select(state.tensors, f"router{expert}."))
+    write_download(work / "down.safetensors", Download(tensors, {"expert": expert}))
+    train = client_train(cfg, "fedlease", cid, 1, str(work / "down.safetensors"), str(work / "up.safetensors"), n + 1)
+    metrics = client_evaluate(cfg, "fedlease", cid, 1, str(work / "down.safetensors"), n + 1)
+    record = {"client_id": cid, "task": task, "expert": expert, "mean_distances": means,
+              "accuracy": metrics.get("accuracy"), "bytes_up": train["bytes_up"], "bytes_down": train["bytes_down"]}
+    joined[str(cid)] = record
+    atomic_write_json(late_root / "joined.json", joined)
+    return record
+
+
 def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
                    strategies: list[str] | None = None) -> dict[str, Any]:
     """Run every configured method on the same partitions, seeds and budgets."""

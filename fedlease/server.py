@@ -56,12 +56,12 @@ def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, A
 def fingerprint(cfg: Config, strategy: str, inputs: list[Path] | tuple[Path, ...]) -> str:
     """What a checkpoint was made from: every param that changes results, plus the input files.
 
-    `federation.rounds` is left out so that a finished run can be extended; tracking and
-    orchestration settings do not change results.
+    `federation.rounds` is left out so that a finished run can be extended; tracking,
+    orchestration and the list of methods do not change a method's results.
     """
     import hashlib
 
-    doc = cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True,
+    doc = cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True, "strategies": True,
                                                "federation": {"rounds"}, "output_dir": True})
     h = hashlib.sha256(json.dumps([doc, strategy], sort_keys=True).encode())
     for path in inputs:

@@ -32,6 +32,9 @@ def client_task(fn: Callable[..., dict[str, Any]], call: dict[str, Any]) -> dict
 def prefect_mapper(cfg: Config) -> ClientMapper:
     """Submit one task per client; retries and timeouts come from params.yaml."""
     orch = cfg.orchestration
+    # A timeout cannot interrupt a task running in a worker thread (Prefect only warns), so it is
+    # applied where tasks run in their own processes (the Ray runner).
+    timeout = orch.task_timeout_s if orch.task_runner == "ray" else None
 
     def run(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
             ) -> list[dict[str, Any] | BaseException]:
@@ -40,7 +43,7 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
             name = f"{label}-client-{call['client_id']:03d}"
             t = client_task.with_options(name=f"{label.split('-r')[0]}-{fn.__name__}", task_run_name=name,
                                          retries=orch.retries, retry_delay_seconds=orch.retry_delay_s,
-                                         timeout_seconds=orch.task_timeout_s)
+                                         timeout_seconds=timeout)
             futures.append(t.submit(fn, call))
         out: list[dict[str, Any] | BaseException] = []
         for fut in futures:

@@ -13,7 +13,7 @@ export PREFECT_HOME="$STATE/prefect"
 export PREFECT_API_URL="${PREFECT_API_URL:-http://$HOST:$PREFECT_PORT/api}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_RUNNER_POLL_FREQUENCY=2 PREFECT_UI_ENABLED=true
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://$HOST:$MLFLOW_PORT}"
-export MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_DISABLE_TELEMETRY=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 mkdir -p "$STATE/logs" "$PREFECT_HOME"
 
 alive() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
@@ -25,7 +25,10 @@ wait_for() {  # name url seconds
 start() {  # name cmd...
   local name=$1; shift
   if alive "$name"; then echo "$name: already running (pid $(cat "$STATE/$name.pid"))"; return 0; fi
-  (cd "$ROOT" && setsid "$@" >"$STATE/logs/$name.log" 2>&1 & echo $! >"$STATE/$name.pid")
+  # exec: the recorded pid is the service itself, a session leader whose group `stop` can signal;
+  # no inherited stdout, so the caller (make, CI) is not held open by the service
+  (cd "$ROOT" && exec setsid "$@" </dev/null >"$STATE/logs/$name.log" 2>&1) &
+  echo $! >"$STATE/$name.pid"
 }
 stop() {
   local name=$1

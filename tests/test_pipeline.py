@@ -90,3 +90,20 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path):
     assert _final(resumed) == _final(clean)
     hist = read_json(Path(raw["output_dir"]) / "federate" / "fedlease" / "result.json")["history"]
     assert [h["round"] for h in hist] == [1, 2, 3, 4]
+
+
+def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path):
+    from fedlease.pipeline import join_client
+
+    from .conftest import write_sentiment_csv
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease"]))
+    run_all(cfg)
+    newcomer = write_sentiment_csv(tmp_path / "new.csv", 30, seed=9)
+    rec = join_client(cfg, str(newcomer), "sentiment")
+    assert rec["client_id"] == 4
+    assert rec["expert"] == min(range(len(rec["mean_distances"])), key=rec["mean_distances"].__getitem__)
+    assert 0.0 <= rec["accuracy"] <= 1.0 and rec["bytes_down"] > rec["bytes_up"] > 0
+    cmap = read_json(RunPaths.of(cfg).cluster_map)
+    assert len(cmap["assignment"]) == 4, "joining must not re-cluster"
+    assert join_client(cfg, str(newcomer), "sentiment")["client_id"] == 5

@@ -1,0 +1,64 @@
+"""`dvc repro` on the tiny config in a scratch copy of the repo: builds, then has nothing to do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "DVC_SITE_CACHE_DIR": str(cwd / ".dvc-site")}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_dvc_repro_twice_and_param_change(tmp_path: Path):
+    work = tmp_path / "repo"
+    work.mkdir()
+    for name in ("dvc.yaml", "fedlease", ".dvcignore"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    raw = tiny_params(tmp_path, strategies=["fedlease", "fedit"])
+    raw["output_dir"] = "outputs"
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert _run(["git", "init", "-q"], work).returncode == 0
+    init = _run([sys.executable, "-m", "dvc", "init", "-q"], work)
+    assert init.returncode == 0, init.stderr
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], work)
+
+    first = _run([sys.executable, "-m", "dvc", "repro"], work)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (work / "outputs" / "metrics.json").exists() and (work / "dvc.lock").exists()
+    second = _run([sys.executable, "-m", "dvc", "repro"], work)
+    assert second.returncode == 0
+    assert "didn't change, skipping" in second.stdout and "Running stage" not in second.stdout
+    status = _run([sys.executable, "-m", "dvc", "status"], work)
+    assert "up to date" in status.stdout.lower(), status.stdout
+
+    metrics = _run([sys.executable, "-m", "dvc", "metrics", "show"], work)
+    assert metrics.returncode == 0 and "methods.fedlease.mean" in metrics.stdout
+    push = _run([sys.executable, "-m", "dvc", "push"], work)
+    assert push.returncode == 0, push.stderr
+    shutil.rmtree(work / "outputs" / "data")
+    shutil.rmtree(work / ".dvc" / "cache")
+    pull = _run([sys.executable, "-m", "dvc", "pull", "data"], work)
+    assert pull.returncode == 0, pull.stderr
+    assert (work / "outputs" / "data" / "manifest.json").exists()
+
+    raw["federation"]["rounds"] = 1  # a federation param: data and warm-up stay cached
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    third = _run([sys.executable, "-m", "dvc", "repro"], work)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "Running stage 'federate'" in third.stdout
+    assert "Running stage 'data'" not in third.stdout and "Running stage 'warmup'" not in third.stdout
