@@ -38,6 +38,19 @@ from fedlease.strategies import make_strategy
 from fedlease.strategies.base import Download, ModelSpec, Strategy, Tensors
 
 
+class InjectedFault(RuntimeError):
+    """A failure injected by the `faults:` params section (tests only)."""
+
+
+def _fault_draws(cfg: Config, client_id: int, round_: int, strategy: str) -> dict[str, bool]:
+    """Seeded per (client, round): the same client fails on every retry of that round."""
+    import numpy as np
+
+    rng = np.random.default_rng([cfg.seed, client_id, round_, zlib.crc32(strategy.encode()), 99])
+    fail, nan = rng.random(2)
+    return {"fail": bool(fail < cfg.faults.client_failure_rate), "nan": bool(nan < cfg.faults.nan_update_rate)}
+
+
 def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
     return (seed * 1_000_003 + client_id * 1009 + round_ * 17 + zlib.crc32(strategy.encode())) % (2**31)
 
@@ -189,6 +202,9 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
                  upload_path: str, num_clients: int) -> dict[str, Any]:
     """One local round: load, train what the strategy trains, write the upload and local state."""
     t0 = time.perf_counter()
+    faults = _fault_draws(cfg, client_id, round_, strategy_name)
+    if faults["fail"]:
+        raise InjectedFault(f"client {client_id} round {round_}: injected failure (faults.client_failure_rate)")
     rt = runtime_for(cfg)
     strategy = strategy_for(cfg, strategy_name, num_clients)
     data = load_client(cfg, client_id)
@@ -206,6 +222,9 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     result = rt.engine.train(model, params, batches, cfg.data.kind)
     upload = get_state(model, rt.head_module(), _expand(strategy.upload_groups))
     upload = {k: v for k, v in upload.items() if _group(k) in _expand(strategy.upload_groups)}
+    if faults["nan"] and upload:
+        key = sorted(upload)[0]
+        upload[key] = torch.full_like(upload[key], float("nan"))
     save_tensors(upload_path, upload, {"meta": json.dumps(meta)})
     local = get_state(model, rt.head_module(), _expand(strategy.local_groups))
     local = {k: v for k, v in local.items() if _group(k) in _expand(strategy.local_groups)}

@@ -197,6 +197,14 @@ class OrchestrationConfig(_Strict):
     task_timeout_s: PositiveFloat = 3600.0
 
 
+class FaultsConfig(_Strict):
+    """Fault injection for reliability tests; all off by default."""
+
+    client_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    nan_update_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    crash_after_round: PositiveInt | None = Field(default=None, description="SIGKILL the run after this round")
+
+
 Strategy = Literal[
     "fedlease",
     "local",
@@ -221,6 +229,7 @@ class Config(_Strict):
     federation: FederationConfig = FederationConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -11,7 +11,9 @@ no-op that returns its results.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -38,8 +40,10 @@ class ClientMapper(Protocol):
 def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
                       ) -> list[dict[str, Any] | BaseException]:
     """Run client calls one after another in this process (retries as configured)."""
+    from tqdm import tqdm
+
     out: list[dict[str, Any] | BaseException] = []
-    for call in calls:
+    for call in tqdm(calls, desc=label, unit="client", leave=False, disable=not sys.stderr.isatty()):
         cfg: Config = call["cfg"]
         for attempt in range(cfg.orchestration.retries + 1):
             try:
@@ -62,6 +66,7 @@ def fingerprint(cfg: Config, strategy: str, inputs: list[Path] | tuple[Path, ...
     import hashlib
 
     doc = cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True, "strategies": True,
+                                               "faults": True,
                                                "federation": {"rounds"}, "output_dir": True})
     h = hashlib.sha256(json.dumps([doc, strategy], sort_keys=True).encode())
     for path in inputs:
@@ -179,6 +184,9 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
         _progress(round_line(strategy.name, record))
         if on_round is not None:
             on_round(record, history)
+        if cfg.faults.crash_after_round == round_ and strategy.name != "warmup":
+            _progress(f"[{strategy.name}] faults.crash_after_round={round_}: killing the run")
+            os.kill(os.getpid(), signal.SIGKILL)
     return {"history": history, "state": state}
 
 

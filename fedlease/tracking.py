@@ -129,7 +129,10 @@ class Tracker:
         if not self.enabled:
             return
         metrics = round_metrics(record, cumulative)
-        self.log_metrics(self.method_run_id(method), metrics, step=record["round"])
+        run_id = self.method_run_id(method)
+        self.log_metrics(run_id, metrics, step=record["round"])
+        if record["dropped"]:
+            self.client.log_dict(run_id, record["dropped"], f"dropped_clients/round_{record['round']:04d}.json")
 
     def log_artifacts(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
         if self.enabled and run_id is not None and folder.exists():

@@ -1,0 +1,92 @@
+"""Client faults: failures and NaN updates are dropped, aggregation runs over the survivors only,
+too few survivors fail the round with the last checkpoint intact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlease.allocation import weighted_mean
+from fedlease.client import runtime_for
+from fedlease.config import config_from_dict
+from fedlease.data.stage import run_data_stage
+from fedlease.io import load_tensors
+from fedlease.server import Checkpoint, RoundFailed, run_rounds, sequential_mapper
+from fedlease.strategies import make_strategy
+from fedlease.strategies.base import ModelSpec, select
+
+from ..conftest import tiny_params
+
+
+def _setup(tmp_path: Path, **faults):
+    raw = tiny_params(tmp_path, strategies=["fedit"])
+    raw["faults"] = faults
+    raw["orchestration"] = {"retries": 1, "retry_delay_s": 0}
+    cfg = config_from_dict(raw)
+    run_data_stage(cfg)
+    strategy = make_strategy("fedit", cfg, 4)
+    common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
+    return cfg, strategy, common
+
+
+def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: Path):
+    cfg, strategy, common = _setup(tmp_path)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    calls_per_client: dict[int, int] = {}
+
+    def faulty(fn, calls, label):
+        def wrapped(**call):
+            cid = call["client_id"]
+            calls_per_client[cid] = calls_per_client.get(cid, 0) + 1
+            if cid == 1:
+                raise RuntimeError("disk on fire")
+            res = fn(**call)
+            if cid == 2:  # a poisoned update
+                t = load_tensors(res["upload"])
+                t[sorted(t)[0]] = torch.full_like(t[sorted(t)[0]], float("nan"))
+                from fedlease.io import save_tensors
+
+                save_tensors(res["upload"], t)
+            seen[cid] = load_tensors(res["upload"])
+            return res
+
+        return sequential_mapper(wrapped, calls, label)
+
+    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, faulty, 4,
+                     evaluate=False)
+    rec = out["history"][0]
+    assert set(rec["dropped"]) == {"1", "2"}
+    assert "disk on fire" in rec["dropped"]["1"] and "NaN" in rec["dropped"]["2"]
+    assert calls_per_client[1] == 2, "a failing client is retried before it is dropped"
+    expected = weighted_mean([select(seen[0], "lora."), select(seen[3], "lora.")], [16.0, 16.0])
+    for key, value in expected.items():
+        assert torch.allclose(out["state"].tensors[key], value)
+
+
+def test_too_few_clients_fail_the_round_and_keep_the_checkpoint(tmp_path: Path):
+    cfg, strategy, common = _setup(tmp_path)
+    run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, sequential_mapper, 4,
+               evaluate=False)
+    ckpt = Checkpoint(tmp_path / "run" / "checkpoint")
+    before = ckpt.load()
+    assert before is not None and before[1]["round"] == 1
+    broken = cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"client_failure_rate": 1.0})})
+    with pytest.raises(RoundFailed, match="only 0 of 4"):
+        run_rounds(broken, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper,
+                   4, evaluate=False)
+    after = ckpt.load()
+    assert after is not None and after[1]["round"] == 1
+    for key in before[0].tensors:
+        assert torch.equal(before[0].tensors[key], after[0].tensors[key])
+
+
+def test_injected_failure_rate_drops_some_clients(tmp_path: Path):
+    cfg, strategy, common = _setup(tmp_path, client_failure_rate=0.5)
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients_fraction": 0.25})})
+    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper, 4,
+                     evaluate=False)
+    dropped = [c for r in out["history"] for c in r["dropped"]]
+    assert dropped, "a 50% failure rate over 8 client-rounds dropped nobody"
+    assert all("injected failure" in r["dropped"][c] for r in out["history"] for c in r["dropped"])

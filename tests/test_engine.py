@@ -1,0 +1,106 @@
+"""Engines (DeepSpeed vs plain torch), the generated DeepSpeed config, exact communication bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlease.allocation import Allocation
+from fedlease.client import ClientRuntime
+from fedlease.comm import nbytes
+from fedlease.config import TrainingConfig, config_from_dict
+from fedlease.engine.batching import Batch, TruncationError, encode_generation, iterate_batches
+from fedlease.engine.trainer import DeepSpeedEngine, TorchEngine, deepspeed_config
+from fedlease.models.adapters import get_state, set_trainable
+from fedlease.strategies.base import ModelSpec
+from fedlease.strategies.fedlease import FedLEASE
+
+from .conftest import tiny_params
+
+
+def _train(engine, cfg, rt: ClientRuntime, steps_records) -> dict[str, torch.Tensor]:
+    model = rt.fresh_model(ModelSpec(r=cfg.lora.r), 2)
+    params = set_trainable(model, ("lora", "head"), rt.head_module())
+    batches = list(iterate_batches(rt.tokenizer, steps_records, "classification", 8, 16, 1, 0))
+    torch.manual_seed(0)
+    engine.train(model, params, batches, "classification")
+    return get_state(model, rt.head_module())
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_matches_torch_engine(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    records = [{"text": f"word{i} movie", "text_pair": None, "label": i % 2} for i in range(24)]
+    ref = _train(TorchEngine(cfg.training), cfg, rt, records)
+    ds = _train(DeepSpeedEngine(cfg.training, Path(cfg.data.cache_dir)), cfg, rt, records)
+    assert ref.keys() == ds.keys()
+    changed = [k for k in ref if not torch.equal(ref[k], rt.common_init(ModelSpec(r=cfg.lora.r)).get(k, ref[k] * 0))]
+    assert changed, "training must change the adapter"
+    for key in ref:
+        assert torch.allclose(ref[key], ds[key], atol=1e-5), key
+
+
+def test_deepspeed_config_comes_from_params():
+    cfg = TrainingConfig(batch_size=8, deepspeed={"zero_stage": 2, "gradient_accumulation_steps": 4,
+                                                  "gradient_clipping": 0.5, "precision": "bf16"})
+    conf = deepspeed_config(cfg)
+    assert conf["train_micro_batch_size_per_gpu"] == 8 and conf["train_batch_size"] == 32
+    assert conf["gradient_accumulation_steps"] == 4 and conf["zero_optimization"] == {"stage": 2}
+    assert conf["gradient_clipping"] == 0.5 and conf["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_config(TrainingConfig(deepspeed={"precision": "fp32"}))
+
+
+def test_zero3_is_rejected_with_a_reason():
+    with pytest.raises(ValueError, match="zero_stage"):
+        DeepSpeedEngine(TrainingConfig(deepspeed={"zero_stage": 3}), Path(".cache"))
+
+
+def test_torch_engine_gradient_accumulation_steps_optimizer_less_often(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    model = rt.fresh_model(ModelSpec(r=2), 2)
+    params = set_trainable(model, ("lora",), None)
+    enc = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+           "labels": torch.tensor([0, 1])}
+    engine = TorchEngine(cfg.training.model_copy(update={"deepspeed": cfg.training.deepspeed.model_copy(
+        update={"gradient_accumulation_steps": 3})}))
+    res = engine.train(model, params, [Batch(enc, 2)] * 6, "classification")
+    assert res.steps == 6
+
+
+def test_communication_bytes_equal_closed_form(tmp_path: Path):
+    """FedLEASE, tiny BERT (hidden 32, 2 layers, query+value = 4 modules), r = 2, M = 3, fp32:
+    upload = expert + router = 4 * (2*32 + 32*2) * 4 + 4 * (2*3-1) * 32 * 4 bytes;
+    download = M experts + the cluster's router."""
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    strategy = FedLEASE(cfg, 4).with_allocation(Allocation([0, 1, 2, 2], 3))
+    common = rt.common_init(strategy.spec(0))
+    expert = {k: v for k, v in common.items() if k.startswith("lora.")}
+    router = {k: v for k, v in common.items() if k.startswith("router.")}
+    state = strategy.initial_state([expert, expert, expert], router)
+    down = strategy.download(state, 3)
+    modules, d, r, m = 4, 32, 2, 3
+    expert_bytes = modules * (r * d + d * r) * 4
+    router_bytes = modules * (2 * m - 1) * d * 4
+    assert nbytes(down.tensors) == m * expert_bytes + router_bytes
+    model = rt.fresh_model(strategy.spec(3), 2)
+    upload = get_state(model, None, strategy.upload_groups)
+    assert nbytes(upload) == expert_bytes + router_bytes
+    assert nbytes({"x": torch.zeros(10, dtype=torch.bfloat16)}) == 20  # dtype aware
+
+
+def test_generation_encoding_masks_prompt_and_rejects_empty_answers(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    rt.build(ModelSpec(r=2))
+    enc = encode_generation(rt.tokenizer, [{"prompt": "a long prompt " * 20, "response": "yes indeed"}], 16)
+    assert enc["input_ids"].shape[1] <= 16
+    answer = enc["labels"][0][enc["labels"][0] != -100]
+    assert len(answer) >= 1, "the answer must survive truncation"
+    assert (enc["labels"][0][:4] == -100).all(), "prompt tokens carry no loss"
+    with pytest.raises(TruncationError, match="no response token"):
+        encode_generation(rt.tokenizer, [{"prompt": "p", "response": ""}], 16)
