@@ -15,6 +15,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONWARNINGS := ignore
 
 STACK := infra/stack.sh
+PARAMS ?= params.yaml
 
 .PHONY: install run run-local test browser up down status clean-outputs
 
@@ -34,13 +35,13 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 # The main job: the stack up (if down), the full pipeline as the Prefect deployment, then the results.
 run: install up
 	@eval "$$($(STACK) env)"; set -o pipefail; \
-	  $(BIN)/prefect deployment run fedlease/full --watch --watch-interval 5 | grep -v -e '^$$' || { echo "flow run failed; see infra/state/logs/serve.log"; exit 1; }
-	@echo; cat outputs/results.md; echo
+	  $(BIN)/prefect deployment run fedlease/full --param params=$(PARAMS) --watch --watch-interval 5 | grep -v -e '^$$' || { echo "flow run failed; see infra/state/logs/serve.log"; exit 1; }
+	@echo; $(BIN)/fedlease results --params $(PARAMS); echo
 	@eval "$$($(STACK) env)"; echo "Prefect UI: $${PREFECT_API_URL%/api}   MLflow UI: $$MLFLOW_TRACKING_URI   (make down stops them)"
 
 # The same pipeline in this process, without the stack (tracking to ./mlflow.db).
 run-local: install
-	$(BIN)/fedlease run
+	$(BIN)/fedlease run --params $(PARAMS)
 
 up: install
 	@$(STACK) up

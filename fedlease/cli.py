@@ -115,6 +115,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from fedlease.io import ArtifactError
+    from fedlease.paths import RunPaths
+
+    path = RunPaths.of(_load(args)).root / "results.md"
+    if not path.exists():
+        raise ArtifactError(f"{path}: no results yet (run the pipeline first)")
+    print(path.read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from fedlease.pipeline import join_client
 
@@ -135,7 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": cmd_data, "warmup": cmd_warmup, "allocate": cmd_allocate, "federate": cmd_federate,
     "evaluate": cmd_evaluate, "run": cmd_run, "predict": cmd_predict, "report": cmd_report,
-    "join": cmd_join,
+    "join": cmd_join, "results": cmd_results,
 }
 
 
@@ -154,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
              "evaluate": "collect final metrics, tables and plots", "run": "all stages, in this process",
              "predict": "rebuild a client's model (registry, run or folder) and predict",
              "report": "markdown table of a pipeline run, read back from MLflow",
-             "join": "add a client after allocation: warm up, nearest cluster, one round"}
+             "join": "add a client after allocation: warm up, nearest cluster, one round",
+             "results": "print the results table of the last run"}
     for name, func in COMMANDS.items():
         p = sub.add_parser(name, help=helps[name])
         _add_params(p)

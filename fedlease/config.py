@@ -43,6 +43,7 @@ class TaskSpec(_Strict):
         default=None, description="Split the input at this string into text and text_pair"
     )
     strip_prefix: str | None = Field(default=None, description="Remove this prefix from every input")
+    instruction: str | None = Field(default=None, description="Generation: put this instruction before each input")
     max_examples: PositiveInt | None = Field(default=None, description="Cap before splitting (seeded sample)")
 
 

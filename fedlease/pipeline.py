@@ -269,7 +269,7 @@ def trainable_params(cfg: Config, strategy: Any) -> int:
 
 def stage_evaluate(cfg: Config) -> dict[str, Any]:
     """Collect every method's final metrics into metrics.json, a results table and plots."""
-    from fedlease.plots import plot_accuracy_rounds, plot_communication
+    from fedlease.plots import plot_accuracy_rounds, plot_communication, plot_router_usage
     from fedlease.report import results_table
 
     paths = RunPaths.of(cfg)
@@ -293,6 +293,12 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
     plot_accuracy_rounds(curves, paths.plots / "score_per_round.png")
     plot_communication({n: read_json(paths.strategy_dir(n) / "result.json")["history"] for n in cfg.strategies},
                        paths.plots / "communication.png")
+    if "fedlease" in cfg.strategies:
+        history = read_json(paths.strategy_dir("fedlease") / "result.json")["history"]
+        last = next(r["eval"] for r in reversed(history) if "eval" in r)
+        usage = {cid: c["router"] for cid, c in last["clients"].items() if "router" in c}
+        plot_router_usage(usage, paths.plots / "router_usage.png")
+        atomic_write_json(paths.plots / "router_usage.json", usage)
     table = results_table(metrics)
     from fedlease.io import atomic_write_text
 

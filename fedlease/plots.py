@@ -106,15 +106,23 @@ def plot_communication(histories: dict[str, list[dict[str, Any]]], path: Path) -
 
 
 def plot_router_usage(usage: dict[str, Any], path: Path) -> None:
-    """Clients x experts weight share (mean over modules)."""
+    """Router weight share: clients x experts (mean over modules) and layer depth x experts (mean over clients).
+
+    Expert columns are in each client's local order: 0 = its own expert, then the others.
+    """
     clients = sorted(usage, key=int)
     if not clients:
         return
-    grid = np.array([np.mean([m["expert_weight_share"] for m in usage[c].values()], axis=0) for c in clients])
-    fig, ax = plt.subplots(figsize=(max(4, grid.shape[1] + 2), max(3, 0.35 * len(clients) + 1.5)))
-    im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1)
-    ax.set_xlabel("expert (local order: 0 = own)")
-    ax.set_yticks(range(len(clients)), [f"client {c}" for c in clients], fontsize=8)
-    ax.set_title("Router weight share per expert")
-    fig.colorbar(im, ax=ax)
+    modules = list(next(iter(usage.values())))
+    by_client = np.array([np.mean([usage[c][m]["expert_weight_share"] for m in modules], axis=0) for c in clients])
+    by_layer = np.array([np.mean([usage[c][m]["expert_weight_share"] for c in clients], axis=0) for m in modules])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.3 * max(len(clients), len(modules)) + 1.5)))
+    for ax, grid, labels, title in ((a, by_client, [f"client {c}" for c in clients], "per client"),
+                                    (b, by_layer, [m.replace("bert.encoder.", "").replace("model.", "")
+                                                   for m in modules], "by layer depth")):
+        im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(grid.shape[1]), ["own"] + [f"other {i}" for i in range(1, grid.shape[1])], fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(f"Router weight share {title}")
+    fig.colorbar(im, ax=[a, b])
     _save(fig, path)

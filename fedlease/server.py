@@ -213,7 +213,11 @@ def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: 
     results = mapper(client_evaluate, calls, f"{strategy.name}-r{round_}-eval")
     clients = {}
     for cid, res in zip(range(n), results, strict=True):
-        clients[str(cid)] = {"error": f"{type(res).__name__}: {res}"} if isinstance(res, BaseException) else res
+        if isinstance(res, BaseException):
+            clients[str(cid)] = {"error": f"{type(res).__name__}: {res}"}
+            _progress(f"[{strategy.name}] round {round_}: evaluation of client {cid} failed: {clients[str(cid)]['error']}")
+        else:
+            clients[str(cid)] = res
     return summarise_eval(clients, cfg.data.kind)
 
 

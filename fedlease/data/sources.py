@@ -156,7 +156,9 @@ def read_bigbench_task(spec: TaskSpec, task_json: Path) -> TaskData:
             target = target[0] if target else None
         if not isinstance(target, str):
             raise DataError(f"task {spec.name}: example without a text target in {task_json}")
-        records.append({"prompt": _strip(spec, ex["input"]), "response": target})
+        prompt = _strip(spec, ex["input"])
+        records.append({"prompt": f"{spec.instruction}\n\n{prompt}" if spec.instruction else prompt,
+                        "response": target})
     return TaskData(spec.name, "generation", records)
 
 

@@ -48,7 +48,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_length: i
             texts = [chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                             add_special_tokens=False)
-            gen = model.generate(**{k: v.to(dev) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
+            inputs = {k: enc[k].to(dev) for k in ("input_ids", "attention_mask")}
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
             outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:

@@ -161,11 +161,19 @@ def stack_foreign(experts: list[dict[str, torch.Tensor]], own: int) -> dict[str,
 
 
 def attach_telemetry(model: nn.Module) -> dict[str, RouterTelemetry]:
+    """Start counting router use per module; padding tokens are left out via the attention mask."""
     m = num_experts_of(model)
     tele: dict[str, RouterTelemetry] = {}
     for name, layer in lora_layers(model).items():
         if isinstance(layer, MixtureLoraLinear):
             layer.moe_telemetry = tele[name] = RouterTelemetry(m)
+
+    def capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for t in tele.values():
+            t.mask = kwargs.get("attention_mask")
+
+    if tele:
+        model._fedlease_telemetry_hook = model.register_forward_pre_hook(capture_mask, with_kwargs=True)
     return tele
 
 
@@ -173,3 +181,7 @@ def detach_telemetry(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         if isinstance(layer, MixtureLoraLinear):
             layer.moe_telemetry = None
+    hook = getattr(model, "_fedlease_telemetry_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._fedlease_telemetry_hook
