@@ -35,7 +35,7 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 # The main job: the stack up (if down), the full pipeline as the Prefect deployment, then the results.
 run: install up
 	@eval "$$($(STACK) env)"; set -o pipefail; \
-	  $(BIN)/prefect deployment run fedlease/full --param params=$(PARAMS) --watch --watch-interval 5 | grep -v -e '^$$' || { echo "flow run failed; see infra/state/logs/serve.log"; exit 1; }
+	  $(BIN)/prefect deployment run fedlease/full --param params=$(PARAMS) --watch --watch-interval 5 | grep --line-buffered -v -e '^$$' || { echo "flow run failed; see infra/state/logs/serve.log"; exit 1; }
 	@echo; $(BIN)/fedlease results --params $(PARAMS); echo
 	@eval "$$($(STACK) env)"; echo "Prefect UI: $${PREFECT_API_URL%/api}   MLflow UI: $$MLFLOW_TRACKING_URI   (make down stops them)"
 

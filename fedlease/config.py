@@ -237,6 +237,14 @@ class Config(_Strict):
         part = self.data.partition
         if part.scheme in ("dirichlet", "iid") and part.num_clients is None:
             raise ValueError("data.partition.num_clients: required for the dirichlet and iid schemes")
+        if part.scheme in ("task", "task_dirichlet"):
+            need = part.clients_per_task * (part.train_per_client + part.test_per_client)
+            for i, task in enumerate(self.data.tasks):
+                if task.max_examples is not None and task.max_examples < need:
+                    raise ValueError(
+                        f"data.tasks.{i}.max_examples: {task.max_examples} examples cannot give "
+                        f"{part.clients_per_task} clients x ({part.train_per_client} train + "
+                        f"{part.test_per_client} test) = {need}")
         cpr = self.federation.clients_per_round
         if isinstance(cpr, int) and cpr > self.num_clients:
             raise ValueError(

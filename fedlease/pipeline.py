@@ -312,6 +312,9 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
         tracker.log_metrics(parent, {f"{name}.final_mean_{m['metric']}": m["mean"]})
     for path in (paths.metrics, paths.root / "results.md", paths.plots):
         tracker.log_artifacts(parent, path, "results")
+    for name in methods:
+        tracker.set_terminated(tracker.method_run_id(name))
+    tracker.set_terminated(parent)
     return metrics
 
 

@@ -61,11 +61,12 @@ def fingerprint(cfg: Config, strategy: str, inputs: list[Path] | tuple[Path, ...
     """What a checkpoint was made from: every param that changes results, plus the input files.
 
     `federation.rounds` is left out so that a finished run can be extended; tracking,
-    orchestration and the list of methods do not change a method's results.
+    orchestration and the list of methods do not change a method's results. Defaults are left
+    out so the dump is canonical: a new params key with a default does not void old checkpoints.
     """
     import hashlib
 
-    doc = cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True, "strategies": True,
+    doc = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"tracking": True, "orchestration": True, "strategies": True,
                                                "faults": True,
                                                "federation": {"rounds"}, "output_dir": True})
     h = hashlib.sha256(json.dumps([doc, strategy], sort_keys=True).encode())

@@ -7,6 +7,7 @@ under test-artifacts/.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,20 +56,25 @@ def test_mlflow_ui_shows_runs_and_metrics(tmp_path: Path):
                 time.sleep(1)
         from mlflow.tracking import MlflowClient
 
-        exp = MlflowClient(base).get_experiment_by_name("browser")
-        url = f"{base}/#/experiments/{exp.experiment_id}"
+        client = MlflowClient(base)
+        exp = client.get_experiment_by_name("browser")
+        child = client.search_runs([exp.experiment_id], "attributes.run_name = 'fedlease'")[0]
         profile = tmp_path / "chrome-profile"
         shot_dir = REPO / "test-artifacts"
         shot_dir.mkdir(exist_ok=True)
         common = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
                   "--window-size=1600,1000"]
-        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-        subprocess.run([*common, f"--screenshot={shot_dir / 'mlflow_experiment.png'}", url],
-                       capture_output=True, text=True, timeout=180)
-        assert "pipeline-seed0" in dom, "the parent run is not on the experiment page"
-        assert "fedlease" in dom and "fedit" in dom, "the nested method runs are not on the page"
-        assert "mean_accuracy" in dom or "final_mean_accuracy" in dom, "no metric on the page"
-        assert (shot_dir / "mlflow_experiment.png").stat().st_size > 10_000
+
+        def page(url: str, shot: str) -> str:
+            subprocess.run([*common, f"--screenshot={shot_dir / shot}", url], capture_output=True, timeout=180)
+            return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+        runs = page(f"{base}/#/experiments/{exp.experiment_id}/runs", "mlflow_runs.png")
+        assert "pipeline-seed0" in runs, "the parent run is not on the experiment's runs page"
+        assert re.search(r"3(\s|<[^>]*>|<!--[^>]*-->)*matching runs", runs), "parent + two nested method runs expected"
+        run_page = page(f"{base}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}", "mlflow_run.png")
+        assert "fedlease" in run_page and "mean_accuracy" in run_page, "the method run's metric is not shown"
+        assert (shot_dir / "mlflow_runs.png").stat().st_size > 10_000
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

@@ -30,6 +30,7 @@ def test_repo_params_yaml_is_valid():
         ("lora.typo=3", "lora.typo"),
         ("strategies=[fedlease, nope]", "strategies.1"),
         ("federation.clients_per_round=99", "federation.clients_per_round"),
+        ("data.tasks.1.max_examples=10", "data.tasks.1.max_examples"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, override: str, key: str):

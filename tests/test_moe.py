@@ -125,3 +125,28 @@ def test_state_shape_mismatch_is_rejected():
         set_state(model, {"lora.query.A": torch.zeros(3, 8)})
     with pytest.raises(ArtifactError, match="no adapted module"):
         set_state(model, {"lora.nowhere.A": torch.zeros(2, 8)})
+
+
+def test_save_load_round_trip_rebuilds_the_same_model(tmp_path):
+    from fedlease.io import load_tensors, save_tensors
+
+    lora = LoraConfig(r=2, alpha=4, target_modules=["query", "value"])
+    model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=0)
+    state = get_state(model, "classifier", ("lora", "router", "foreign", "head"))
+    state = {k: torch.randn_like(v) for k, v in state.items()}
+    set_state(model, state, "classifier")
+    save_tensors(tmp_path / "client.safetensors", state)
+    again = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=99)  # other init: everything must come from the file
+    set_state(again, load_tensors(tmp_path / "client.safetensors"), "classifier")
+    x = torch.randn(3, 5, 8)
+    assert torch.equal(model(x), again(x))
+    (tmp_path / "adapter.bin").write_bytes(b"pickle")
+    from fedlease.io import ArtifactError
+
+    with pytest.raises(ArtifactError, match="safetensors"):
+        load_tensors(tmp_path / "adapter.bin")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="not a valid safetensors"):
+        load_tensors(tmp_path / "bad.safetensors")
+    with pytest.raises(ArtifactError, match="dtype"):
+        set_state(again, {"lora.query.A": torch.zeros(2, 8, dtype=torch.int64)})
