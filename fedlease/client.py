@@ -216,12 +216,20 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         meta["cluster"] = _pick_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
         set_state(model, strategy.candidates(download)[meta["cluster"]], rt.head_module())
     params = set_trainable(model, strategy.train_groups, rt.head_module())
+    start = get_state(model, rt.head_module(), _expand(strategy.upload_groups)) if cfg.privacy.enabled else {}
     torch.manual_seed(seed)
     batches = iterate_batches(rt.tokenizer, data.train, cfg.data.kind, cfg.training.batch_size,
                               cfg.model.max_length, strategy.local_epochs(round_), seed)
     result = rt.engine.train(model, params, batches, cfg.data.kind)
     upload = get_state(model, rt.head_module(), _expand(strategy.upload_groups))
     upload = {k: v for k, v in upload.items() if _group(k) in _expand(strategy.upload_groups)}
+    update_norm = None
+    if cfg.privacy.enabled and upload and strategy.name != "warmup":
+        from fedlease.privacy import clip_and_noise, noise_multiplier
+
+        noised, update_norm = clip_and_noise({k: upload[k] - start[k] for k in upload}, cfg.privacy.clip_norm,
+                                             noise_multiplier(cfg), seed + 7)
+        upload = {k: start[k] + noised[k] for k in upload}
     if faults["nan"] and upload:
         key = sorted(upload)[0]
         upload[key] = torch.full_like(upload[key], float("nan"))
@@ -233,7 +241,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         "client_id": client_id, "upload": upload_path, "num_examples": len(data.train), "loss": result.loss,
         "steps": result.steps, "bytes_up": nbytes(upload), "bytes_down": nbytes(download.tensors),
         "train_seconds": result.seconds, "setup_seconds": result.setup_seconds,
-        "seconds": time.perf_counter() - t0, "meta": meta,
+        "seconds": time.perf_counter() - t0, "meta": meta, "update_norm": update_norm,
     }
 
 
@@ -277,7 +285,6 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
             preds_text = generate(model, rt.tokenizer, [r["prompt"] for r in data.test], cfg.model.max_length,
                                   cfg.training.max_new_tokens, cfg.training.eval_batch_size)
             out["rougeL"] = rouge_l(preds_text, [r["response"] for r in data.test])
-            out["samples"] = [{"prediction": p} for p in preds_text[:2]]
     finally:
         detach_telemetry(model)
     if telemetry:

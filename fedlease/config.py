@@ -198,6 +198,22 @@ class OrchestrationConfig(_Strict):
     task_timeout_s: PositiveFloat = 3600.0
 
 
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy on uploads: clip each client's update, add Gaussian noise."""
+
+    enabled: bool = False
+    clip_norm: PositiveFloat = 1.0
+    noise_multiplier: PositiveFloat | None = Field(default=None, description="sigma; noise std = sigma * clip")
+    target_epsilon: PositiveFloat | None = Field(default=None, description="solve sigma for this epsilon instead")
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PrivacyConfig:
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: set exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class FaultsConfig(_Strict):
     """Fault injection for reliability tests; all off by default."""
 
@@ -230,6 +246,7 @@ class Config(_Strict):
     federation: FederationConfig = FederationConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")

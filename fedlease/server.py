@@ -176,6 +176,11 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
             "client_seconds": float(sum(r["seconds"] for r in reports)),
             "setup_seconds": float(sum(r["setup_seconds"] for r in reports)),
         }
+        if cfg.privacy.enabled and strategy.name != "warmup":
+            from fedlease.privacy import epsilon_after, noise_multiplier
+
+            record["epsilon"] = epsilon_after(cfg, round_)
+            record["noise_multiplier"] = noise_multiplier(cfg)
         if evaluate and (round_ % cfg.federation.eval_every == 0 or round_ == rounds):
             record["eval"] = evaluate_clients(cfg, strategy, state, rdir, round_, n, mapper)
         record["seconds"] = time.perf_counter() - t0
@@ -245,5 +250,6 @@ def round_line(name: str, record: dict[str, Any]) -> str:
     up = sum(record["bytes_up"].values())
     down = sum(record["bytes_down"].values())
     dropped = f" dropped {sorted(record['dropped'])}" if record["dropped"] else ""
+    dropped += f" | epsilon {record['epsilon']:.2f}" if "epsilon" in record else ""
     return (f"[{name}] round {record['round']}: {score} | loss {record['loss']:.4f} | "
             f"{record['seconds']:.1f}s | up {up / 1e6:.2f} MB down {down / 1e6:.2f} MB{dropped}")

@@ -42,6 +42,13 @@ def check_reachable(uri: str, timeout_s: float) -> None:
         raise TrackingError(f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
 
 
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Keep a SQLite store's artifacts beside its database (not in ./mlruns of whatever directory)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
 class Tracker:
     """Thin wrapper; every method is safe to call when tracking is disabled."""
 
@@ -76,7 +83,8 @@ class Tracker:
         if run_id and self._exists(run_id):
             return run_id
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            self.cfg.tracking.experiment, artifact_location=_artifact_location(self.uri, self.cfg.tracking.experiment))
         run = self.client.create_run(exp_id, run_name=f"pipeline-seed{self.cfg.seed}",
                                      tags={"fedlease.kind": "pipeline", "fedlease.output_dir": str(self.paths.root)})
         params = flatten(self.cfg)
@@ -151,6 +159,9 @@ def round_metrics(record: dict[str, Any], cumulative: dict[str, float]) -> dict[
     out: dict[str, float] = {"train_loss": record["loss"], "round_seconds": record["seconds"],
                              "clients_dropped": float(len(record["dropped"])),
                              "clients_reported": float(len(record["bytes_up"]))}
+    if "epsilon" in record:
+        out["dp_epsilon"] = record["epsilon"]
+        out["dp_noise_multiplier"] = record["noise_multiplier"]
     up = sum(record["bytes_up"].values())
     down = sum(record["bytes_down"].values())
     cumulative["up"] = cumulative.get("up", 0.0) + up

@@ -28,13 +28,15 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("dvc.yaml", "fedlease", ".dvcignore"):
+    for name in ("dvc.yaml", "fedlease", ".dvcignore", ".gitignore"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     raw = tiny_params(tmp_path, strategies=["fedlease", "fedit"])
     raw["output_dir"] = "outputs"
     # like the repo's params.yaml, the file holds every key (DVC checks each declared param exists)
     (work / "params.yaml").write_text(yaml.safe_dump(config_from_dict(raw).model_dump(mode="json")))
+    with (work / ".gitignore").open("a") as f:
+        f.write("/.dvc-site/\n")
     assert _run(["git", "init", "-q"], work).returncode == 0
     init = _run([sys.executable, "-m", "dvc", "init", "-q"], work)
     assert init.returncode == 0, init.stderr
@@ -65,3 +67,13 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     assert third.returncode == 0, third.stderr[-2000:]
     assert "Running stage 'federate'" in third.stdout
     assert "Running stage 'data'" not in third.stdout and "Running stage 'warmup'" not in third.stdout
+
+    # an experiment with a params override, listed by `dvc exp show`
+    for args in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "base"]):
+        assert _run(args, work).returncode == 0
+    exp = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "fedlease.m_max=2", "-n", "mmax2"], work)
+    assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
+    assert "Running stage 'allocate'" in exp.stdout and "Running stage 'warmup'" not in exp.stdout
+    show = _run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager"], work)
+    assert "mmax2" in show.stdout
+
