@@ -105,10 +105,18 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -58,8 +58,13 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
 
 def _runner(cfg: Config) -> Any:
     if cfg.orchestration.task_runner == "ray":
-        from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
+        try:
+            from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
+        except ImportError:
+            from fedlease.config import ConfigError
 
+            raise ConfigError("orchestration.task_runner: 'ray' needs `pip install prefect-ray` "
+                              "(not part of the default install yet)") from None
         return RayTaskRunner()
     workers = 1 if cfg.orchestration.task_runner == "sequential" else os.cpu_count() or 1
     return ThreadPoolTaskRunner(max_workers=workers)

@@ -90,3 +90,41 @@ def test_injected_failure_rate_drops_some_clients(tmp_path: Path):
     dropped = [c for r in out["history"] for c in r["dropped"]]
     assert dropped, "a 50% failure rate over 8 client-rounds dropped nobody"
     assert all("injected failure" in r["dropped"][c] for r in out["history"] for c in r["dropped"])
+
+
+def test_unwritable_output_path_is_a_clear_error(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ..conftest import REPO
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    raw = tiny_params(tmp_path)
+    raw["output_dir"] = str(blocker / "outputs")
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "data", "--params", str(params)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert str(blocker / "outputs") in res.stderr and "cannot write" in res.stderr
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch):
+    cfg, strategy, common = _setup(tmp_path)
+    run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, sequential_mapper, 4,
+               evaluate=False)
+    import fedlease.server as server
+    from fedlease.io import ArtifactError
+
+    def full_disk(*args, **kwargs):
+        raise ArtifactError("state: cannot write (No space left on device)")
+
+    monkeypatch.setattr(server, "save_tensors", full_disk)
+    with pytest.raises(ArtifactError, match="No space left"):
+        run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper, 4,
+                   evaluate=False)
+    loaded = Checkpoint(tmp_path / "run" / "checkpoint").load()
+    assert loaded is not None and loaded[1]["round"] == 1
