@@ -105,9 +105,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small budget (within ~5 minutes here)")
     ap.add_argument("--label-skew", action="store_true", help="also the task + Dirichlet(0.5) label-skew table")
     ap.add_argument("--ablations", action="store_true", help="also the paper's ablations (FedLEASE variants)")
-    ap.add_argument("--out", default=str(HERE / "results" / "quality.md"))
+    ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.out is None:
+        args.out = str(HERE / "results" / ("quality_quick.md" if args.quick else "quality.md"))
     overrides = (QUICK if args.quick else []) + args.overrides
     t0 = time.perf_counter()
     runs = run_setting(args.params, overrides, seeds, "quick" if args.quick else "task")
