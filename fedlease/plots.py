@@ -55,12 +55,12 @@ def plot_allocation(alloc: Any, tasks: list[str], folder: Path) -> None:
     fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     if n >= 2:
         z = linkage(squareform(dist, checks=False), method="average")
-        dn = dendrogram(z, ax=ax_d, labels=[f"{i}:{t}" for i, t in enumerate(tasks)], orientation="left",
-                        leaf_font_size=8)
-        order = [int(lbl.split(":")[0]) for lbl in dn["ivl"]][::-1]
+        dn = dendrogram(z, ax=ax_d, orientation="left", no_labels=True)
+        order = [int(i) for i in dn["leaves"]][::-1]  # top to bottom, matching the heat-map rows
     else:
         order = list(range(n))
     ax_d.set_title("Average-linkage dendrogram of B distances")
+    ax_d.set_xlabel("distance")
     im = ax_h.imshow(dist[np.ix_(order, order)], cmap="magma_r", vmin=0, vmax=max(1.0, float(dist.max())))
     labels = [f"{i} {tasks[i]} (E{alloc.assignment[i]})" for i in order]
     ax_h.set_xticks(range(n), labels, rotation=70, ha="right", fontsize=7)
@@ -116,7 +116,8 @@ def plot_router_usage(usage: dict[str, Any], path: Path) -> None:
     modules = list(next(iter(usage.values())))
     by_client = np.array([np.mean([usage[c][m]["expert_weight_share"] for m in modules], axis=0) for c in clients])
     by_layer = np.array([np.mean([usage[c][m]["expert_weight_share"] for c in clients], axis=0) for m in modules])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.3 * max(len(clients), len(modules)) + 1.5)))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, max(3.5, 0.3 * max(len(clients), len(modules)) + 1.5)),
+                               gridspec_kw={"wspace": 0.9})
     for ax, grid, labels, title in ((a, by_client, [f"client {c}" for c in clients], "per client"),
                                     (b, by_layer, [m.replace("bert.encoder.", "").replace("model.", "")
                                                    for m in modules], "by layer depth")):
