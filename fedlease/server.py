@@ -163,7 +163,7 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
             raise RoundFailed(f"[{strategy.name}] round {round_}: only {len(updates)} of {len(sampled)} sampled "
                               f"clients reported (need {needed}); dropped: {dropped}")
         shape_ref = _shape_reference(updates)
-        bad = [u for u in updates if {k: tuple(v.shape) for k, v in u.tensors.items()} != shape_ref[u.meta.get("expert", u.meta.get("cluster", 0))]]
+        bad = [u for u in updates if _signature(u) != shape_ref[_group_of(u)]]
         for u in bad:
             dropped[u.client_id] = "update shapes differ from the other clients'"
         updates = [u for u in updates if u not in bad]
@@ -196,16 +196,21 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
     return {"history": history, "state": state}
 
 
+def _group_of(update: Update) -> Any:
+    """Updates of one expert (FedLEASE) or cluster (IFCA) must share shapes; others form one group."""
+    return update.meta.get("expert", update.meta.get("cluster", 0))
+
+
+def _signature(update: Update) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in update.tensors.items()}
+
+
 def _shape_reference(updates: list[Update]) -> dict[Any, dict[str, tuple[int, ...]]]:
-    """Majority shape signature per expert/cluster group (a client with other shapes is dropped)."""
+    """Majority shape signature per group (a client whose upload has other shapes is dropped)."""
     groups: dict[Any, list[dict[str, tuple[int, ...]]]] = {}
     for u in updates:
-        groups.setdefault(u.meta.get("expert", u.meta.get("cluster", 0)), []).append(
-            {k: tuple(v.shape) for k, v in u.tensors.items()})
-    ref = {}
-    for key, sigs in groups.items():
-        ref[key] = max(sigs, key=lambda s: sum(s == t for t in sigs))
-    return ref
+        groups.setdefault(_group_of(u), []).append(_signature(u))
+    return {key: max(sigs, key=sigs.count) for key, sigs in groups.items()}
 
 
 def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: Path, round_: int, n: int,

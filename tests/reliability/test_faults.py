@@ -32,7 +32,13 @@ def _setup(tmp_path: Path, **faults):
 
 
 def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: Path):
-    cfg, strategy, common = _setup(tmp_path)
+    raw = tiny_params(tmp_path, strategies=["fedit"])
+    raw["data"]["partition"]["clients_per_task"] = 3  # 6 clients: 0, 3, 5 survive
+    raw["orchestration"] = {"retries": 1, "retry_delay_s": 0}
+    cfg = config_from_dict(raw)
+    run_data_stage(cfg)
+    strategy = make_strategy("fedit", cfg, 6)
+    common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
     seen: dict[int, dict[str, torch.Tensor]] = {}
     calls_per_client: dict[int, int] = {}
 
@@ -43,24 +49,26 @@ def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: P
             if cid == 1:
                 raise RuntimeError("disk on fire")
             res = fn(**call)
-            if cid == 2:  # a poisoned update
-                t = load_tensors(res["upload"])
-                t[sorted(t)[0]] = torch.full_like(t[sorted(t)[0]], float("nan"))
+            if cid in (2, 4):  # a poisoned update; a wrong-shaped one
                 from fedlease.io import save_tensors
 
+                t = load_tensors(res["upload"])
+                key = sorted(t)[0]
+                t[key] = torch.full_like(t[key], float("nan")) if cid == 2 else torch.zeros(t[key].shape[0] + 1,
+                                                                                            *t[key].shape[1:])
                 save_tensors(res["upload"], t)
             seen[cid] = load_tensors(res["upload"])
             return res
 
         return sequential_mapper(wrapped, calls, label)
 
-    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, faulty, 4,
+    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, faulty, 6,
                      evaluate=False)
     rec = out["history"][0]
-    assert set(rec["dropped"]) == {"1", "2"}
-    assert "disk on fire" in rec["dropped"]["1"] and "NaN" in rec["dropped"]["2"]
+    assert set(rec["dropped"]) == {"1", "2", "4"}
+    assert "disk on fire" in rec["dropped"]["1"] and "NaN" in rec["dropped"]["2"] and "shapes" in rec["dropped"]["4"]
     assert calls_per_client[1] == 2, "a failing client is retried before it is dropped"
-    expected = weighted_mean([select(seen[0], "lora."), select(seen[3], "lora.")], [16.0, 16.0])
+    expected = weighted_mean([select(seen[c], "lora.") for c in (0, 3, 5)], [16.0, 16.0, 16.0])
     for key, value in expected.items():
         assert torch.allclose(out["state"].tensors[key], value)
 
