@@ -39,14 +39,16 @@ def _num_clients(cfg: Config) -> int:
 
 
 def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[str]:
-    """Every client trains one LoRA from the common init; adapters land in <output>/warmup/."""
+    """Every client (sampled or not in later rounds) trains one LoRA from the common init; adapters
+    land in <output>/warmup/."""
     paths = RunPaths.of(cfg)
     tracker = Tracker(cfg)
     n = _num_clients(cfg)
     strategy = make_strategy("warmup", cfg, n)
     common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
-    result = run_rounds(cfg, strategy, lambda: strategy.init_state(common), paths.warmup / "run", 1, mapper, n,
-                        evaluate=False, inputs=[paths.manifest])
+    every_client = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"clients_per_round": 1.0})})
+    result = run_rounds(every_client, strategy, lambda: strategy.init_state(common), paths.warmup / "run", 1, mapper,
+                        n, evaluate=False, inputs=[paths.manifest])
     state = result["state"]
     missing = [c for c in range(n) if not any(k.startswith(f"client{c}.") for k in state.tensors)]
     if missing:

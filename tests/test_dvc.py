@@ -53,6 +53,10 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
 
     metrics = _run([sys.executable, "-m", "dvc", "metrics", "show"], work)
     assert metrics.returncode == 0 and "methods.fedlease.mean" in metrics.stdout
+    plots = _run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots_html")], work)
+    assert plots.returncode == 0, plots.stderr
+    html = (tmp_path / "plots_html" / "index.html").read_text()
+    assert "score_per_round" in html and "silhouette" in html
     push = _run([sys.executable, "-m", "dvc", "push"], work)
     assert push.returncode == 0, push.stderr
     shutil.rmtree(work / "outputs" / "data")

@@ -50,3 +50,21 @@ def test_nlg_profile_is_valid():
     cfg = load_config(REPO / "params_nlg.yaml")
     assert cfg.data.kind == "generation" and cfg.num_clients == 8
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_packaged_decoder_generates_and_rouge_is_sane(tmp_path: Path):
+    """The real SmolLM2-135M-Instruct (converted from the wheel's GGUF once, cached under .cache)."""
+    from fedlease.config import ModelConfig
+    from fedlease.engine.evaluate import generate, rouge_l
+    from fedlease.models.base import load_base_model
+
+    loaded = load_base_model(ModelConfig(name="packaged:smollm2-135m", max_length=64), "generation",
+                             REPO / ".cache")
+    prompts = ["Repeat exactly this sentence: the cat sat on the mat.",
+               "What is the capital of France? Answer in one word."]
+    outs = generate(loaded.model, loaded.tokenizer, prompts, max_length=64, max_new_tokens=16, batch_size=2)
+    assert len(outs) == 2 and all(isinstance(o, str) and o for o in outs)
+    assert rouge_l(outs[:1], ["the cat sat on the mat."]) > 0.5, outs
+    assert "paris" in outs[1].lower(), outs
+    assert rouge_l(["completely unrelated words"], ["the cat sat on the mat"]) == 0.0
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == 1.0

@@ -107,3 +107,18 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     cmap = read_json(RunPaths.of(cfg).cluster_map)
     assert len(cmap["assignment"]) == 4, "joining must not re-cluster"
     assert join_client(cfg, str(newcomer), "sentiment")["client_id"] == 5
+
+
+def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):
+    from fedlease.server import sample_clients
+
+    raw = tiny_params(tmp_path, strategies=["fedlease"])
+    raw["federation"]["clients_per_round"] = 0.5
+    raw["federation"]["rounds"] = 3
+    cfg = config_from_dict(raw)
+    run_all(cfg)
+    assert len(list(RunPaths.of(cfg).warmup.glob("client_*.safetensors"))) == 4
+    hist = read_json(RunPaths.of(cfg).strategy_dir("fedlease") / "result.json")["history"]
+    assert [h["sampled"] for h in hist] == [sample_clients(cfg, r, 4) for r in (1, 2, 3)]
+    assert all(len(h["sampled"]) == 2 for h in hist)
+    assert len({tuple(h["sampled"]) for h in hist}) > 1, "sampling should vary across rounds"
