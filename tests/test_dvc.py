@@ -78,6 +78,6 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     exp = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "fedlease.m_max=2", "-n", "mmax2"], work)
     assert exp.returncode == 0, exp.stdout[-2000:] + exp.stderr[-2000:]
     assert "Running stage 'allocate'" in exp.stdout and "Running stage 'warmup'" not in exp.stdout
-    show = _run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager"], work)
+    show = _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], work)
     assert "mmax2" in show.stdout
 
