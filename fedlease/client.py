@@ -156,6 +156,7 @@ def local_dir(cfg: Config, strategy: str, client_id: int) -> Path:
 
 
 def latest_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Path | None:
+    """The client's newest local state of this method up to round `up_to`, else the inherited one."""
     names = [strategy.name] + ([getattr(strategy, "inherit_local_from")] if hasattr(strategy, "inherit_local_from")
                                else [])
     for name in names:
