@@ -214,16 +214,14 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     meta = strategy.upload_meta(download)
     seed = client_seed(cfg.seed, client_id, round_, strategy.name)
     if hasattr(strategy, "candidates"):
-        meta["cluster"] = _pick_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
-        set_state(model, strategy.candidates(download)[meta["cluster"]], rt.head_module())
+        meta["cluster"] = _adopt_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
     params = set_trainable(model, strategy.train_groups, rt.head_module())
-    start = get_state(model, rt.head_module(), _expand(strategy.upload_groups)) if cfg.privacy.enabled else {}
+    start = get_state(model, rt.head_module(), strategy.upload_groups) if cfg.privacy.enabled else {}
     torch.manual_seed(seed)
     batches = iterate_batches(rt.tokenizer, data.train, cfg.data.kind, cfg.training.batch_size,
                               cfg.model.max_length, strategy.local_epochs(round_), seed)
     result = rt.engine.train(model, params, batches, cfg.data.kind)
-    upload = get_state(model, rt.head_module(), _expand(strategy.upload_groups))
-    upload = {k: v for k, v in upload.items() if _group(k) in _expand(strategy.upload_groups)}
+    upload = get_state(model, rt.head_module(), strategy.upload_groups)
     update_norm = None
     if cfg.privacy.enabled and upload and strategy.name != "warmup":
         from fedlease.privacy import clip_and_noise, noise_multiplier
@@ -235,8 +233,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         key = sorted(upload)[0]
         upload[key] = torch.full_like(upload[key], float("nan"))
     save_tensors(upload_path, upload, {"meta": json.dumps(meta)})
-    local = get_state(model, rt.head_module(), _expand(strategy.local_groups))
-    local = {k: v for k, v in local.items() if _group(k) in _expand(strategy.local_groups)}
+    local = get_state(model, rt.head_module(), strategy.local_groups)
     save_tensors(local_dir(cfg, strategy.name, client_id) / f"round_{round_:04d}.safetensors", local)
     return {
         "client_id": client_id, "upload": upload_path, "num_examples": len(data.train), "loss": result.loss,
@@ -247,9 +244,10 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
 
 
 @torch.no_grad()
-def _pick_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Tensors], records: list[dict[str, Any]],
+def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Tensors], records: list[dict[str, Any]],
                       seed: int) -> int:
-    """IFCA's choice: the candidate LoRA with the lowest loss on (a seeded slice of) the training data."""
+    """IFCA's choice: load the candidate LoRA with the lowest loss on (a seeded slice of) the training
+    data into the model; return its index."""
     losses = []
     batch = next(iterate_batches(rt.tokenizer, records, rt.cfg.data.kind, rt.cfg.training.eval_batch_size,
                                  rt.cfg.model.max_length, 1, seed))
@@ -257,7 +255,9 @@ def _pick_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Tens
         set_state(model, cand, rt.head_module())
         losses.append(float(compute_loss(model, {k: v.to(device()) for k, v in batch.tensors.items()},
                                          rt.cfg.data.kind)))
-    return int(min(range(len(losses)), key=losses.__getitem__))
+    best = int(min(range(len(losses)), key=losses.__getitem__))
+    set_state(model, candidates[best], rt.head_module())
+    return best
 
 
 def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int, download_path: str,
@@ -270,8 +270,7 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
     model = _load_client_model(rt, strategy, client_id, round_, len(data.label_names), download, round_)
     if hasattr(strategy, "candidates"):
         seed = client_seed(cfg.seed, client_id, round_, strategy.name)
-        choice = _pick_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
-        set_state(model, strategy.candidates(download)[choice], rt.head_module())
+        _adopt_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
     telemetry = attach_telemetry(model)
     out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
     try:

@@ -275,10 +275,8 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
     from fedlease.report import results_table
 
     paths = RunPaths.of(cfg)
-    methods = {}
-    for name in cfg.strategies:
-        res = read_json(paths.strategy_dir(name) / "result.json")
-        methods[name] = summarise_method(res)
+    results = {name: read_json(paths.strategy_dir(name) / "result.json") for name in cfg.strategies}
+    methods = {name: summarise_method(res) for name, res in results.items()}
     alloc = read_json(paths.cluster_map) if paths.cluster_map.exists() else None
     metrics = {"methods": methods}
     if alloc is not None:
@@ -286,17 +284,15 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
                                  "silhouette": alloc["silhouette"]}
     atomic_write_json(paths.metrics, metrics)
     curves = []
-    for name in cfg.strategies:
-        res = read_json(paths.strategy_dir(name) / "result.json")
+    for name, res in results.items():
         for rec in res["history"]:
             if "eval" in rec:
                 curves.append({"method": name, "round": rec["round"], "score": rec["eval"]["mean"]})
     atomic_write_json(paths.plots / "score_per_round.json", curves)
     plot_accuracy_rounds(curves, paths.plots / "score_per_round.png")
-    plot_communication({n: read_json(paths.strategy_dir(n) / "result.json")["history"] for n in cfg.strategies},
-                       paths.plots / "communication.png")
-    if "fedlease" in cfg.strategies:
-        history = read_json(paths.strategy_dir("fedlease") / "result.json")["history"]
+    plot_communication({n: res["history"] for n, res in results.items()}, paths.plots / "communication.png")
+    if "fedlease" in results:
+        history = results["fedlease"]["history"]
         last = next(r["eval"] for r in reversed(history) if "eval" in r)
         usage = {cid: c["router"] for cid, c in last["clients"].items() if "router" in c}
         plot_router_usage(usage, paths.plots / "router_usage.png")
