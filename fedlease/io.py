@@ -81,7 +81,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # clone: states built from one init (IFCA clusters, FedLEASE routers) share storage, which safetensors refuses
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         with contextlib.suppress(OSError):

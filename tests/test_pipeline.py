@@ -122,3 +122,15 @@ def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):
     assert [h["sampled"] for h in hist] == [sample_clients(cfg, r, 4) for r in (1, 2, 3)]
     assert all(len(h["sampled"]) == 2 for h in hist)
     assert len({tuple(h["sampled"]) for h in hist}) > 1, "sampling should vary across rounds"
+
+
+def test_every_baseline_runs_end_to_end(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["ifca", "ffa_lora", "fedsa_lora", "local"]))
+    metrics = run_all(cfg)
+    for name in ("ifca", "ffa_lora", "fedsa_lora", "local"):
+        hist = read_json(RunPaths.of(cfg).strategy_dir(name) / "result.json")["history"]
+        assert all(not h["dropped"] for h in hist), (name, hist[-1]["dropped"])
+        assert 0.0 <= metrics["methods"][name]["mean"] <= 1.0
+    ifca = read_json(RunPaths.of(cfg).strategy_dir("ifca") / "result.json")["history"]
+    assert all(ifca[-1]["bytes_down"][c] == 4 * ifca[-1]["bytes_up"][c] for c in ifca[-1]["bytes_up"]), \
+        "IFCA downloads its 4 cluster LoRAs and uploads one"

@@ -35,6 +35,9 @@ class IFCA(Strategy):
     def download(self, state: ServerState, client_id: int) -> Download:
         return Download(state.tensors, {"clusters": self.k})
 
+    def client_state(self, download: Download) -> Tensors:
+        return {}  # the client loads the candidate it picks (fedlease.client._adopt_lowest_loss)
+
     def candidates(self, download: Download) -> list[Tensors]:
         return [unprefixed(download.tensors, f"cluster{c}.") for c in range(self.k)]
 
