@@ -58,7 +58,7 @@ def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
 @dataclass
 class _Built:
     model: PeftModel
-    common: Tensors  # the seeded common init of lora (+ router, zero foreign) for this structure
+    common: Tensors  # the seeded common init of lora (+ router, zero foreign, FedDPA's local LoRA)
 
 
 class ClientRuntime:
@@ -85,8 +85,9 @@ class ClientRuntime:
             self.tokenizer = loaded.tokenizer
             lora = self.cfg.lora.model_copy(update={"r": spec.r})
             router = self.cfg.fedlease.router.model_copy(update={"top_k": spec.top_k})
-            model = wrap_lora(loaded.model, lora, spec.num_experts, router, seed=self.cfg.seed).to(device())
-            common = get_state(model, None, ("lora", "router", "foreign"))
+            model = wrap_lora(loaded.model, lora, spec.num_experts, router, seed=self.cfg.seed,
+                              dual=spec.dual).to(device())
+            common = get_state(model, None, ("lora", "router", "foreign", "dual"))
             common = {k: (torch.zeros_like(v) if k.startswith("foreign.") else v) for k, v in common.items()}
             self._models[spec] = _Built(model, common)
         return self._models[spec]

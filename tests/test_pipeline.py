@@ -125,12 +125,22 @@ def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):
 
 
 def test_every_baseline_runs_end_to_end(tmp_path: Path):
-    cfg = config_from_dict(tiny_params(tmp_path, strategies=["ifca", "ffa_lora", "fedsa_lora", "local"]))
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["ifca", "ffa_lora", "fedsa_lora", "feddpa", "local"]))
     metrics = run_all(cfg)
-    for name in ("ifca", "ffa_lora", "fedsa_lora", "local"):
+    for name in ("ifca", "ffa_lora", "fedsa_lora", "feddpa", "local"):
         hist = read_json(RunPaths.of(cfg).strategy_dir(name) / "result.json")["history"]
         assert all(not h["dropped"] for h in hist), (name, hist[-1]["dropped"])
         assert 0.0 <= metrics["methods"][name]["mean"] <= 1.0
     ifca = read_json(RunPaths.of(cfg).strategy_dir("ifca") / "result.json")["history"]
     assert all(ifca[-1]["bytes_down"][c] == 4 * ifca[-1]["bytes_up"][c] for c in ifca[-1]["bytes_up"]), \
         "IFCA downloads its 4 cluster LoRAs and uploads one"
+    from fedlease.client import local_dir
+    from fedlease.io import load_tensors
+
+    dpa_local = load_tensors(local_dir(cfg, "feddpa", 0) / f"round_{cfg.federation.rounds:04d}.safetensors")
+    counts = [v for k, v in dpa_local.items() if k.startswith("dual.") and k.endswith(".count")]
+    assert counts and all(float(c) > 0 for c in counts), "FedDPA keeps its local LoRA and centroid on the client"
+    dpa = read_json(RunPaths.of(cfg).strategy_dir("feddpa") / "result.json")["history"]
+    assert not any(k.startswith("dual.") for k in load_tensors(RunPaths.of(cfg).strategy_dir("feddpa")
+                                                               / "final" / "server_state.safetensors")), "never uploaded"
+    assert dpa[-1]["bytes_up"] == dpa[-1]["bytes_down"], "FedDPA exchanges only the global LoRA"

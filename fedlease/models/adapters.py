@@ -5,6 +5,7 @@ module prefixes:
   lora.<module>.A / lora.<module>.B      the own LoRA (= the own expert of a mixture)
   router.<module>                        the mixture's router weight (S, d_in)
   foreign.<module>.A / foreign.<module>.B  the other experts, stacked (M-1, r, d) / (M-1, d, r)
+  dual.<module>.A / .B / .centroid / .count  FedDPA's local LoRA and representation centroid
   head.weight / head.bias                the task head (kept local per client)
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 from fedlease.config import LoraConfig, RouterConfig
 from fedlease.io import ArtifactError
 from fedlease.models.base import head_linear_name
+from fedlease.models.dual import DualLoraConfig, DualLoraLinear
 from fedlease.models.moe import MixtureLoraConfig, MixtureLoraLinear, RouterTelemetry
 
 ADAPTER = "default"
@@ -28,16 +30,22 @@ _PREFIX = "base_model.model."
 
 
 def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None,
-              router: RouterConfig | None = None, seed: int = 0) -> PeftModel:
-    """Inject LoRA (num_experts=None) or a FedLEASE mixture of `num_experts` experts.
+              router: RouterConfig | None = None, seed: int = 0, dual: bool = False) -> PeftModel:
+    """Inject LoRA (num_experts=None), a FedLEASE mixture of `num_experts` experts, or FedDPA's
+    dual (global + local) adapter.
 
     Seeded, so every client and the server build the same common initialisation.
     """
     torch.manual_seed(seed)
     common = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                   target_modules=list(lora.target_modules), bias="none")
-    if num_experts is None:
-        config: PeftLoraConfig = PeftLoraConfig(**common)
+    if dual and num_experts is not None:
+        raise ValueError("a model is either a FedLEASE mixture or a FedDPA dual adapter, not both")
+    if dual:
+        config: PeftLoraConfig = DualLoraConfig(**common)
+        config._register_custom_module({nn.Linear: DualLoraLinear})
+    elif num_experts is None:
+        config = PeftLoraConfig(**common)
     else:
         router = router or RouterConfig()
         config = MixtureLoraConfig(**common, num_experts=num_experts, renormalize=router.renormalize,
@@ -50,7 +58,20 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None
     if lora.init_std_a is not None:
         for layer in lora_layers(wrapped).values():
             nn.init.normal_(layer.lora_A[ADAPTER].weight, std=lora.init_std_a)
+    if dual:
+        _capture_dual_mask(wrapped)
     return wrapped
+
+
+def _capture_dual_mask(model: nn.Module) -> None:
+    """Give every dual layer the batch's attention mask, so padding stays out of its instance weight."""
+    layers = [m for m in lora_layers(model).values() if isinstance(m, DualLoraLinear)]
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for layer in layers:
+            layer.dpa_mask = kwargs.get("attention_mask")
+
+    model.register_forward_pre_hook(capture, with_kwargs=True)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -80,6 +101,11 @@ def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable
         if "foreign" in groups and isinstance(layer, MixtureLoraLinear):
             out[f"foreign.{name}.A"] = layer.moe_foreign_A
             out[f"foreign.{name}.B"] = layer.moe_foreign_B
+        if "dual" in groups and isinstance(layer, DualLoraLinear):
+            out[f"dual.{name}.A"] = layer.lora_local_A[ADAPTER].weight
+            out[f"dual.{name}.B"] = layer.lora_local_B[ADAPTER].weight
+            out[f"dual.{name}.centroid"] = layer.dpa_centroid
+            out[f"dual.{name}.count"] = layer.dpa_count
     if "head" in groups and head_module is not None:
         head = _head(model, head_module)
         out["head.weight"] = head.weight
@@ -101,12 +127,17 @@ def _target(model: nn.Module, key: str, head_module: str | None) -> torch.Tensor
         if head_module is None:
             raise ArtifactError(f"state key {key}: this model has no task head")
         return getattr(_head(model, head_module), rest)
-    name, _, part = rest.rpartition(".") if kind in ("lora", "foreign") else (rest, "", "")
+    name, _, part = rest.rpartition(".") if kind in ("lora", "foreign", "dual") else (rest, "", "")
     layer = lora_layers(model).get(name)
     if layer is None:
         raise ArtifactError(f"state key {key}: no adapted module {name!r} in the model")
     if kind == "lora":
         return (layer.lora_A if part == "A" else layer.lora_B)[ADAPTER].weight
+    if kind == "dual":
+        if not isinstance(layer, DualLoraLinear):
+            raise ArtifactError(f"state key {key}: the model has no dual adapter at {name!r}")
+        return {"A": layer.lora_local_A[ADAPTER].weight, "B": layer.lora_local_B[ADAPTER].weight,
+                "centroid": layer.dpa_centroid, "count": layer.dpa_count}[part]
     if not isinstance(layer, MixtureLoraLinear):
         raise ArtifactError(f"state key {key}: the model has no mixture at {name!r}")
     if kind == "router":
@@ -141,6 +172,8 @@ def set_trainable(model: nn.Module, groups: Iterable[str], head_module: str | No
             params.append(layer.lora_B[ADAPTER].weight)
         if "router" in groups and isinstance(layer, MixtureLoraLinear):
             params.append(layer.lora_router[ADAPTER].weight)
+        if "dual" in groups and isinstance(layer, DualLoraLinear):
+            params += [layer.lora_local_A[ADAPTER].weight, layer.lora_local_B[ADAPTER].weight]
     if "head" in groups and head_module is not None:
         params += list(_head(model, head_module).parameters())
     for p in params:

@@ -7,6 +7,7 @@ from fedlease.strategies.base import Strategy
 
 
 def make_strategy(name: str, cfg: Config, num_clients: int) -> Strategy:
+    from fedlease.strategies.feddpa import FedDPA
     from fedlease.strategies.fedit import FedIT
     from fedlease.strategies.fedlease import FedLEASE, Warmup
     from fedlease.strategies.fedsa_lora import FedSALoRA
@@ -16,7 +17,7 @@ def make_strategy(name: str, cfg: Config, num_clients: int) -> Strategy:
 
     registry: dict[str, type[Strategy]] = {
         "fedlease": FedLEASE, "warmup": Warmup, "fedit": FedIT, "ffa_lora": FFALoRA,
-        "fedsa_lora": FedSALoRA, "ifca": IFCA, "local": LocalOnly,
+        "fedsa_lora": FedSALoRA, "ifca": IFCA, "local": LocalOnly, "feddpa": FedDPA,
     }
     if name not in registry:
         raise ValueError(f"strategies: unknown method {name!r} (known: {sorted(registry)})")

@@ -24,11 +24,12 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Structure of the client model: a single LoRA (num_experts None) or a mixture."""
+    """Structure of the client model: a single LoRA (num_experts None), a mixture, or FedDPA's dual adapter."""
 
     r: int
     num_experts: int | None = None
     top_k: int | None = None
+    dual: bool = False
 
 
 @dataclass
