@@ -191,8 +191,26 @@ class TrackingConfig(_Strict):
         return value
 
 
+class RayConfig(_Strict):
+    """Where client tasks run with `task_runner: ray`, and what each one reserves."""
+
+    address: str | None = Field(
+        default=None,
+        description="null: start a local Ray instance; 'auto': join the cluster started on this machine; "
+                    "'ray://host:10001' or 'host:6379': a remote cluster",
+    )
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    client_resources: dict[NonNegInt, dict[str, PositiveFloat]] = Field(
+        default_factory=dict,
+        description="extra Ray resources per client id, e.g. {3: {silo_acme: 0.01}}: a client's tasks then run "
+                    "only on nodes of its own organisation (started with `ray start --resources`)",
+    )
+
+
 class OrchestrationConfig(_Strict):
     task_runner: Literal["sequential", "threads", "ray"] = "sequential"
+    ray: RayConfig = RayConfig()
     retries: NonNegInt = 1
     retry_delay_s: Annotated[float, Field(ge=0)] = 1.0
     task_timeout_s: PositiveFloat = 3600.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -44,7 +45,8 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
             t = client_task.with_options(name=f"{label.split('-r')[0]}-{fn.__name__}", task_run_name=name,
                                          retries=orch.retries, retry_delay_seconds=orch.retry_delay_s,
                                          timeout_seconds=timeout)
-            futures.append(t.submit(fn, call))
+            with _client_resources(cfg, call["client_id"]):
+                futures.append(t.submit(fn, call))
         out: list[dict[str, Any] | BaseException] = []
         for fut in futures:
             try:
@@ -56,16 +58,27 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
     return run
 
 
+def _client_resources(cfg: Config, client_id: int) -> AbstractContextManager[Any]:
+    """A client task's Ray resources (num_cpus, num_gpus, its silo's custom resources) from params;
+    nothing for the local runners."""
+    if cfg.orchestration.task_runner != "ray":
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    ray_cfg = cfg.orchestration.ray
+    extra = ray_cfg.client_resources.get(client_id)
+    return remote_options(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
+                          **({"resources": dict(extra)} if extra else {}))
+
+
 def _runner(cfg: Config) -> Any:
     if cfg.orchestration.task_runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
-        except ImportError:
-            from fedlease.config import ConfigError
+        from prefect_ray import RayTaskRunner
 
-            raise ConfigError("orchestration.task_runner: 'ray' needs `pip install prefect-ray` "
-                              "(not part of the default install yet)") from None
-        return RayTaskRunner()
+        address = cfg.orchestration.ray.address
+        if address == "auto":  # join the running cluster, never silently start a private one
+            return RayTaskRunner(init_kwargs={"address": "auto"})
+        return RayTaskRunner(address=address)
     workers = 1 if cfg.orchestration.task_runner == "sequential" else os.cpu_count() or 1
     return ThreadPoolTaskRunner(max_workers=workers)
 

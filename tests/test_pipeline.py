@@ -64,7 +64,7 @@ def test_finished_run_is_a_noop_and_params_change_restarts(tmp_path: Path):
 
 def test_kill_and_resume_gives_identical_metrics(tmp_path: Path):
     raw = tiny_params(tmp_path / "killed", strategies=["fedlease"])
-    raw["federation"]["rounds"] = 4
+    raw["federation"].update(rounds=4, clients_per_round=2)  # sampled rounds: the resume must replay the choices
     params = tmp_path / "killed.yaml"
     params.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -85,11 +85,14 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path):
     assert "resuming after round 2" in res.stderr
     resumed = json.loads((Path(raw["output_dir"]) / "metrics.json").read_text())
     clean_raw = tiny_params(tmp_path / "clean", strategies=["fedlease"])
-    clean_raw["federation"]["rounds"] = 4
+    clean_raw["federation"].update(rounds=4, clients_per_round=2)
     clean = run_all(config_from_dict(clean_raw))
     assert _final(resumed) == _final(clean)
     hist = read_json(Path(raw["output_dir"]) / "federate" / "fedlease" / "result.json")["history"]
     assert [h["round"] for h in hist] == [1, 2, 3, 4]
+    clean_hist = read_json(Path(clean_raw["output_dir"]) / "federate" / "fedlease" / "result.json")["history"]
+    assert [h["sampled"] for h in hist] == [h["sampled"] for h in clean_hist]
+    assert len({tuple(h["sampled"]) for h in hist}) > 1, "the rounds sampled different clients"
 
 
 def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path):

@@ -1,0 +1,46 @@
+"""The cluster definitions in infra/ are real: Ray's own schema accepts the cluster launcher YAML,
+and Prefect registers the work-pool deployment from infra/prefect/ on a temporary server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ray_cluster_yaml_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "infra" / "ray" / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # fills Ray's defaults, then raises on any schema error
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1, "the cluster has GPU workers"
+
+
+@pytest.mark.slow
+def test_work_pool_and_deployment_register_on_a_prefect_server(tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with prefect_test_harness(server_startup_timeout=120):
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "FEDLEASE_HOME": str(REPO),
+               "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+        for cmd in ([prefect, "work-pool", "create", "fedlease", "--type", "process",
+                     "--base-job-template", str(REPO / "infra" / "prefect" / "work-pool.json")],
+                    [prefect, "--no-prompt", "deploy", "--prefect-file", str(REPO / "infra" / "prefect" / "prefect.yaml"),
+                     "--all"]):
+            res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("fedlease/full")
+    assert dep.work_pool_name == "fedlease"
+    assert "orchestration.task_runner=ray" in dep.parameters["overrides"]
