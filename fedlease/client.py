@@ -207,6 +207,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     faults = _fault_draws(cfg, client_id, round_, strategy_name)
     if faults["fail"]:
         raise InjectedFault(f"client {client_id} round {round_}: injected failure (faults.client_failure_rate)")
+    if client_id in cfg.faults.hang_client_ids:
+        time.sleep(cfg.faults.hang_seconds)  # a stuck client: only a task timeout gets the round going
     rt = runtime_for(cfg)
     strategy = strategy_for(cfg, strategy_name, num_clients)
     data = load_client(cfg, client_id)

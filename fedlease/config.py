@@ -238,6 +238,8 @@ class FaultsConfig(_Strict):
     client_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     nan_update_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     crash_after_round: PositiveInt | None = Field(default=None, description="SIGKILL the run after this round")
+    hang_client_ids: list[NonNegInt] = Field(default_factory=list, description="these clients hang when training")
+    hang_seconds: PositiveFloat = 3600.0
 
 
 Strategy = Literal[

@@ -27,7 +27,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """Start a Ray head bound to 127.0.0.1 (its own temp dir) and stop exactly that head afterwards."""
     port = _free_port()
@@ -92,3 +92,26 @@ def test_ray_runner_matches_the_local_runner(tmp_path: Path, ray_head: str):
         assert on_ray["allocation"][key] == local["allocation"][key], key
     # Ray gives each worker one thread (num_cpus = 1): sums reduce in another order, so floats agree to ~1e-8
     assert on_ray["allocation"]["silhouette"] == pytest.approx(local["allocation"]["silhouette"], rel=1e-6)
+
+
+def test_a_hanging_client_times_out_on_ray_and_is_dropped(tmp_path: Path, ray_head: str):
+    """Ray runs each client task in its own worker process, so a task timeout really interrupts it."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from fedlease.io import read_json
+    from flows.fedlease_flow import fedlease_flow
+
+    raw = tiny_params(tmp_path, strategies=["fedit"])
+    raw["federation"]["rounds"] = 1
+    raw["faults"] = {"hang_client_ids": [1], "hang_seconds": 600}
+    raw["orchestration"] = {"task_runner": "ray", "task_timeout_s": 10, "retries": 1, "retry_delay_s": 0,
+                            "ray": {"address": ray_head}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    t0 = time.time()
+    with prefect_test_harness(server_startup_timeout=120):
+        fedlease_flow(str(params))
+    assert time.time() - t0 < 300, "the hang did not block the round"
+    record = read_json(tmp_path / "outputs" / "federate" / "fedit" / "result.json")["history"][0]
+    assert list(record["dropped"]) == ["1"] and "Timeout" in record["dropped"]["1"], record["dropped"]
+    assert sorted(record["bytes_up"]) == ["0", "2", "3"], "the round aggregated the other clients"
