@@ -6,7 +6,10 @@ per client per round, trainable parameters, wall time, the paper's GLUE table be
 ends with `ari: <v>` and `fedlease_margin: <points over the best baseline>`.
 
     python benchmarks/quality.py [--params FILE] [--set key.path=value ...] [--seeds 0,1,2] [--quick]
-                                 [--label-skew] [--out benchmarks/results/quality.md]
+                                 [--label-skew] [--ablations] [--dp] [--out benchmarks/results/quality.md]
+    python benchmarks/quality.py --nlg [--quick] [--seeds 0]    # the NLG table (ROUGE-L), its own section
+
+The NLG run and the classification run each replace only their own section of the output file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ QUICK = ["data.partition.clients_per_task=2", "data.partition.train_per_client=4
          "data.partition.test_per_client=32", "federation.rounds=2", "fedlease.warmup_epochs=3",
          "training.local_epochs=1", "strategies=[fedlease,local,fedit,fedsa_lora]"]
 LABEL_SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.dirichlet_alpha=0.5"]
+NLG_PARAMS = str(Path(__file__).resolve().parents[1] / "params_nlg.yaml")
+NLG_METHODS = ["strategies=[fedlease,fedit,fedsa_lora,ifca]"]
+NLG_QUICK = ["data.partition.train_per_client=16", "data.partition.test_per_client=8", "federation.rounds=1",
+             "fedlease.warmup_epochs=1", "training.max_new_tokens=16"]
+NLG_HEADING = "## NLG: federated instruction tuning"
 
 PAPER = """| method (paper: RoBERTa-Large, GLUE, 16 clients) | SST-2 | QNLI | MRPC | QQP | avg |
 |---|---|---|---|---|---|
@@ -90,6 +98,8 @@ def _ms(values: list[float]) -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
+    """Method x task score (accuracy or ROUGE-L, in %), average, bytes, parameters, wall time;
+    FedLEASE's cluster quality and its margin over the best baseline."""
     methods = list(runs[0]["methods"])
     tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
     head = ["method", *tasks, "avg", "MB up/client/round", "MB down/client/round", "trainable params", "wall s"]
@@ -113,20 +123,58 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     return "\n".join(lines), ari, margin
 
 
+def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]:
+    """The NLG table: FedLEASE, FedIT, FedSA-LoRA, IFCA on the NLG profile, ROUGE-L per task."""
+    params = args.params or NLG_PARAMS
+    overrides = NLG_METHODS + (NLG_QUICK if args.quick else []) + args.overrides
+    t0 = time.perf_counter()
+    runs = run_setting(params, overrides, seeds, "nlg-quick" if args.quick else "nlg")
+    body, _, margin = table(runs)
+    cfg = load_config(params, overrides)
+    text = "\n".join([
+        f"{NLG_HEADING} ({'quick' if args.quick else 'full'})", "",
+        f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`; seeds {seeds}; {cfg.model.name}, "
+        f"{cfg.num_clients} clients ({cfg.data.partition.clients_per_task} per task, "
+        f"{cfg.data.partition.train_per_client} train / {cfg.data.partition.test_per_client} test each), "
+        f"{cfg.federation.rounds} rounds x {cfg.training.local_epochs} local epochs, warm-up "
+        f"{cfg.fedlease.warmup_epochs}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, greedy "
+        f"decoding of at most {cfg.training.max_new_tokens} tokens. Scores are ROUGE-L F1 x 100 on each client's "
+        "held-out examples.", "", body, "", f"NLG benchmark time: {time.perf_counter() - t0:.0f} s.", ""])
+    return text, margin
+
+
+def upsert_section(path: Path, heading: str, text: str) -> str:
+    """Replace the section that starts with `heading` (up to the next '## ' heading) or append it."""
+    old = path.read_text() if path.exists() else ""
+    start = old.find(heading)
+    if start < 0:
+        return old.rstrip("\n") + ("\n\n" if old else "") + text
+    end = old.find("\n## ", start + len(heading))
+    return old[:start] + text + (old[end + 1:] if end >= 0 else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default=str(HERE / "params_quality.yaml"))
+    ap.add_argument("--params", default=None, help="default: params_quality.yaml (params_nlg.yaml with --nlg)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--quick", action="store_true", help="small budget (within ~5 minutes here)")
     ap.add_argument("--label-skew", action="store_true", help="also the task + Dirichlet(0.5) label-skew table")
     ap.add_argument("--ablations", action="store_true", help="also the paper's ablations (FedLEASE variants)")
     ap.add_argument("--dp", action="store_true", help="also FedLEASE at epsilon = 1, 4, 8 (client-level DP)")
+    ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
     ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.out is None:
         args.out = str(HERE / "results" / ("quality_quick.md" if args.quick else "quality.md"))
+    if args.nlg:
+        text, margin = nlg_section(args, seeds)
+        atomic_write_text(args.out, upsert_section(Path(args.out), NLG_HEADING, text))
+        print(text)
+        print(f"fedlease_margin: {margin:.2f}")
+        return
+    args.params = args.params or str(HERE / "params_quality.yaml")
     overrides = (QUICK if args.quick else []) + args.overrides
     t0 = time.perf_counter()
     runs = run_setting(args.params, overrides, seeds, "quick" if args.quick else "task")
@@ -154,7 +202,9 @@ def main() -> None:
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs]), ""]
     doc += ["## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
             f"Total benchmark time: {time.perf_counter() - t0:.0f} s."]
-    atomic_write_text(args.out, "\n".join(doc) + "\n")
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""  # the NLG run's section stays
+    atomic_write_text(args.out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(doc))
     print(f"ari: {ari:.3f}")
     print(f"fedlease_margin: {margin:.2f}")

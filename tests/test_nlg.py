@@ -36,12 +36,19 @@ def test_generation_pipeline_reports_rouge_l(tmp_path: Path):
     raw["model"] = {"name": "tiny:llama", "max_length": 32}
     raw["lora"]["target_modules"] = ["q_proj", "v_proj"]
     raw["training"]["max_new_tokens"] = 4
-    metrics = run_all(config_from_dict(raw))
+    cfg = config_from_dict(raw)
+    metrics = run_all(cfg)
     for name in ("fedlease", "fedit"):
         m = metrics["methods"][name]
         assert m["metric"] == "rougeL"
         assert set(m["per_task"]) == {"qgen", "ans"}
         assert all(0.0 <= v <= 1.0 for v in m["per_task"].values())
+    # the exported NLG model answers through `fedlease predict`'s code path: generated text, not labels
+    from fedlease.paths import RunPaths
+    from fedlease.predict import predict
+
+    outs = predict(RunPaths.of(cfg).strategy_dir("fedlease") / "final", 0, ["Answer: what is 3 plus one?"])
+    assert len(outs) == 1 and isinstance(outs[0], str)
 
 
 def test_nlg_profile_is_valid():
