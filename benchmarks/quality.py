@@ -102,7 +102,8 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     FedLEASE's cluster quality and its margin over the best baseline."""
     methods = list(runs[0]["methods"])
     tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
-    head = ["method", *tasks, "avg", "MB up/client/round", "MB down/client/round", "trainable params", "wall s"]
+    head = ["method", *tasks, "avg", "MB up/client/round", "MB down/client/round", "trainable params",
+            "rounds s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     means = {}
     for name in methods:
@@ -117,6 +118,10 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     aris = [r["allocation"]["ari_vs_task"] for r in runs if "allocation" in r]
     ms = [r["allocation"]["num_experts"] for r in runs if "allocation" in r]
     ari = statistics.mean(aris) if aris else float("nan")
+    warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
+    if warm:
+        lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
+                      "its rounds; `local` trains the same extra epochs inside its round 1."]
     lines += ["", f"FedLEASE chose M = {ms} (per seed); ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best baseline ({max(baselines, key=baselines.get) if baselines else '-'}): "
               f"{margin:+.2f} points (mean over {len(runs)} seed(s))."]

@@ -190,8 +190,12 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         inputs = [paths.manifest] + ([paths.allocation / "experts.safetensors"] if name == "fedlease" else [])
         out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n,
                          inputs=inputs, on_round=lambda rec, hist, m=name: _log_round(tracker, m, rec, hist))
+        # the rounds' own seconds (kept in the checkpoint), so a resumed or finished run reports the
+        # time its rounds took, not the seconds this call happened to last
+        rounds_seconds = sum(r["seconds"] for r in out["history"])
         summary = {
-            "strategy": name, "history": out["history"], "wall_seconds": time.perf_counter() - t0,
+            "strategy": name, "history": out["history"], "wall_seconds": rounds_seconds,
+            "call_seconds": time.perf_counter() - t0,
             "trainable_params": trainable_params(cfg, strategy),
         }
         atomic_write_json(paths.strategy_dir(name) / "result.json", summary)
@@ -282,6 +286,9 @@ def stage_evaluate(cfg: Config) -> dict[str, Any]:
     if alloc is not None:
         metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
                                  "silhouette": alloc["silhouette"]}
+        if (paths.warmup / "summary.json").exists():
+            warm = read_json(paths.warmup / "summary.json")["history"]
+            metrics["allocation"]["warmup_seconds"] = float(sum(r["seconds"] for r in warm))
     atomic_write_json(paths.metrics, metrics)
     curves = []
     for name, res in results.items():
