@@ -80,8 +80,11 @@ class Allocation:
 
 
 def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", linkage: str = "average",
-                   fixed_m: int | None = None, seed: int = 0) -> Allocation:
-    """Cluster for k = 2..min(m_max, N-1) and keep the silhouette-best k (or `fixed_m`)."""
+                   fixed_m: int | None = None, seed: int = 0, tolerance: float = 0.0) -> Allocation:
+    """Cluster for k = 2..min(m_max, N-1) and keep the silhouette-best k (or `fixed_m`).
+
+    With `tolerance` > 0 the smallest k whose silhouette is within `tolerance` of the best wins
+    (fewer experts, less traffic, when the scores are a near tie); 0 is the paper's plain argmax."""
     t0 = time.perf_counter()
     n = dist.shape[0]
     if fixed_m is not None:
@@ -92,15 +95,13 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
     if n < 3:
         raise ValueError(f"silhouette needs at least 3 clients to compare k >= 2 clusters, got {n}")
     scores: dict[int, float] = {}
-    best: tuple[float, int, np.ndarray] | None = None
+    labels_of: dict[int, np.ndarray] = {}
     for k in range(2, min(m_max, n - 1) + 1):
-        labels = cluster(dist, k, method, linkage, seed)
-        score = float(silhouette_score(dist, labels, metric="precomputed"))
-        scores[k] = score
-        if best is None or score > best[0]:
-            best = (score, k, labels)
-    assert best is not None
-    return Allocation(canonical_labels(best[2]), best[1], scores, dist.tolist(), time.perf_counter() - t0, method)
+        labels_of[k] = cluster(dist, k, method, linkage, seed)
+        scores[k] = float(silhouette_score(dist, labels_of[k], metric="precomputed"))
+    top = max(scores.values())
+    k = min(k for k, score in scores.items() if score >= top - tolerance)
+    return Allocation(canonical_labels(labels_of[k]), k, scores, dist.tolist(), time.perf_counter() - t0, method)
 
 
 def weighted_mean(tensors: list[dict[str, torch.Tensor]], weights: list[float] | None = None

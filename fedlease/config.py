@@ -116,6 +116,9 @@ class ClusteringConfig(_Strict):
     method: Literal["agglomerative", "spectral"] = "agglomerative"
     linkage: Literal["average", "complete", "single"] = "average"
     fixed_m: PositiveInt | None = Field(default=None, description="Skip silhouette and use this many experts")
+    silhouette_tolerance: Annotated[float, Field(ge=0, le=2)] = Field(
+        default=0.0, description="Take the smallest k within this of the best silhouette (0: the paper's argmax)"
+    )
 
 
 class RouterConfig(_Strict):

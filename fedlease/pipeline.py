@@ -76,7 +76,7 @@ def stage_allocate(cfg: Config) -> dict[str, Any]:
     dist = b_distance_matrix(adapters)
     fl = cfg.fedlease
     alloc = choose_experts(dist, fl.m_max, fl.clustering.method, fl.clustering.linkage, fl.clustering.fixed_m,
-                           cfg.seed)
+                           cfg.seed, fl.clustering.silhouette_tolerance)
     weights = [float(c["train"]) for c in manifest["clients"]] if fl.weighting == "examples" else None
     experts = init_experts(adapters, alloc, weights)
     tensors = {}

@@ -59,6 +59,17 @@ def test_fixed_m_and_spectral():
     assert spectral.num_experts == 3
 
 
+def test_silhouette_tolerance_prefers_fewer_experts_on_a_near_tie():
+    d = b_distance_matrix(_planted(3, 3))
+    paper = choose_experts(d, 8)
+    assert paper.num_experts == max(paper.silhouette, key=paper.silhouette.get) == 3
+    gap = paper.silhouette[3] - paper.silhouette[2]
+    assert gap > 0
+    assert choose_experts(d, 8, tolerance=gap * 0.99).num_experts == 3
+    within = choose_experts(d, 8, tolerance=gap * 1.01)
+    assert within.num_experts == 2 and within.silhouette == paper.silhouette
+
+
 def test_cluster_mean_init():
     adapters = [_adapter([1, 0], [0, 1], a=1.0), _adapter([3, 0], [0, 3], a=3.0), _adapter([5, 5], [5, 5], a=5.0)]
     alloc = Allocation([0, 0, 1], 2)
