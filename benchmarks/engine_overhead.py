@@ -34,6 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--start-client", type=int, default=0,
+                    help="diagnostic: begin the cycle over clients here (e.g. the client with the longest texts)")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="bench-engine-")
     cfg = default_config(out, ["strategies=[fedit]"])
@@ -65,7 +67,7 @@ def main() -> None:
     state = strategy.init_state(rt.common_init(ModelSpec(r=cfg.lora.r)))
     shares, rss_after = [], []
     for i in range(args.rounds):
-        cid = i % n
+        cid = (args.start_client + i) % n
         down = Path(out) / "bench" / f"down_{i}.safetensors"
         write_download(down, strategy.download(state, cid))
         t0 = time.perf_counter()
