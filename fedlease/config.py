@@ -259,6 +259,11 @@ Strategy = Literal[
 class Config(_Strict):
     seed: NonNegInt = 0
     output_dir: str = "outputs"
+    profile: str = Field(
+        default="params.yaml",
+        description="the params file the DVC stages run (`dvc exp run -S profile=params_nlg.yaml`); "
+                    "the pipeline itself reads whichever file it is given",
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()

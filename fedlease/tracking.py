@@ -80,7 +80,7 @@ class Tracker:
             return None
         state = self._state()
         run_id = state.get("parent")
-        if run_id and self._exists(run_id):
+        if run_id and state.get("params_hash") == self._params_hash() and self._exists(run_id):
             return run_id
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -93,8 +93,18 @@ class Tracker:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i : i + 100])
-        atomic_write_json(self.state_file, {"parent": run.info.run_id, "methods": {}, "uri": self.uri})
+        atomic_write_json(self.state_file, {"parent": run.info.run_id, "methods": {}, "uri": self.uri,
+                                            "params_hash": self._params_hash()})
         return run.info.run_id
+
+    def _params_hash(self) -> str:
+        """Other params in the same output_dir (a DVC experiment, an edited params file) get a new
+        parent run instead of mixing into the old one; tracking/orchestration/fault settings do not."""
+        import hashlib
+        import json
+
+        doc = self.cfg.model_dump(mode="json", exclude={"tracking", "orchestration", "faults"})
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def _exists(self, run_id: str) -> bool:
         try:

@@ -61,6 +61,14 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
     assert rep.returncode == 0, rep.stderr[-1500:]
     assert "| fedlease |" in rep.stdout and "| fedit |" in rep.stdout and "sentiment" in rep.stdout
 
+    # other params in the same output_dir (a DVC experiment): a new parent run, no mixed params
+    other = config_from_dict({**raw, "lora": {**raw["lora"], "alpha": 8}})
+    from fedlease.tracking import Tracker
+
+    new_parent = Tracker(other).parent_run_id()
+    assert new_parent != parents[0].info.run_id
+    assert client.get_run(new_parent).data.params["lora.alpha"] == "8"
+
 
 def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
     raw = tiny_params(tmp_path)
