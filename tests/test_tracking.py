@@ -67,7 +67,7 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
 
     new_parent = Tracker(other).parent_run_id()
     assert new_parent != parents[0].info.run_id
-    assert client.get_run(new_parent).data.params["lora.alpha"] == "8"
+    assert client.get_run(new_parent).data.params["lora.alpha"] == "8.0"
 
 
 def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
