@@ -238,9 +238,12 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     save_tensors(upload_path, upload, {"meta": json.dumps(meta)})
     local = get_state(model, rt.head_module(), strategy.local_groups)
     save_tensors(local_dir(cfg, strategy.name, client_id) / f"round_{round_:04d}.safetensors", local)
+    bytes_up = nbytes(upload)
+    del model, upload, local, batches
+    release_memory()
     return {
         "client_id": client_id, "upload": upload_path, "num_examples": len(data.train), "loss": result.loss,
-        "steps": result.steps, "bytes_up": nbytes(upload), "bytes_down": nbytes(download.tensors),
+        "steps": result.steps, "bytes_up": bytes_up, "bytes_down": nbytes(download.tensors),
         "train_seconds": result.seconds, "setup_seconds": result.setup_seconds,
         "seconds": time.perf_counter() - t0, "meta": meta, "update_norm": update_norm,
     }
@@ -261,6 +264,20 @@ def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Ten
     best = int(min(range(len(losses)), key=losses.__getitem__))
     set_state(model, candidates[best], rt.head_module())
     return best
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS between client calls. A long-lived worker trains clients
+    with other sequence lengths and head sizes one after another; without this, glibc keeps the
+    high-water mark of every earlier client's activations resident."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int, download_path: str,
@@ -296,6 +313,8 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
                    "expert_weight_share": (t.weight / max(1e-12, float(t.weight.sum()))).tolist()}
             for name, t in telemetry.items()
         }
+    del model
+    release_memory()
     return out
 
 
