@@ -54,10 +54,24 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
         metrics = run_all(cfg)
         metrics["call_seconds"] = time.perf_counter() - t0
         metrics["seconds"] = compute_seconds(metrics)
+        metrics["epochs"] = local_epochs_per_method(cfg)
         out.append(metrics)
         print(f"[{tag}] seed {seed}: " + ", ".join(f"{m} {100 * v['mean']:.2f}" for m, v in metrics["methods"].items())
               + f" ({metrics['seconds']:.0f} s of rounds and warm-up; this call {metrics['call_seconds']:.0f} s)",
               flush=True)
+    return out
+
+
+def local_epochs_per_method(cfg: Any) -> dict[str, int]:
+    """Total local epochs each client trains under each method (FedLEASE's warm-up included), so the
+    table states the compute each method got, not only the shared rounds x local epochs."""
+    from fedlease.strategies import make_strategy
+
+    out = {}
+    for name in cfg.strategies:
+        strategy = make_strategy(name, cfg, cfg.num_clients)
+        total = sum(strategy.local_epochs(r) for r in range(1, cfg.federation.rounds + 1))
+        out[name] = total + (cfg.fedlease.warmup_epochs if name == "fedlease" else 0)
     return out
 
 
@@ -115,14 +129,15 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     FedLEASE's cluster quality and its margin over the best baseline."""
     methods = list(runs[0]["methods"])
     tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
-    head = ["method", *tasks, "avg", "MB up/client/round", "MB down/client/round", "trainable params",
-            "rounds s"]
+    head = ["method", *tasks, "avg", "local epochs", "MB up/client/round", "MB down/client/round",
+            "trainable params", "rounds s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     means = {}
     for name in methods:
         per = [r["methods"][name] for r in runs]
         means[name] = statistics.mean(p["mean"] for p in per)
-        cells = [name, *[_ms([p["per_task"][t] for p in per]) for t in tasks], _ms([p["mean"] for p in per]),
+        epochs = runs[0].get("epochs", {}).get(name, "-")
+        cells = [name, *[_ms([p["per_task"][t] for p in per]) for t in tasks], _ms([p["mean"] for p in per]), str(epochs),
                  f"{per[0]['bytes_up_per_client_round'] / 1e6:.3f}", f"{per[0]['bytes_down_per_client_round'] / 1e6:.3f}",
                  f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
