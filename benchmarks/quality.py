@@ -149,7 +149,8 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     if warm:
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
-                      "its rounds; `local` trains the same extra epochs inside its round 1."]
+                      "its rounds" + ("; `local` trains the same extra epochs inside its round 1." if "local" in methods
+                                      else "; no method here gets those epochs (see the local epochs column).")]
     lines += ["", f"FedLEASE chose M = {ms} (per seed); ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best baseline ({max(baselines, key=baselines.get) if baselines else '-'}): "
               f"{margin:+.2f} points (mean over {len(runs)} seed(s))."]
