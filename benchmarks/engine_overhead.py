@@ -8,7 +8,7 @@ On the packaged encoder with the default params (batch, epochs, train size), in 
 3. peak RSS growth after the first client-round.
 Last three lines: `deepspeed_step_ratio`, `fixed_overhead_share`, `rss_growth`.
 
-    python benchmarks/engine_overhead.py [--rounds 50] [--steps 12]
+    python benchmarks/engine_overhead.py [--rounds 50] [--steps 12] [--set key=value] [--start-client N]
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="params override, e.g. training.release_memory=true")
     ap.add_argument("--start-client", type=int, default=0,
                     help="diagnostic: begin the cycle over clients here (e.g. the client with the longest texts)")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="bench-engine-")
-    cfg = default_config(out, ["strategies=[fedit]"])
+    cfg = default_config(out, ["strategies=[fedit]", *args.overrides])
     manifest = run_data_stage(cfg)
     n = len(manifest["clients"])
     rt = runtime_for(cfg)

@@ -240,7 +240,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     save_tensors(local_dir(cfg, strategy.name, client_id) / f"round_{round_:04d}.safetensors", local)
     bytes_up = nbytes(upload)
     del model, upload, local, batches
-    release_memory()
+    if cfg.training.release_memory:
+        release_memory()
     return {
         "client_id": client_id, "upload": upload_path, "num_examples": len(data.train), "loss": result.loss,
         "steps": result.steps, "bytes_up": bytes_up, "bytes_down": nbytes(download.tensors),
@@ -314,7 +315,8 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
             for name, t in telemetry.items()
         }
     del model
-    release_memory()
+    if cfg.training.release_memory:
+        release_memory()
     return out
 
 
