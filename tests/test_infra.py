@@ -21,6 +21,9 @@ def test_ray_cluster_yaml_passes_rays_schema():
     validate_config(prepare_config(config))  # fills Ray's defaults, then raises on any schema error
     gpu = config["available_node_types"]["gpu_worker"]
     assert gpu["resources"]["GPU"] >= 1, "the cluster has GPU workers"
+    gpu["bogus_key"] = 1  # the schema check is real: a key Ray does not know is rejected
+    with pytest.raises(Exception, match="bogus_key"):
+        validate_config(prepare_config(config))
 
 
 @pytest.mark.slow
