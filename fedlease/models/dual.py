@@ -28,6 +28,8 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from fedlease.models.moe import InputDependentVariant
+
 #: weight of the local LoRA while the client has no centroid yet
 NO_CENTROID_WEIGHT = 0.5
 
@@ -66,8 +68,10 @@ def dual_delta(global_delta: torch.Tensor, local_delta: torch.Tensor, alpha: tor
     return (1 - a) * global_delta + a * local_delta
 
 
-class DualVariant(LoraVariant):
+class DualVariant(InputDependentVariant):
     """The LoRA variant that adds FedDPA's local LoRA and instance-wise weighting to peft's adapter."""
+
+    unmergeable = "an instance-weighted dual adapter"
 
     @staticmethod
     def init(module: DualLoraLinear, adapter_name: str, config: DualLoraConfig, **kwargs: Any) -> None:
@@ -86,18 +90,6 @@ class DualVariant(LoraVariant):
         module.register_buffer("dpa_count", torch.zeros(1, device=weight.device))
         module.dpa_mask = None
         module.dpa_last_alpha = None
-
-    @staticmethod
-    def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("an instance-weighted dual adapter depends on the input and cannot be merged")
-
-    @staticmethod
-    def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        raise NotImplementedError("an instance-weighted dual adapter depends on the input and cannot be merged")
-
-    @staticmethod
-    def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("an instance-weighted dual adapter depends on the input and cannot be merged")
 
     @staticmethod
     def forward(module: DualLoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor,

@@ -88,8 +88,28 @@ def mixture_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
     return F.linear(h, b_flat) * scaling
 
 
-class MixtureVariant(LoraVariant):
+class InputDependentVariant(LoraVariant):
+    """A LoRA variant whose delta depends on the input, so it has no weight to merge."""
+
+    unmergeable: str = "an input-dependent adapter"
+
+    @classmethod
+    def merge_safe(cls, module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{cls.unmergeable} depends on the input and cannot be merged")
+
+    @classmethod
+    def merge_unsafe(cls, module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        raise NotImplementedError(f"{cls.unmergeable} depends on the input and cannot be merged")
+
+    @classmethod
+    def unmerge(cls, module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{cls.unmergeable} depends on the input and cannot be merged")
+
+
+class MixtureVariant(InputDependentVariant):
     """The LoRA variant that turns peft's adapter into the own expert of a mixture."""
+
+    unmergeable = "a routed mixture"
 
     @staticmethod
     def init(module: MixtureLoraLinear, adapter_name: str, config: MixtureLoraConfig, **kwargs: Any) -> None:
@@ -108,18 +128,6 @@ class MixtureVariant(LoraVariant):
         nn.init.normal_(router.weight, std=config.router_init_std)
         module.lora_router[adapter_name] = router
         module.moe_telemetry = None
-
-    @staticmethod
-    def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
-
-    @staticmethod
-    def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
-
-    @staticmethod
-    def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("a routed mixture depends on the input and cannot be merged")
 
     @staticmethod
     def forward(module: MixtureLoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
