@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -78,6 +79,31 @@ def tiny_params(tmp: Path, **over: Any) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return params
+
+
+def write_generation_jsonl(path: Path, kind: str, n: int) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            if kind == "q":
+                f.write(json.dumps({"prompt": f"Turn into a question: cats have {i} legs.",
+                                    "response": f"How many legs do cats have {i}?"}) + "\n")
+            else:
+                f.write(json.dumps({"prompt": f"Answer: what is {i} plus one?", "response": f"{i + 1}."}) + "\n")
+    return path
+
+
+def tiny_generation_params(tmp: Path, **over: Any) -> dict[str, Any]:
+    """`tiny_params` turned into instruction tuning on a tiny random Llama (two JSONL fixture tasks)."""
+    raw = tiny_params(tmp, **over)
+    raw["data"]["kind"] = "generation"
+    raw["data"]["tasks"] = [
+        {"name": "qgen", "source": "local", "path": str(write_generation_jsonl(tmp / "q.jsonl", "q", 60))},
+        {"name": "ans", "source": "local", "path": str(write_generation_jsonl(tmp / "a.jsonl", "a", 60))},
+    ]
+    raw["model"] = {"name": "tiny:llama", "max_length": 32}
+    raw["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    raw["training"]["max_new_tokens"] = 4
+    return raw
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import yaml
 
 from fedlease.config import config_from_dict
 
-from .conftest import REPO, tiny_params
+from .conftest import REPO, tiny_generation_params, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,8 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     raw["output_dir"] = "outputs"
     # like the repo's params.yaml, the file holds every key (DVC checks each declared param exists)
     (work / "params.yaml").write_text(yaml.safe_dump(config_from_dict(raw).model_dump(mode="json")))
-    (work / "params_nlg.yaml").write_text(yaml.safe_dump(_tiny_nlg_profile(tmp_path)))
+    nlg_profile = tiny_generation_params(tmp_path / "nlg", strategies=["fedit"], federation__rounds=1)
+    (work / "params_nlg.yaml").write_text(yaml.safe_dump(nlg_profile))
     with (work / ".gitignore").open("a") as f:
         f.write("/.dvc-site/\n")
     assert _run(["git", "init", "-q"], work).returncode == 0
@@ -88,20 +89,3 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     assert nlg.returncode == 0, nlg.stdout[-2000:] + nlg.stderr[-2000:]
     assert "Running stage 'data'" in nlg.stdout
     assert json.loads((work / "outputs" / "metrics.json").read_text())["methods"]["fedit"]["metric"] == "rougeL"
-
-
-def _tiny_nlg_profile(tmp_path: Path) -> dict:
-    from .test_nlg import _gen_file
-
-    raw = tiny_params(tmp_path / "nlg", strategies=["fedit"])
-    raw["data"]["kind"] = "generation"
-    raw["data"]["tasks"] = [
-        {"name": "qgen", "source": "local", "path": str(_gen_file(tmp_path / "q.jsonl", "q", 60))},
-        {"name": "ans", "source": "local", "path": str(_gen_file(tmp_path / "a.jsonl", "a", 60))},
-    ]
-    raw["model"] = {"name": "tiny:llama", "max_length": 32}
-    raw["lora"]["target_modules"] = ["q_proj", "v_proj"]
-    raw["training"]["max_new_tokens"] = 4
-    raw["federation"]["rounds"] = 1
-    return raw
-

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,33 +9,13 @@ import pytest
 from fedlease.config import config_from_dict
 from fedlease.pipeline import run_all
 
-from .conftest import REPO, tiny_params
+from .conftest import REPO, tiny_generation_params
 
 pytestmark = pytest.mark.slow
 
 
-def _gen_file(path: Path, kind: str, n: int) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            if kind == "q":
-                f.write(json.dumps({"prompt": f"Turn into a question: cats have {i} legs.",
-                                    "response": f"How many legs do cats have {i}?"}) + "\n")
-            else:
-                f.write(json.dumps({"prompt": f"Answer: what is {i} plus one?", "response": f"{i + 1}."}) + "\n")
-    return path
-
-
 def test_generation_pipeline_reports_rouge_l(tmp_path: Path):
-    raw = tiny_params(tmp_path, strategies=["fedlease", "fedit"])
-    raw["data"]["kind"] = "generation"
-    raw["data"]["tasks"] = [
-        {"name": "qgen", "source": "local", "path": str(_gen_file(tmp_path / "q.jsonl", "q", 60))},
-        {"name": "ans", "source": "local", "path": str(_gen_file(tmp_path / "a.jsonl", "a", 60))},
-    ]
-    raw["model"] = {"name": "tiny:llama", "max_length": 32}
-    raw["lora"]["target_modules"] = ["q_proj", "v_proj"]
-    raw["training"]["max_new_tokens"] = 4
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(tiny_generation_params(tmp_path, strategies=["fedlease", "fedit"]))
     metrics = run_all(cfg)
     for name in ("fedlease", "fedit"):
         m = metrics["methods"][name]
