@@ -15,13 +15,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_generation_pipeline_reports_rouge_l(tmp_path: Path):
-    cfg = config_from_dict(tiny_generation_params(tmp_path, strategies=["fedlease", "fedit"]))
+    cfg = config_from_dict(tiny_generation_params(tmp_path, strategies=["fedlease", "local", "fedit"]))
     metrics = run_all(cfg)
-    for name in ("fedlease", "fedit"):
+    for name in ("fedlease", "local", "fedit"):
         m = metrics["methods"][name]
         assert m["metric"] == "rougeL"
         assert set(m["per_task"]) == {"qgen", "ans"}
         assert all(0.0 <= v <= 1.0 for v in m["per_task"].values())
+    # the equal-compute floor of the NLG table: no bytes exchanged, FedLEASE's warm-up epochs on top
+    assert metrics["methods"]["local"]["bytes_up_per_client_round"] == 0.0
     # the exported NLG model answers through `fedlease predict`'s code path: generated text, not labels
     from fedlease.paths import RunPaths
     from fedlease.predict import predict
