@@ -104,3 +104,36 @@ def test_generation_encoding_masks_prompt_and_rejects_empty_answers(tmp_path: Pa
     assert (enc["labels"][0][:4] == -100).all(), "prompt tokens carry no loss"
     with pytest.raises(TruncationError, match="no response token"):
         encode_generation(rt.tokenizer, [{"prompt": "p", "response": ""}], 16)
+
+
+def test_generation_loss_scores_response_tokens_only_and_matches_full_logits():
+    """compute_loss asks the LM head only for positions that predict a response token; the loss and
+    gradients must equal the plain full-logits cross entropy over the same labels."""
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from fedlease.engine.trainer import compute_loss, response_logits_start
+    from fedlease.models.base import _tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config("llama", 40))
+    ids = torch.randint(3, 40, (3, 12))
+    labels = torch.full_like(ids, -100)
+    for row, first in enumerate((5, 8, 10)):  # responses start at different positions
+        labels[row, first:] = ids[row, first:]
+    labels[2, 11] = -100  # a padded tail
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert response_logits_start(labels) == 4  # logits at 4 predict the earliest response token (5)
+
+    loss = compute_loss(model, tensors, "generation")
+    loss.backward()
+    fast_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=tensors["attention_mask"]).logits
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), ignore_index=-100)
+    full.backward()
+    assert torch.allclose(loss, full, atol=1e-6)
+    assert torch.allclose(fast_grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-6)
+
+    with pytest.raises(ValueError, match="no response tokens"):
+        compute_loss(model, {**tensors, "labels": torch.full_like(ids, -100)}, "generation")

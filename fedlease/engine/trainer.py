@@ -35,16 +35,26 @@ class TrainResult:
 
 def compute_loss(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     inputs = {k: v for k, v in tensors.items() if k != "labels"}
-    logits = model(**inputs).logits
     labels = tensors["labels"]
     if kind == "classification":
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(model(**inputs).logits.float(), labels)
+    start = response_logits_start(labels)
+    # the LM head (vocab x hidden per position) only where a response token is predicted: the prompt's
+    # logits would be computed, upcast and thrown away (most of the sequence in instruction tuning)
+    logits = model(**inputs, logits_to_keep=labels.shape[1] - start).logits
     shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    if not (shift_labels != -100).any():
-        raise ValueError("batch has no response tokens to score (all truncated)")
+    shift_labels = labels[:, start + 1 :]
     return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=-100)
+
+
+def response_logits_start(labels: torch.Tensor) -> int:
+    """First position whose logits predict a scored token: one before the batch's earliest response token
+    (the token at position 0 has nothing before it and is never scored)."""
+    scored = (labels[:, 1:] != -100).any(0).nonzero()
+    if scored.numel() == 0:
+        raise ValueError("batch has no response tokens to score (all truncated)")
+    return int(scored[0, 0])
 
 
 def _lr_lambda(cfg: TrainingConfig):
