@@ -137,3 +137,47 @@ def test_generation_loss_scores_response_tokens_only_and_matches_full_logits():
 
     with pytest.raises(ValueError, match="no response tokens"):
         compute_loss(model, {**tensors, "labels": torch.full_like(ids, -100)}, "generation")
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from fedlease.client import set_malloc_mmap_threshold
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "fixed":
+    assert set_malloc_mmap_threshold(128 * 1024)
+big = libc.malloc(32 << 20); libc.free(big)       # glibc's default then raises its mmap threshold to 32 MB
+blocks = [libc.malloc(1 << 20) for _ in range(96)]  # 96 x 1 MB "activations"
+for b in blocks: ctypes.memset(b, 1, 1 << 20)
+before = rss_mb()
+for b in blocks[:-1]: libc.free(b)                  # the newest block stays alive (like a kept tensor)
+print(before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux + glibc")
+def test_fixed_mmap_threshold_returns_freed_activation_memory_to_the_os():
+    """training.malloc_mmap_threshold_kb: with glibc's dynamic threshold, freed 1 MB blocks stay resident
+    behind a live one; with a fixed 128 KiB threshold each is its own mapping and goes back when freed."""
+    import subprocess
+    import sys
+
+    freed = {mode: float(subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True,
+                                        check=True, cwd=Path(__file__).resolve().parents[1]).stdout)
+             for mode in ("dynamic", "fixed")}
+    assert freed["fixed"] > 80 and freed["dynamic"] < 10, freed
+
+
+def test_runtime_applies_the_mmap_threshold_from_params(tmp_path: Path, monkeypatch):
+    import fedlease.client as client
+
+    seen: list[int] = []
+    monkeypatch.setattr(client, "set_malloc_mmap_threshold", lambda n: seen.append(n) or True)
+    raw = tiny_params(tmp_path)
+    client.ClientRuntime(config_from_dict(raw))
+    raw["training"]["malloc_mmap_threshold_kb"] = 256
+    client.ClientRuntime(config_from_dict(raw))
+    assert seen == [256 * 1024]
