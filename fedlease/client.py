@@ -72,8 +72,6 @@ class ClientRuntime:
         self.tokenizer: Any = None
         if cfg.training.torch_threads:
             torch.set_num_threads(cfg.training.torch_threads)
-        if cfg.training.malloc_mmap_threshold_kb:
-            set_malloc_mmap_threshold(cfg.training.malloc_mmap_threshold_kb * 1024)
 
     @property
     def engine(self) -> Any:
@@ -267,20 +265,6 @@ def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Ten
     best = int(min(range(len(losses)), key=losses.__getitem__))
     set_state(model, candidates[best], rt.head_module())
     return best
-
-
-def set_malloc_mmap_threshold(nbytes: int) -> bool:
-    """glibc only: fix the size from which allocations are mmapped (and unmapped on free) instead of
-    letting glibc raise it after every large free, which parks activation buffers in the heap for good.
-    Returns whether it took effect (False elsewhere: macOS, musl)."""
-    import ctypes
-
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers from <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(m_mmap_threshold, nbytes)) and bool(libc.mallopt(m_trim_threshold, nbytes))
 
 
 def release_memory() -> None:

@@ -165,12 +165,6 @@ class TrainingConfig(_Strict):
         description="gc + malloc_trim after each client call: ~1/3 less resident memory in a long-lived "
                     "worker for ~0.3 s per client call (benchmarks/README.md)",
     )
-    malloc_mmap_threshold_kb: NonNegInt = Field(
-        default=0,
-        description="0 = glibc's dynamic default; N: allocations of N KiB and more get their own mapping, "
-                    "returned to the OS when freed, so a long-lived worker's heap does not keep the "
-                    "high-water mark of its largest client (benchmarks/README.md)",
-    )
     max_new_tokens: PositiveInt = 32
 
 
