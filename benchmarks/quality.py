@@ -36,9 +36,10 @@ NLG_PARAMS = str(Path(__file__).resolve().parents[1] / "params_nlg.yaml")
 # `local` (no federation, FedLEASE's warm-up epochs on top) is the equal-compute floor: it tells a
 # collaboration gain from the extra epochs FedLEASE's warm-up gives it
 NLG_METHODS = ["strategies=[fedlease,local,fedit,fedsa_lora,ifca]"]
-NLG_QUICK = ["data.partition.train_per_client=16", "data.partition.test_per_client=8", "federation.rounds=1",
-             "fedlease.warmup_epochs=1", "training.max_new_tokens=16"]
+NLG_QUICK = ["data.partition.train_per_client=8", "data.partition.test_per_client=8", "federation.rounds=1",
+             "fedlease.warmup_epochs=1", "training.max_new_tokens=12", "training.eval_batch_size=8"]
 NLG_HEADING = "## NLG: federated instruction tuning"
+RUNS = Path("benchmarks/runs")  # run folders (one per setting and seed; resumable); --runs changes it
 
 PAPER = """| method (paper: RoBERTa-Large, GLUE, 16 clients) | SST-2 | QNLI | MRPC | QQP | avg |
 |---|---|---|---|---|---|
@@ -51,7 +52,7 @@ PAPER = """| method (paper: RoBERTa-Large, GLUE, 16 clients) | SST-2 | QNLI | MR
 def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -> list[dict[str, Any]]:
     out = []
     for seed in seeds:
-        cfg = load_config(params, [*overrides, f"seed={seed}", f"output_dir=benchmarks/runs/{tag}/seed{seed}"])
+        cfg = load_config(params, [*overrides, f"seed={seed}", f"output_dir={RUNS / tag / f'seed{seed}'}"])
         t0 = time.perf_counter()
         metrics = run_all(cfg)
         metrics["call_seconds"] = time.perf_counter() - t0
@@ -190,6 +191,7 @@ def upsert_section(path: Path, heading: str, text: str) -> str:
 
 
 def main() -> None:
+    global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None, help="default: params_quality.yaml (params_nlg.yaml with --nlg)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -200,7 +202,9 @@ def main() -> None:
     ap.add_argument("--dp", action="store_true", help="also FedLEASE at epsilon = 1, 4, 8 (client-level DP)")
     ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
     ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
+    ap.add_argument("--runs", default=str(RUNS), help="folder of the run folders (default benchmarks/runs)")
     args = ap.parse_args()
+    RUNS = Path(args.runs)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.out is None:
         args.out = str(HERE / "results" / ("quality_quick.md" if args.quick else "quality.md"))
