@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
     ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
     ap.add_argument("--runs", default=str(RUNS), help="folder of the run folders (default benchmarks/runs)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line on the conditions of the run (e.g. other load on the machine), written under the tables")
     args = ap.parse_args()
     RUNS = Path(args.runs)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -240,6 +242,7 @@ def main() -> None:
     if args.dp:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs]), ""]
+    doc += [f"Note: {line}" for line in args.note] + ([""] if args.note else [])
     doc += ["## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
             f"Compute time of the main table (warm-up + rounds of every method, per seed): "
             f"{_seconds_list(runs)}; this invocation took "
