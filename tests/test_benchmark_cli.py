@@ -3,6 +3,7 @@ mean +- std over seeds, the label-skew table, and the two last lines a reader gr
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,9 +30,10 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert re.fullmatch(r"ari: -?\d+\.\d{3}", last[0]) and re.fullmatch(r"fedlease_margin: -?\d+\.\d{2}", last[1])
     text = out.read_text()
     # both seeds ran in their own folders under --runs, with the override applied
-    for seed in (0, 1):
-        assert (tmp_path / "runs" / "task" / f"seed{seed}" / "metrics.json").exists()
-        assert (tmp_path / "runs" / "label_skew" / f"seed{seed}" / "metrics.json").exists()
+    for setting in ("task", "label_skew"):
+        for seed in (0, 1):
+            metrics = json.loads((tmp_path / "runs" / setting / f"seed{seed}" / "metrics.json").read_text())
+            assert {m["rounds"] for m in metrics["methods"].values()} == {1}
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"fedlease", "local", "fedit"} <= set(rows)
     assert "±" in rows["fedlease"]  # mean ± std over the two seeds

@@ -22,7 +22,7 @@ def test_generation_pipeline_reports_rouge_l(tmp_path: Path):
         assert m["metric"] == "rougeL"
         assert set(m["per_task"]) == {"qgen", "ans"}
         assert all(0.0 <= v <= 1.0 for v in m["per_task"].values())
-    # the equal-compute floor of the NLG table: no bytes exchanged, FedLEASE's warm-up epochs on top
+    # the NLG table's equal-compute floor runs on the generation path and exchanges nothing
     assert metrics["methods"]["local"]["bytes_up_per_client_round"] == 0.0
     # the exported NLG model answers through `fedlease predict`'s code path: generated text, not labels
     from fedlease.paths import RunPaths
