@@ -33,7 +33,7 @@ QUICK = ["data.partition.clients_per_task=2", "data.partition.train_per_client=4
          "training.local_epochs=1"]  # every method of the profile, at a small budget
 LABEL_SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.dirichlet_alpha=0.5"]
 NLG_PARAMS = str(Path(__file__).resolve().parents[1] / "params_nlg.yaml")
-# `local` (no federation, FedLEASE's warm-up epochs on top) is the equal-compute floor: it tells a
+# `local` (no federation, continuing from FedLEASE's warm-up) is the equal-compute floor: it tells a
 # collaboration gain from the extra epochs FedLEASE's warm-up gives it
 NLG_METHODS = ["strategies=[fedlease,local,fedit,fedsa_lora,ifca]"]
 NLG_QUICK = ["data.partition.train_per_client=8", "data.partition.test_per_client=8", "federation.rounds=1",
@@ -74,7 +74,8 @@ def local_epochs_per_method(cfg: Any) -> dict[str, int]:
     for name in cfg.strategies:
         strategy = make_strategy(name, cfg, cfg.num_clients)
         total = sum(strategy.local_epochs(r) for r in range(1, cfg.federation.rounds + 1))
-        out[name] = total + (cfg.fedlease.warmup_epochs if name == "fedlease" else 0)
+        warm = getattr(strategy, "inherit_local_from", None) == "warmup"  # FedLEASE and the local floor
+        out[name] = total + (cfg.fedlease.warmup_epochs if warm else 0)
     return out
 
 
@@ -152,7 +153,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     if warm:
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
-                      "its rounds" + ("; `local` trains the same extra epochs inside its round 1." if "local" in methods
+                      "its rounds" + ("; `local` continues from the same warm-up (its rounds s exclude it too)." if "local" in methods
                                       else "; no method here gets those epochs (see the local epochs column).")]
     lines += ["", f"FedLEASE chose M = {ms} (per seed); ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best baseline ({max(baselines, key=baselines.get) if baselines else '-'}): "
@@ -228,7 +229,7 @@ def main() -> None:
            f"{cfg.federation.rounds} rounds x {cfg.training.local_epochs} local epochs, warm-up "
            f"{cfg.fedlease.warmup_epochs} epochs, rank {cfg.lora.r}, lr {cfg.training.lr}, model {cfg.model.name}. "
            "Every method: same partitions, seeds, rounds, local epochs and learning rate; heads stay local; "
-           "`local` gets FedLEASE's warm-up epochs on top.", "",
+           "`local` continues from FedLEASE's warm-up (same epochs in all).", "",
            "## Task heterogeneity (accuracy %, mean ± std over seeds)", "", main_table, ""]
     if args.label_skew:
         skew_runs = run_setting(args.params, overrides + LABEL_SKEW, seeds, "label_skew")

@@ -175,12 +175,29 @@ def _load_client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, ro
     model = rt.fresh_model(strategy.spec(client_id), num_labels)
     head = rt.head_module()
     set_state(model, strategy.client_state(download), head)
-    local = latest_local_state(rt.cfg, strategy, client_id, local_up_to)
-    if local is not None:
-        state = load_tensors(local)
+    state = load_local_state(rt.cfg, strategy, client_id, local_up_to)
+    if state is not None:
         keep = {k: v for k, v in state.items() if _group(k) in _expand(strategy.local_groups)}
         set_state(model, keep, head)
     return model
+
+
+def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Tensors | None:
+    """The client's local state for this method; inherited from the warm-up, it is the warm-up's head
+    plus (for a method that keeps its LoRA locally, `local`) the client's warm-up adapter, which the
+    warm-up uploads rather than keeps."""
+    path = latest_local_state(cfg, strategy, client_id, up_to)
+    if path is None:
+        return None
+    state = load_tensors(path)
+    warmup = RunPaths.of(cfg).warmup
+    if path.is_relative_to(warmup) and "lora" in strategy.local_groups:
+        adapter = RunPaths.of(cfg).warmup_adapter(client_id)
+        if not adapter.exists():
+            raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "
+                                "is missing (run the warmup stage)")
+        state.update(load_tensors(adapter))
+    return state
 
 
 def _group(key: str) -> str:
@@ -251,18 +268,18 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
 
 
 @torch.no_grad()
-def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: list[Tensors], records: list[dict[str, Any]],
-                      seed: int) -> int:
+def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: dict[int, Tensors],
+                       records: list[dict[str, Any]], seed: int) -> int:
     """IFCA's choice: load the candidate LoRA with the lowest loss on (a seeded slice of) the training
-    data into the model; return its index."""
-    losses = []
+    data into the model; return its cluster id."""
+    losses = {}
     batch = next(iterate_batches(rt.tokenizer, records, rt.cfg.data.kind, rt.cfg.training.eval_batch_size,
                                  rt.cfg.model.max_length, 1, seed))
-    for cand in candidates:
+    for cluster, cand in candidates.items():
         set_state(model, cand, rt.head_module())
-        losses.append(float(compute_loss(model, {k: v.to(device()) for k, v in batch.tensors.items()},
-                                         rt.cfg.data.kind)))
-    best = int(min(range(len(losses)), key=losses.__getitem__))
+        losses[cluster] = float(compute_loss(model, {k: v.to(device()) for k, v in batch.tensors.items()},
+                                             rt.cfg.data.kind))
+    best = min(losses, key=losses.__getitem__)
     set_state(model, candidates[best], rt.head_module())
     return best
 
@@ -289,7 +306,7 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
     data = load_client(cfg, client_id)
     download = read_download(Path(download_path))
     model = _load_client_model(rt, strategy, client_id, round_, len(data.label_names), download, round_)
-    if hasattr(strategy, "candidates"):
+    if hasattr(strategy, "candidates") and strategy.candidates(download):  # IFCA: a client never sampled
         seed = client_seed(cfg.seed, client_id, round_, strategy.name)
         _adopt_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
     telemetry = attach_telemetry(model)

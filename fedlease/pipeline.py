@@ -188,6 +188,8 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
             common = runtime_for(cfg).common_init(strategy.spec(0))
             initial = lambda s=strategy, c=common: s.init_state(c)  # noqa: E731
         inputs = [paths.manifest] + ([paths.allocation / "experts.safetensors"] if name == "fedlease" else [])
+        if getattr(strategy, "inherit_local_from", None) == "warmup":
+            inputs.append(paths.warmup / "summary.json")  # a redone warm-up restarts the methods built on it
         out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n,
                          inputs=inputs, on_round=lambda rec, hist, m=name: _log_round(tracker, m, rec, hist))
         # the rounds' own seconds (kept in the checkpoint), so a resumed or finished run reports the
@@ -341,8 +343,9 @@ def summarise_method(res: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     stage_data(cfg)
-    if "fedlease" in cfg.strategies:
+    if cfg.needs_warmup:
         stage_warmup(cfg, mapper)
+    if "fedlease" in cfg.strategies:
         stage_allocate(cfg)
     stage_federate(cfg, mapper)
     return stage_evaluate(cfg)

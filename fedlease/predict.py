@@ -36,7 +36,7 @@ def load_client_model(model_dir: Path, client_id: int) -> tuple[Any, Any, list[s
     rt = ClientRuntime(cfg)
     model = rt.fresh_model(strategy.spec(client_id), len(label_names or [0, 0]))
     head = rt.head_module()
-    set_state(model, strategy.client_state(strategy.download(state, client_id)), head)
+    set_state(model, strategy.client_state(strategy.eval_download(state, client_id)), head)
     local = model_dir / "clients" / f"client_{client_id:03d}.safetensors"
     if local.exists():
         set_state(model, load_tensors(local), head)

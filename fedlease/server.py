@@ -218,7 +218,7 @@ def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: 
     calls = []
     for cid in range(n):
         down = rdir / f"eval_{cid:03d}.safetensors"
-        write_download(down, strategy.download(state, cid))
+        write_download(down, strategy.eval_download(state, cid))
         calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
                       "download_path": str(down), "num_clients": n})
     results = mapper(client_evaluate, calls, f"{strategy.name}-r{round_}-eval")

@@ -126,8 +126,9 @@ def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     cfg = _cfg(params, overrides)
     runner = _runner(cfg)
     partition_flow(params, overrides)
-    if "fedlease" in cfg.strategies:
+    if cfg.needs_warmup:
         warmup_flow.with_options(task_runner=runner)(params, overrides)
+    if "fedlease" in cfg.strategies:
         allocate_flow(params, overrides)
     federate_flow.with_options(task_runner=_runner(cfg))(params, overrides)
     metrics = evaluate_flow(params, overrides)

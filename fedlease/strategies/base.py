@@ -85,6 +85,11 @@ class Strategy(ABC):
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         """New server state from the round's surviving updates."""
 
+    def eval_download(self, state: ServerState, client_id: int) -> Download:
+        """What a client evaluates (after aggregation) and `fedlease predict` loads; the round's download
+        unless the method narrows it (IFCA: the cluster the client joined)."""
+        return self.download(state, client_id)
+
     def client_state(self, download: Download) -> Tensors:
         """Turn a download into model state to load (identity for most methods)."""
         return download.tensors

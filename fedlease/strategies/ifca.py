@@ -1,5 +1,10 @@
 """IFCA + LoRA: K cluster LoRAs; each round a client picks the one with the lowest loss on its
-training data, trains it and uploads it; the server averages within clusters."""
+training data, trains it and uploads it; the server averages within clusters.
+
+The server remembers each client's latest pick; evaluation (and `fedlease predict`) uses the
+aggregated LoRA of that cluster, the model the client joined, rather than choosing again. A client
+that was never sampled still chooses by loss.
+"""
 
 from __future__ import annotations
 
@@ -35,17 +40,30 @@ class IFCA(Strategy):
     def download(self, state: ServerState, client_id: int) -> Download:
         return Download(state.tensors, {"clusters": self.k})
 
+    def eval_download(self, state: ServerState, client_id: int) -> Download:
+        chosen = state.meta.get("assignment", {}).get(str(client_id))
+        if chosen is None:
+            return self.download(state, client_id)
+        return Download(select(state.tensors, f"cluster{chosen}."), {"clusters": self.k, "chosen": chosen})
+
     def client_state(self, download: Download) -> Tensors:
+        if "chosen" in download.meta:
+            return unprefixed(download.tensors, f"cluster{download.meta['chosen']}.")
         return {}  # the client loads the candidate it picks (fedlease.client._adopt_lowest_loss)
 
-    def candidates(self, download: Download) -> list[Tensors]:
-        return [unprefixed(download.tensors, f"cluster{c}.") for c in range(self.k)]
+    def candidates(self, download: Download) -> dict[int, Tensors]:
+        """The cluster LoRAs the client chooses among (none once its cluster is known)."""
+        if "chosen" in download.meta:
+            return {}
+        return {c: unprefixed(download.tensors, f"cluster{c}.") for c in range(self.k)}
 
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
+        assignment = dict(state.meta.get("assignment", {}))
+        assignment.update({str(u.client_id): int(u.meta["cluster"]) for u in updates})
         tensors = dict(state.tensors)
         for c in range(self.k):
             chosen = [u for u in updates if u.meta.get("cluster") == c]
             if chosen:
                 mean = weighted_mean([u.tensors for u in chosen], self.weights(chosen))
                 tensors.update(prefixed(mean, f"cluster{c}."))
-        return ServerState(tensors, state.meta)
+        return ServerState(tensors, {**state.meta, "assignment": assignment})

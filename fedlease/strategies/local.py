@@ -1,7 +1,8 @@
 """Local-only training, the floor: no federation; each client keeps its own LoRA.
 
-It gets the same total local epochs as FedLEASE including FedLEASE's warm-up
-(the extra epochs come in round 1), so a FedLEASE win is not a compute win.
+It continues from the client's own warm-up adapter and head (the same warm-up FedLEASE
+clusters), then trains the same rounds x local epochs as every method, so it gets exactly
+FedLEASE's compute: a FedLEASE win over it is a collaboration win, not a compute win.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ class LocalOnly(Strategy):
     train_groups = ("lora", "head")
     upload_groups = ()
     local_groups = ("lora", "head")
+    inherit_local_from = "warmup"  # round 1 starts from the warm-up's adapter and head
 
     def init_state(self, common_init: Tensors) -> ServerState:
         return ServerState({})
-
-    def local_epochs(self, round_: int) -> int:
-        extra = self.cfg.fedlease.warmup_epochs if round_ == 1 else 0
-        return self.cfg.training.local_epochs + extra
 
     def download(self, state: ServerState, client_id: int) -> Download:
         return Download({})
