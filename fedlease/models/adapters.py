@@ -121,14 +121,14 @@ def _head(model: nn.Module, head_module: str) -> nn.Linear:
     return head
 
 
-def _target(model: nn.Module, key: str, head_module: str | None) -> torch.Tensor:
+def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_module: str | None) -> torch.Tensor:
     kind, _, rest = key.partition(".")
     if kind == "head":
         if head_module is None:
             raise ArtifactError(f"state key {key}: this model has no task head")
         return getattr(_head(model, head_module), rest)
     name, _, part = rest.rpartition(".") if kind in ("lora", "foreign", "dual") else (rest, "", "")
-    layer = lora_layers(model).get(name)
+    layer = layers.get(name)
     if layer is None:
         raise ArtifactError(f"state key {key}: no adapted module {name!r} in the model")
     if kind == "lora":
@@ -147,7 +147,8 @@ def _target(model: nn.Module, key: str, head_module: str | None) -> torch.Tensor
 
 def set_state(model: nn.Module, state: dict[str, torch.Tensor], head_module: str | None = None) -> None:
     """Copy tensors into the model in place, checking every shape and dtype first."""
-    targets = {key: _target(model, key, head_module) for key in state}
+    layers = lora_layers(model)  # one walk over the modules, not one per key (a 30-layer LM has ~600)
+    targets = {key: _target(model, layers, key, head_module) for key in state}
     for key, value in state.items():
         t = targets[key]
         if tuple(value.shape) != tuple(t.shape):
