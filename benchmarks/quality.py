@@ -176,8 +176,8 @@ def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]
         f"{cfg.federation.rounds} rounds x {cfg.training.local_epochs} local epochs, warm-up "
         f"{cfg.fedlease.warmup_epochs}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, greedy "
         f"decoding of at most {cfg.training.max_new_tokens} tokens. Scores are ROUGE-L F1 x 100 on each client's "
-        "held-out examples.", "", body, "", f"NLG benchmark time (warm-up + rounds, per seed): "
-        f"{_seconds_list(runs)}.", ""])
+        "held-out examples.", "", body, "", *[f"Note: {line}" for line in args.note],
+        f"NLG benchmark time (warm-up + rounds, per seed): {_seconds_list(runs)}.", ""])
     return text, margin
 
 
