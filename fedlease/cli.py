@@ -109,7 +109,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedlease.tracking import fetch_model, tracking_uri
 
     cfg = _load(args)
-    folder = fetch_model(args.model_uri, Path(tempfile.mkdtemp(prefix="fedlease-model-")), tracking_uri(cfg))
+    uri = args.model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    folder = fetch_model(uri, Path(tempfile.mkdtemp(prefix="fedlease-model-")), tracking_uri(cfg))
     for text, pred in zip(args.text, predict(folder, args.client, args.text, args.pair), strict=True):
         print(f"client {args.client}: {pred}\t<- {text}")
     return 0
@@ -173,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "federate":
             p.add_argument("--strategy", action="append", help="only this method (repeatable)")
         if name == "predict":
-            p.add_argument("--model-uri", default="models:/fedlease@current",
-                           help="models:/name@alias, runs:/<id>/final_model or a local folder")
+            p.add_argument("--model-uri", default=None,
+                           help="models:/name@alias, runs:/<id>/final_model or a local folder (default: the "
+                                "params' tracking.registered_model @ tracking.alias)")
             p.add_argument("--client", type=int, required=True, help="whose model (its expert, router, head)")
             p.add_argument("--pair", default=None, help="second text of a pair task (e.g. the claim)")
             p.add_argument("text", nargs="+")

@@ -51,8 +51,9 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
 
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(raw))
-    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "predict", "--params", str(params), "--model-uri",
-                          "models:/fl-test@current", "--client", "0", "the film was great and lovely overall"],
+    # no --model-uri: the params' registered model (fl-test) at its alias
+    res = subprocess.run([sys.executable, "-m", "fedlease.cli", "predict", "--params", str(params),
+                          "--client", "0", "the film was great and lovely overall"],
                          capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-1500:]
     assert res.stdout.startswith("client 0: ") and res.stdout.split("\t")[0].split(": ")[1] in ("0", "1")
