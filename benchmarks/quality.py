@@ -90,7 +90,7 @@ def compute_seconds(metrics: dict[str, Any]) -> float:
     return float(warm + sum(m["wall_seconds"] for m in metrics["methods"].values()))
 
 
-def ablations(params: str, overrides: list[str], seeds: list[int], num_clients: int, m: int) -> str:
+def ablations(params: str, overrides: list[str], seeds: list[int], num_clients: int, m: int, prefix: str) -> str:
     """The paper's ablations as FedLEASE variants, same budgets; mean accuracy over seeds."""
     variants = {
         "one shared expert, r = 4": ["fedlease.clustering.fixed_m=1"],
@@ -100,19 +100,19 @@ def ablations(params: str, overrides: list[str], seeds: list[int], num_clients: 
     }
     lines = ["| variant | avg accuracy |", "|---|---|"]
     for name, extra in variants.items():
-        tag = "ablation-" + "".join(ch if ch.isalnum() else "_" for ch in name)
+        tag = prefix + "ablation-" + "".join(ch if ch.isalnum() else "_" for ch in name)
         runs = run_setting(params, [*overrides, *extra, "strategies=[fedlease]"], seeds, tag)
         lines.append(f"| {name} | {_ms([r['methods']['fedlease']['mean'] for r in runs])} |")
     return "\n".join(lines)
 
 
-def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[float]) -> str:
+def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[float], prefix: str) -> str:
     """FedLEASE under client-level DP at epsilon 1, 4, 8 (delta 1e-5) beside no DP."""
     lines = ["| privacy | noise multiplier | final epsilon | avg accuracy |", "|---|---|---|---|",
              f"| no DP | - | - | {_ms(no_dp)} |"]
     for eps in (1, 4, 8):
         extra = ["privacy.enabled=true", f"privacy.target_epsilon={eps}", "strategies=[fedlease]"]
-        runs = run_setting(params, [*overrides, *extra], seeds, f"dp-eps{eps}")
+        runs = run_setting(params, [*overrides, *extra], seeds, f"{prefix}dp-eps{eps}")
         cfg = load_config(params, [*overrides, *extra])
         from fedlease.privacy import epsilon_after, noise_multiplier
 
@@ -221,6 +221,7 @@ def main() -> None:
     overrides = (QUICK if args.quick else []) + args.overrides
     t0 = time.perf_counter()
     runs = run_setting(args.params, overrides, seeds, "quick" if args.quick else "task")
+    prefix = "quick-" if args.quick else ""  # the other settings' run folders, kept apart by budget
     main_table, ari, margin = table(runs)
     cfg = load_config(args.params, overrides)
     doc = [f"# Quality benchmark ({'quick' if args.quick else 'full'})", "",
@@ -232,17 +233,17 @@ def main() -> None:
            "`local` continues from FedLEASE's warm-up (same epochs in all).", "",
            "## Task heterogeneity (accuracy %, mean ± std over seeds)", "", main_table, ""]
     if args.label_skew:
-        skew_runs = run_setting(args.params, overrides + LABEL_SKEW, seeds, "label_skew")
+        skew_runs = run_setting(args.params, overrides + LABEL_SKEW, seeds, prefix + "label_skew")
         skew_table, _, skew_margin = table(skew_runs)
         doc += ["## Task + label heterogeneity (Dirichlet alpha = 0.5 within each task)", "", skew_table, ""]
     if args.ablations:
         m = max(r["allocation"]["num_experts"] for r in runs if "allocation" in r)
         doc += ["## Ablations (FedLEASE variants, same budgets)", "",
-                ablations(args.params, overrides, seeds, cfg.num_clients, m), "",
+                ablations(args.params, overrides, seeds, cfg.num_clients, m, prefix), "",
                 f"Full FedLEASE on the same setting: {_ms([r['methods']['fedlease']['mean'] for r in runs])}.", ""]
     if args.dp:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
-                dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs]), ""]
+                dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs], prefix), ""]
     doc += [f"Note: {line}" for line in args.note] + ([""] if args.note else [])
     doc += ["## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
             f"Compute time of the main table (warm-up + rounds of every method, per seed): "
