@@ -68,14 +68,13 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
 def local_epochs_per_method(cfg: Any) -> dict[str, int]:
     """Total local epochs each client trains under each method (FedLEASE's warm-up included), so the
     table states the compute each method got, not only the shared rounds x local epochs."""
-    from fedlease.strategies import make_strategy
+    from fedlease.strategies import builds_on_warmup, make_strategy
 
     out = {}
     for name in cfg.strategies:
         strategy = make_strategy(name, cfg, cfg.num_clients)
         total = sum(strategy.local_epochs(r) for r in range(1, cfg.federation.rounds + 1))
-        warm = getattr(strategy, "inherit_local_from", None) == "warmup"  # FedLEASE and the local floor
-        out[name] = total + (cfg.fedlease.warmup_epochs if warm else 0)
+        out[name] = total + (cfg.fedlease.warmup_epochs if builds_on_warmup(name) else 0)
     return out
 
 

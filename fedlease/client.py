@@ -190,9 +190,9 @@ def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int
     if path is None:
         return None
     state = load_tensors(path)
-    warmup = RunPaths.of(cfg).warmup
-    if path.is_relative_to(warmup) and "lora" in strategy.local_groups:
-        adapter = RunPaths.of(cfg).warmup_adapter(client_id)
+    paths = RunPaths.of(cfg)
+    if path.is_relative_to(paths.warmup) and "lora" in strategy.local_groups:
+        adapter = paths.warmup_adapter(client_id)
         if not adapter.exists():
             raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "
                                 "is missing (run the warmup stage)")
@@ -306,9 +306,10 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
     data = load_client(cfg, client_id)
     download = read_download(Path(download_path))
     model = _load_client_model(rt, strategy, client_id, round_, len(data.label_names), download, round_)
-    if hasattr(strategy, "candidates") and strategy.candidates(download):  # IFCA: a client never sampled
+    candidates = strategy.candidates(download) if hasattr(strategy, "candidates") else {}
+    if candidates:  # IFCA, a client never sampled: it chooses by loss
         seed = client_seed(cfg.seed, client_id, round_, strategy.name)
-        _adopt_lowest_loss(rt, model, strategy.candidates(download), data.train, seed)
+        _adopt_lowest_loss(rt, model, candidates, data.train, seed)
     telemetry = attach_telemetry(model)
     out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
     try:

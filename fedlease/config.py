@@ -310,11 +310,6 @@ class Config(_Strict):
         assert part.num_clients is not None
         return part.num_clients
 
-    @property
-    def needs_warmup(self) -> bool:
-        """FedLEASE clusters the warm-up adapters; `local` continues from them (the equal-compute floor)."""
-        return bool({"fedlease", "local"} & set(self.strategies))
-
     def sampled_per_round(self) -> int:
         cpr = self.federation.clients_per_round
         if isinstance(cpr, float):

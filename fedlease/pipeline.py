@@ -19,7 +19,7 @@ from fedlease.data.stage import load_manifest, run_data_stage
 from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
 from fedlease.paths import RunPaths
 from fedlease.server import ClientMapper, run_rounds, sequential_mapper
-from fedlease.strategies import make_strategy
+from fedlease.strategies import builds_on_warmup, make_strategy, needs_warmup
 from fedlease.strategies.base import ModelSpec, ServerState, prefixed, unprefixed
 from fedlease.tracking import Tracker, register_model
 
@@ -188,7 +188,7 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
             common = runtime_for(cfg).common_init(strategy.spec(0))
             initial = lambda s=strategy, c=common: s.init_state(c)  # noqa: E731
         inputs = [paths.manifest] + ([paths.allocation / "experts.safetensors"] if name == "fedlease" else [])
-        if getattr(strategy, "inherit_local_from", None) == "warmup":
+        if builds_on_warmup(name):
             inputs.append(paths.warmup / "summary.json")  # a redone warm-up restarts the methods built on it
         out = run_rounds(cfg, strategy, initial, paths.strategy_dir(name), cfg.federation.rounds, mapper, n,
                          inputs=inputs, on_round=lambda rec, hist, m=name: _log_round(tracker, m, rec, hist))
@@ -343,7 +343,7 @@ def summarise_method(res: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     stage_data(cfg)
-    if cfg.needs_warmup:
+    if needs_warmup(cfg):
         stage_warmup(cfg, mapper)
     if "fedlease" in cfg.strategies:
         stage_allocate(cfg)

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from fedlease import pipeline  # noqa: E402
 from fedlease.config import Config, load_config  # noqa: E402
+from fedlease.strategies import needs_warmup  # noqa: E402
 from fedlease.server import ClientMapper  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     cfg = _cfg(params, overrides)
     runner = _runner(cfg)
     partition_flow(params, overrides)
-    if cfg.needs_warmup:
+    if needs_warmup(cfg):
         warmup_flow.with_options(task_runner=runner)(params, overrides)
     if "fedlease" in cfg.strategies:
         allocate_flow(params, overrides)

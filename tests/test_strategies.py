@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fedlease.config import config_from_dict
-from fedlease.strategies import make_strategy
+from fedlease.strategies import builds_on_warmup, make_strategy, needs_warmup
 from fedlease.strategies.base import ServerState, Update
 
 from .conftest import tiny_params
@@ -42,5 +42,6 @@ def test_local_floor_trains_the_common_budget_from_the_warmup(tmp_path: Path):
     cfg = config_from_dict(tiny_params(tmp_path, strategies=["local"], training__local_epochs=3))
     local = make_strategy("local", cfg, 4)
     assert [local.local_epochs(r) for r in (1, 2)] == [3, 3]
-    assert getattr(local, "inherit_local_from") == "warmup" and cfg.needs_warmup
-    assert not config_from_dict(tiny_params(tmp_path, strategies=["fedit"])).needs_warmup
+    assert builds_on_warmup("local") and builds_on_warmup("fedlease") and needs_warmup(cfg)
+    assert not builds_on_warmup("fedit")
+    assert not needs_warmup(config_from_dict(tiny_params(tmp_path, strategies=["fedit"])))
