@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="params override, e.g. training.release_memory=true")
+                    help="params override, e.g. training.reserve_steps=0")
     ap.add_argument("--start-client", type=int, default=0,
                     help="diagnostic: begin the cycle over clients here (e.g. the client with the longest texts)")
     args = ap.parse_args()

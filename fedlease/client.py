@@ -26,7 +26,7 @@ from fedlease.allocation import Allocation
 from fedlease.comm import nbytes
 from fedlease.config import Config
 from fedlease.data.stage import load_client
-from fedlease.engine.batching import iterate_batches
+from fedlease.engine.batching import Batch, iterate_batches, worst_case_batch
 from fedlease.engine.evaluate import classification_metrics, generate, predict_labels, rouge_l
 from fedlease.engine.trainer import compute_loss, device, make_engine
 from fedlease.io import ArtifactError, load_tensors, read_json, save_tensors
@@ -69,6 +69,7 @@ class ClientRuntime:
         self.cache_dir = Path(cfg.data.cache_dir)
         self._models: dict[ModelSpec, _Built] = {}
         self._engine: Any = None
+        self._reserved: set[ModelSpec] = set()
         self.tokenizer: Any = None
         if cfg.training.torch_threads:
             torch.set_num_threads(cfg.training.torch_threads)
@@ -105,6 +106,14 @@ class ClientRuntime:
             init = head_init(linear.in_features, num_labels, self.cfg.seed, linear.bias is not None)
             set_state(built.model, {f"head.{k}": v for k, v in init.items()}, head)
         return built.model
+
+    def reserve_batch(self, spec: ModelSpec) -> Batch | None:
+        """The worst-case batch the first time this structure trains here (`training.reserve_steps` > 0)."""
+        if not self.cfg.training.reserve_steps or spec in self._reserved:
+            return None
+        self._reserved.add(spec)
+        return worst_case_batch(self.tokenizer, self.cfg.data.kind, self.cfg.training.batch_size,
+                                self.cfg.model.max_length)
 
     def engine_config(self) -> dict[str, Any] | None:
         """The generated DeepSpeed config, if this process built a DeepSpeed engine."""
@@ -240,7 +249,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     torch.manual_seed(seed)
     batches = iterate_batches(rt.tokenizer, data.train, cfg.data.kind, cfg.training.batch_size,
                               cfg.model.max_length, strategy.local_epochs(round_), seed)
-    result = rt.engine.train(model, params, batches, cfg.data.kind)
+    reserve = rt.reserve_batch(strategy.spec(client_id))
+    result = rt.engine.train(model, params, batches, cfg.data.kind, reserve=reserve)
     upload = get_state(model, rt.head_module(), strategy.upload_groups)
     update_norm = None
     if cfg.privacy.enabled and upload and strategy.name != "warmup":
@@ -285,13 +295,11 @@ def _adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: dict[int
 
 
 def release_memory() -> None:
-    """Hand freed heap back to the OS between client calls. A long-lived worker trains clients
-    with other sequence lengths and head sizes one after another; without this, glibc keeps the
-    high-water mark of every earlier client's activations resident."""
+    """Hand freed heap back to the OS between client calls (~20 ms). A long-lived worker trains clients
+    with other sequence lengths one after another; without this, glibc keeps every earlier client's
+    fragmented activation heap resident, and the peak creeps up client after client."""
     import ctypes
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim

@@ -161,9 +161,15 @@ class TrainingConfig(_Strict):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     torch_threads: NonNegInt = Field(default=0, description="0 = torch default")
     release_memory: bool = Field(
-        default=False,
-        description="gc + malloc_trim after each client call: ~1/3 less resident memory in a long-lived "
-                    "worker for ~0.3 s per client call (benchmarks/README.md)",
+        default=True,
+        description="glibc malloc_trim after each client call (~20 ms): ~1/3 less resident memory in a "
+                    "long-lived worker and a flat peak (benchmarks/README.md)",
+    )
+    reserve_steps: NonNegInt = Field(
+        default=2,
+        description="worst-case (batch_size x max_length) forward + backward steps the first time a model "
+                    "structure trains in a process: the peak memory, or an out-of-memory error, shows in the "
+                    "first client-round instead of at the longest-text client later; no effect on results",
     )
     max_new_tokens: PositiveInt = 32
 

@@ -11,29 +11,81 @@ from fedlease.allocation import Allocation
 from fedlease.client import ClientRuntime
 from fedlease.comm import nbytes
 from fedlease.config import TrainingConfig, config_from_dict
-from fedlease.engine.batching import Batch, TruncationError, encode_generation, iterate_batches
-from fedlease.engine.trainer import DeepSpeedEngine, TorchEngine, deepspeed_config
+from fedlease.engine.batching import Batch, TruncationError, encode_generation, iterate_batches, worst_case_batch
+from fedlease.engine.trainer import DeepSpeedEngine, TorchEngine, deepspeed_config, reserve_memory
 from fedlease.models.adapters import get_state, set_trainable
 from fedlease.strategies.base import ModelSpec
 from fedlease.strategies.fedlease import FedLEASE
 
-from .conftest import tiny_params
+from .conftest import tiny_generation_params, tiny_params
 
 
-def _train(engine, cfg, rt: ClientRuntime, steps_records) -> dict[str, torch.Tensor]:
+def _train(engine, cfg, rt: ClientRuntime, steps_records, reserve: Batch | None = None) -> dict[str, torch.Tensor]:
     model = rt.fresh_model(ModelSpec(r=cfg.lora.r), 2)
     params = set_trainable(model, ("lora", "head"), rt.head_module())
     batches = list(iterate_batches(rt.tokenizer, steps_records, "classification", 8, 16, 1, 0))
     torch.manual_seed(0)
-    engine.train(model, params, batches, "classification")
+    engine.train(model, params, batches, "classification", reserve=reserve)
     return get_state(model, rt.head_module())
+
+
+def _records(n: int) -> list[dict]:
+    return [{"text": f"word{i} movie", "text_pair": None, "label": i % 2} for i in range(n)]
+
+
+def test_reserve_steps_change_nothing(tmp_path: Path):
+    """The worst-case steps before training (dropout on, so they draw random numbers) leave the trained
+    state bit-identical, no gradient behind and the RNG where it was."""
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    records = _records(24)
+    ref = _train(TorchEngine(cfg.training), cfg, rt, records)
+    worst = worst_case_batch(rt.tokenizer, "classification", 8, cfg.model.max_length)
+    reserved = _train(TorchEngine(cfg.training), cfg, rt, records, reserve=worst)
+    assert ref.keys() == reserved.keys()
+    for key in ref:
+        assert torch.equal(ref[key], reserved[key]), key
+    model = rt.fresh_model(ModelSpec(r=cfg.lora.r), 2)
+    params = set_trainable(model, ("lora", "head"), rt.head_module())
+    model.train()
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    reserve_memory(model, params, worst, "classification", steps=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(p.grad is None for p in params)
+
+
+def test_worst_case_batch_has_the_largest_shape(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    rt.build(ModelSpec(r=cfg.lora.r))
+    cls = worst_case_batch(rt.tokenizer, "classification", 5, 16).tensors
+    assert cls["input_ids"].shape == (5, 16) and cls["labels"].tolist() == [0] * 5
+    assert int(cls["attention_mask"].sum()) == 5 * 16 - 1  # one padded position, like real batches
+    gen_cfg = config_from_dict(tiny_generation_params(tmp_path / "gen"))
+    gen_rt = ClientRuntime(gen_cfg)
+    gen_rt.build(ModelSpec(r=gen_cfg.lora.r))
+    gen = worst_case_batch(gen_rt.tokenizer, "generation", 3, 32).tensors
+    assert gen["input_ids"].shape == gen["labels"].shape == (3, 32)
+    assert (gen["labels"][:, 0] == -100).all() and torch.equal(gen["labels"][:, 1:], gen["input_ids"][:, 1:])
+
+
+def test_runtime_reserves_once_per_model_structure(tmp_path: Path):
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    rt.build(ModelSpec(r=cfg.lora.r))
+    assert rt.reserve_batch(ModelSpec(r=cfg.lora.r)) is not None
+    assert rt.reserve_batch(ModelSpec(r=cfg.lora.r)) is None  # once per process and structure
+    assert rt.reserve_batch(ModelSpec(r=cfg.lora.r, num_experts=2)) is not None  # a new structure: again
+    off = ClientRuntime(config_from_dict(tiny_params(tmp_path, training__reserve_steps=0)))
+    assert off.reserve_batch(ModelSpec(r=cfg.lora.r)) is None
 
 
 @pytest.mark.slow
 def test_deepspeed_engine_matches_torch_engine(tmp_path: Path):
     cfg = config_from_dict(tiny_params(tmp_path))
     rt = ClientRuntime(cfg)
-    records = [{"text": f"word{i} movie", "text_pair": None, "label": i % 2} for i in range(24)]
+    records = _records(24)
     ref = _train(TorchEngine(cfg.training), cfg, rt, records)
     ds = _train(DeepSpeedEngine(cfg.training, Path(cfg.data.cache_dir)), cfg, rt, records)
     assert ref.keys() == ds.keys()

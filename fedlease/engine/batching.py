@@ -79,5 +79,22 @@ def iterate_batches(tokenizer: Any, records: list[dict[str, Any]], kind: str, ba
             yield Batch(encode(tokenizer, chunk, max_length), len(chunk))
 
 
+def worst_case_batch(tokenizer: Any, kind: str, batch_size: int, max_length: int) -> Batch:
+    """The largest batch training can meet: `batch_size` sequences of `max_length` tokens, one position
+    padded (real batches are padded, which decides the attention path), for generation every other
+    position scored (the LM head runs over all of them). Only its shape matters (`trainer.reserve_memory`)."""
+    enc = tokenizer(["memory " * max_length] * batch_size, truncation=True, max_length=max_length,
+                    padding="max_length", return_tensors="pt")
+    tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    tensors["attention_mask"][-1, -1] = 0
+    if kind == "classification":
+        tensors["labels"] = torch.zeros(batch_size, dtype=torch.long)
+    else:
+        labels = tensors["input_ids"].clone()
+        labels[:, 0] = -100
+        tensors["labels"] = labels
+    return Batch(tensors, batch_size)
+
+
 def num_steps(n_examples: int, batch_size: int, epochs: int) -> int:
     return epochs * -(-n_examples // batch_size)

@@ -57,6 +57,28 @@ def response_logits_start(labels: torch.Tensor) -> int:
     return int(scored[0, 0])
 
 
+def reserve_memory(model: nn.Module, params: list[nn.Parameter], batch: Batch, kind: str, steps: int) -> None:
+    """Forward + backward of a worst-case batch, `steps` times, leaving no trace: run the first time a
+    model structure trains in a process.
+
+    Batches are padded to their longest text, so a long-lived worker that trains short-text clients
+    first and long-text clients later sees its peak memory rise mid-run, and an out-of-memory error
+    shows up hours in, on whichever client has the longest texts. These steps move that peak (or that
+    error) to the first client-round. Two by default: glibc serves a process's first large blocks by
+    mmap and only later ones from its heap, so the second step is what lays the heap out at the worst
+    case (benchmarks/README.md). Gradients come back from `torch.autograd.grad` and are dropped (nothing
+    accumulates into `.grad`, no optimizer or DeepSpeed hook fires); the RNG state is restored.
+    """
+    dev = device()
+    trainable = [p for p in params if p.requires_grad]
+    tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
+        for _ in range(steps):
+            loss = compute_loss(model, tensors, kind)
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+            del loss, grads
+
+
 def _lr_lambda(cfg: TrainingConfig):
     warm = cfg.deepspeed.warmup_steps if cfg.deepspeed.scheduler == "linear_warmup" else 0
 
@@ -76,13 +98,17 @@ class TorchEngine:
     def __init__(self, cfg: TrainingConfig) -> None:
         self.cfg = cfg
 
-    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str) -> TrainResult:
+    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
+              reserve: Batch | None = None) -> TrainResult:
+        """Train on `batches`; with `reserve`, `reserve_memory` first (counted as setup)."""
         t0 = time.perf_counter()
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
         accum = self.cfg.deepspeed.gradient_accumulation_steps
-        setup = time.perf_counter() - t0
         model.train()
+        if reserve is not None:
+            reserve_memory(model, params, reserve, kind, self.cfg.reserve_steps)
+        setup = time.perf_counter() - t0
         losses: list[float] = []
         dev = device()
         for i, batch in enumerate(batches):
@@ -168,7 +194,9 @@ class DeepSpeedEngine:
 
         atomic_write_text(path, json.dumps(self.config, indent=2) + "\n")
 
-    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str) -> TrainResult:
+    def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
+              reserve: Batch | None = None) -> TrainResult:
+        """As `TorchEngine.train`; the reserve steps run on the engine's module (its precision)."""
         t0 = time.perf_counter()
         if not self._comm_ready:
             self.deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -178,8 +206,10 @@ class DeepSpeedEngine:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     model_parameters=params, config=self.config)
-        setup = time.perf_counter() - t0
         engine.train()
+        if reserve is not None:
+            reserve_memory(engine.module, params, reserve, kind, self.cfg.reserve_steps)
+        setup = time.perf_counter() - t0
         losses: list[float] = []
         dev = engine.device
         for batch in batches:
