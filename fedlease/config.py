@@ -163,7 +163,7 @@ class TrainingConfig(_Strict):
     release_memory: bool = Field(
         default=True,
         description="glibc malloc_trim after each client call (~20 ms): ~1/3 less resident memory in a "
-                    "long-lived worker and a flat peak (benchmarks/README.md)",
+                    "long-lived worker and much less peak creep (benchmarks/README.md)",
     )
     reserve_steps: NonNegInt = Field(
         default=2,
