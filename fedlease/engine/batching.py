@@ -81,8 +81,8 @@ def iterate_batches(tokenizer: Any, records: list[dict[str, Any]], kind: str, ba
 
 def worst_case_batch(tokenizer: Any, kind: str, batch_size: int, max_length: int) -> Batch:
     """The largest batch training can meet: `batch_size` sequences of `max_length` tokens, one position
-    padded (real batches are padded, which decides the attention path), for generation every other
-    position scored (the LM head runs over all of them). Only its shape matters (`trainer.reserve_memory`)."""
+    padded (real batches are padded, which decides the attention path); for generation every position
+    after the first is scored (the LM head runs over all of them). Only its shape matters (`trainer.reserve_memory`)."""
     enc = tokenizer(["memory " * max_length] * batch_size, truncation=True, max_length=max_length,
                     padding="max_length", return_tensors="pt")
     tensors = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
