@@ -100,6 +100,12 @@ class ModelConfig(_Strict):
     max_length: PositiveInt = 64
     head_module: str = Field(default="classifier", description="Name of the task head (kept local per client)")
     load_in_8bit: bool = False
+    mmap_weights: bool = Field(
+        default=False,
+        description="Leave the checkpoint's weights memory-mapped (less host memory when they go to a GPU); "
+                    "off, they are read in at load: mapped, a CPU worker's memory grows client after client "
+                    "as each new token's embedding row pages in (benchmarks/README.md)",
+    )
 
 
 class LoraConfig(_Strict):

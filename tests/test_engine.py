@@ -12,7 +12,8 @@ from fedlease.client import ClientRuntime
 from fedlease.comm import nbytes
 from fedlease.config import TrainingConfig, config_from_dict
 from fedlease.engine.batching import Batch, TruncationError, encode_generation, iterate_batches, worst_case_batch
-from fedlease.engine.trainer import DeepSpeedEngine, TorchEngine, deepspeed_config, reserve_memory
+from fedlease.engine.trainer import (DeepSpeedEngine, TorchEngine, deepspeed_config, hook_snapshot,
+                                     remove_hooks_since, reserve_memory)
 from fedlease.models.adapters import get_state, set_trainable
 from fedlease.strategies.base import ModelSpec
 from fedlease.strategies.fedlease import FedLEASE
@@ -93,6 +94,63 @@ def test_deepspeed_engine_matches_torch_engine(tmp_path: Path):
     assert changed, "training must change the adapter"
     for key in ref:
         assert torch.allclose(ref[key], ds[key], atol=1e-5), key
+
+
+def test_remove_hooks_since_removes_only_the_new_hooks():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    kept = model[0].register_forward_hook(lambda *a: None)
+    snapshot = hook_snapshot(model)
+    model.register_forward_pre_hook(lambda m, args, kwargs: None, with_kwargs=True)
+    model[0].register_forward_hook(lambda m, args, kwargs, out: None, with_kwargs=True, always_call=True)
+    model[1].register_full_backward_hook(lambda *a: None)
+    assert remove_hooks_since(model, snapshot) == 3
+    assert list(model[0]._forward_hooks) == [kept.id]
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+    assert not model[0]._forward_hooks_with_kwargs and not model[0]._forward_hooks_always_called
+    assert not model[1]._backward_hooks
+    assert remove_hooks_since(model, snapshot) == 0
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_leaves_no_hooks_or_engines_on_the_reused_model(tmp_path: Path):
+    """DeepSpeed's destroy() leaves forward hooks, which close over the engine, on the model; a worker
+    reuses one model for client after client, so without their removal every past engine (optimizer
+    included) stays alive and runs its hooks on each forward pass."""
+    import gc
+
+    from deepspeed.runtime.engine import DeepSpeedEngine as LibraryEngine
+
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt = ClientRuntime(cfg)
+    engine = DeepSpeedEngine(cfg.training, Path(cfg.data.cache_dir))
+    model = rt.fresh_model(ModelSpec(r=cfg.lora.r), 2)
+    before = hook_snapshot(model)
+    for _ in range(2):
+        _train(engine, cfg, rt, _records(16))
+    assert hook_snapshot(model) == before
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, LibraryEngine)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+def test_base_weights_are_read_into_memory_unless_mmap_weights(tmp_path: Path):
+    """Mapped, the weights page in lazily (each new token's embedding row on first use), so a worker's
+    resident memory grows client after client; read in, it is all there after loading."""
+    import os
+
+    from fedlease.config import ModelConfig
+    from fedlease.models.base import load_base_model, resolve_model_path
+
+    def mapped_files() -> str:
+        return Path("/proc/self/maps").read_text()
+
+    checkpoint = os.path.realpath(Path(resolve_model_path(ModelConfig(), tmp_path)) / "model.safetensors")
+    read_in = load_base_model(ModelConfig(), "classification", tmp_path)
+    assert checkpoint not in mapped_files()
+    mapped = load_base_model(ModelConfig(mmap_weights=True), "classification", tmp_path)
+    assert checkpoint in mapped_files()  # the check above can see a mapping
+    assert torch.equal(read_in.model.bert.embeddings.word_embeddings.weight,
+                       mapped.model.bert.embeddings.word_embeddings.weight)
 
 
 def test_deepspeed_config_comes_from_params():

@@ -130,6 +130,49 @@ class TorchEngine:
         opt.zero_grad(set_to_none=True)
 
 
+# A module's hook dicts, each with the side dicts a hook's id is also filed in (torch's RemovableHandle
+# clears the same ones).
+_MODULE_HOOK_DICTS: dict[str, tuple[str, ...]] = {
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_backward_pre_hooks": (),
+    "_backward_hooks": (),
+    "_state_dict_hooks": (),
+    "_state_dict_pre_hooks": (),
+    "_load_state_dict_pre_hooks": (),
+    "_load_state_dict_post_hooks": (),
+}
+
+HookSnapshot = dict[int, dict[str, set[int]]]
+
+
+def hook_snapshot(model: nn.Module) -> HookSnapshot:
+    """The hook ids on every submodule, to undo what a library registers on a model it does not own."""
+    return {id(m): {name: set(getattr(m, name, {})) for name in _MODULE_HOOK_DICTS} for m in model.modules()}
+
+
+def remove_hooks_since(model: nn.Module, snapshot: HookSnapshot) -> int:
+    """Remove every module hook added since `snapshot`; returns how many.
+
+    `DeepSpeedEngine.destroy` leaves its forward hooks on the model, and they close over the engine: a
+    worker that reuses one base model for client after client would keep every past engine (its
+    optimizer, its buffers) alive and run all their hooks on each forward pass.
+    """
+    removed = 0
+    for m in model.modules():
+        before = snapshot.get(id(m), {})
+        for name, side in _MODULE_HOOK_DICTS.items():
+            hooks = getattr(m, name, None)
+            if not hooks:
+                continue
+            for hook_id in set(hooks) - before.get(name, set()):
+                del hooks[hook_id]
+                for extra in side:
+                    getattr(m, extra, {}).pop(hook_id, None)
+                removed += 1
+    return removed
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +247,7 @@ class DeepSpeedEngine:
             self._comm_ready = True
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
+        hooks = hook_snapshot(model)
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                     model_parameters=params, config=self.config)
         engine.train()
@@ -221,6 +265,7 @@ class DeepSpeedEngine:
         t1 = time.perf_counter()
         engine.eval()
         engine.destroy()
+        remove_hooks_since(model, hooks)
         del engine, opt, sched
         for p in params:
             p.grad = None

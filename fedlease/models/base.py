@@ -109,7 +109,8 @@ def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: in
     local = os.path.isdir(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        kwargs: dict[str, Any] = {"local_files_only": local, "dtype": torch.float32}
+        kwargs: dict[str, Any] = {"local_files_only": local, "dtype": torch.float32,
+                                  "disable_mmap": not cfg.mmap_weights}
         if cfg.load_in_8bit:
             from transformers import BitsAndBytesConfig
 
