@@ -128,6 +128,9 @@ def test_deepspeed_engine_leaves_no_hooks_or_engines_on_the_reused_model(tmp_pat
     for _ in range(2):
         _train(engine, cfg, rt, _records(16))
     assert hook_snapshot(model) == before
+    with pytest.raises(IndexError):  # a step that fails (label 5 of a 2-class head) cleans up too
+        _train(engine, cfg, rt, [{"text": "a movie", "text_pair": None, "label": 5}] * 8)
+    assert hook_snapshot(model) == before
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, LibraryEngine)]
 

@@ -248,29 +248,32 @@ class DeepSpeedEngine:
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
         hooks = hook_snapshot(model)
-        engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                                    model_parameters=params, config=self.config)
-        engine.train()
-        if reserve is not None:
-            reserve_memory(engine.module, params, reserve, kind, self.cfg.reserve_steps)
-        setup = time.perf_counter() - t0
+        engine = None
         losses: list[float] = []
-        dev = engine.device
-        for batch in batches:
-            tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
-            loss = compute_loss(engine, tensors, kind)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-        t1 = time.perf_counter()
-        engine.eval()
-        engine.destroy()
-        remove_hooks_since(model, hooks)
-        del engine, opt, sched
-        for p in params:
-            p.grad = None
+        try:
+            engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                                        model_parameters=params, config=self.config)
+            engine.train()
+            if reserve is not None:
+                reserve_memory(engine.module, params, reserve, kind, self.cfg.reserve_steps)
+            setup = time.perf_counter() - t0
+            dev = engine.device
+            for batch in batches:
+                tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
+                loss = compute_loss(engine, tensors, kind)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+            t1 = time.perf_counter()
+        finally:  # also when a step fails: the worker goes on to other clients with this model
+            if engine is not None:
+                engine.destroy()
+            remove_hooks_since(model, hooks)
+            del engine, opt, sched
+            for p in params:
+                p.grad = None
+            model.eval()
         setup += time.perf_counter() - t1
-        model.eval()
         return TrainResult(sum(losses) / max(1, len(losses)), len(losses), time.perf_counter() - t0, setup)
 
 
