@@ -234,6 +234,12 @@ class OrchestrationConfig(_Strict):
     retries: NonNegInt = 1
     retry_delay_s: Annotated[float, Field(ge=0)] = 1.0
     task_timeout_s: PositiveFloat = 3600.0
+    fresh_process: bool = Field(
+        default=False,
+        description="Run every client call in its own spawned process: all of its (GPU) memory is given "
+                    "back when it ends, task_timeout_s is enforced under any runner, a crash fails the call "
+                    "only; costs the imports and the base-model load per call",
+    )
 
 
 class PrivacyConfig(_Strict):

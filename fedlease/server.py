@@ -25,6 +25,7 @@ import numpy as np
 from fedlease.client import client_evaluate, client_train, validate_update, write_download
 from fedlease.config import Config
 from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
+from fedlease.isolation import run_client_call
 from fedlease.strategies.base import ServerState, Strategy, Update
 
 
@@ -47,7 +48,7 @@ def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, A
         cfg: Config = call["cfg"]
         for attempt in range(cfg.orchestration.retries + 1):
             try:
-                out.append(fn(**call))
+                out.append(run_client_call(fn, call))
                 break
             except Exception as exc:  # noqa: BLE001 - a failed client is dropped, not fatal
                 if attempt == cfg.orchestration.retries:

@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from fedlease import pipeline  # noqa: E402
 from fedlease.config import Config, load_config  # noqa: E402
+from fedlease.isolation import run_client_call  # noqa: E402
 from fedlease.strategies import needs_warmup  # noqa: E402
 from fedlease.server import ClientMapper  # noqa: E402
 
@@ -28,14 +29,15 @@ from fedlease.server import ClientMapper  # noqa: E402
 @task(name="client", cache_policy=NO_CACHE, persist_result=False)
 def client_task(fn: Callable[..., dict[str, Any]], call: dict[str, Any]) -> dict[str, Any]:
     """One client's work for one stage and round (train or evaluate), from files to files."""
-    return fn(**call)
+    return run_client_call(fn, call)
 
 
 def prefect_mapper(cfg: Config) -> ClientMapper:
     """Submit one task per client; retries and timeouts come from params.yaml."""
     orch = cfg.orchestration
     # A timeout cannot interrupt a task running in a worker thread (Prefect only warns), so it is
-    # applied where tasks run in their own processes (the Ray runner).
+    # applied where tasks run in their own processes (the Ray runner; with fresh_process, the
+    # call's own process is killed at task_timeout_s under any runner, fedlease/isolation.py).
     timeout = orch.task_timeout_s if orch.task_runner == "ray" else None
 
     def run(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
