@@ -21,13 +21,15 @@ from pathlib import Path
 
 from common import current_rss_mb, default_config, peak_rss_mb
 
-from fedlease.client import client_train, runtime_for, write_download
+from fedlease.client import client_train
+from fedlease.exchange import write_download
+from fedlease.runtime import runtime_for
 from fedlease.data.stage import run_data_stage
 from fedlease.engine.batching import encode_classification, Batch
 from fedlease.engine.trainer import DeepSpeedEngine, TorchEngine
 from fedlease.models.adapters import set_trainable
 from fedlease.strategies import make_strategy
-from fedlease.strategies.base import ModelSpec
+from fedlease.strategies.base import InitContext, ModelSpec
 
 
 def main() -> None:
@@ -66,7 +68,7 @@ def main() -> None:
           f"deepspeed ZeRO-{cfg.training.deepspeed.zero_stage} {1000 * step['deepspeed']:.1f} ms")
 
     strategy = make_strategy("fedit", cfg, n)
-    state = strategy.init_state(rt.common_init(ModelSpec(r=cfg.lora.r)))
+    state = strategy.init_state(InitContext(rt.common_init(ModelSpec(r=cfg.lora.r))))
     shares, rss_after = [], []
     for i in range(args.rounds):
         cid = (args.start_client + i) % n
@@ -75,11 +77,11 @@ def main() -> None:
         t0 = time.perf_counter()
         res = client_train(cfg, "fedit", cid, 1 + i // n, str(down), str(Path(out) / "bench" / f"up_{i}.safetensors"), n)
         total = time.perf_counter() - t0
-        pure_steps = res["train_seconds"] - res["setup_seconds"]
+        pure_steps = res.train_seconds - res.setup_seconds
         shares.append((total - pure_steps) / total)
         rss_after.append(peak_rss_mb())
         if i % 10 == 0:
-            print(f"client-round {i}: {total:.2f} s, {res['steps']} steps, fixed {total - pure_steps:.2f} s, "
+            print(f"client-round {i}: {total:.2f} s, {res.steps} steps, fixed {total - pure_steps:.2f} s, "
                   f"peak RSS {rss_after[-1]:.0f} MB, current {current_rss_mb():.0f} MB", flush=True)
     growth = (rss_after[-1] - rss_after[0]) / rss_after[0]
     steady = (rss_after[-1] - rss_after[n - 1]) / rss_after[n - 1] if args.rounds > n else float("nan")

@@ -18,7 +18,7 @@ import torch
 
 from common import default_config
 
-from fedlease.client import ClientRuntime
+from fedlease.runtime import ClientRuntime
 from fedlease.data.stage import build_partitions
 from fedlease.engine.batching import encode_classification
 from fedlease.engine.trainer import compute_loss

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlease.config import load_config  # noqa: E402
 from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.pipeline import run_all  # noqa: E402
+from fedlease.report import mean_std, method_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUICK = ["data.partition.clients_per_task=2", "data.partition.train_per_client=48",
@@ -68,13 +69,15 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
 def local_epochs_per_method(cfg: Any) -> dict[str, int]:
     """Total local epochs each client trains under each method (FedLEASE's warm-up included), so the
     table states the compute each method got, not only the shared rounds x local epochs."""
-    from fedlease.strategies import builds_on_warmup, make_strategy
+    from fedlease.runtime import strategy_for
+    from fedlease.strategies import warmup_strategy
 
+    warmup = warmup_strategy(cfg, cfg.num_clients)
     out = {}
     for name in cfg.strategies:
-        strategy = make_strategy(name, cfg, cfg.num_clients)
-        total = sum(strategy.local_epochs(r) for r in range(1, cfg.federation.rounds + 1))
-        out[name] = total + (cfg.fedlease.warmup_epochs if builds_on_warmup(name) else 0)
+        strategy = strategy_for(cfg, name, cfg.num_clients)
+        total = sum(strategy.local_epochs(r) for r in range(1, strategy.rounds() + 1))
+        out[name] = total + (warmup.local_epochs(1) if strategy.inherits_warmup else 0)
     return out
 
 
@@ -101,14 +104,14 @@ def ablations(params: str, overrides: list[str], seeds: list[int], num_clients: 
     for name, extra in variants.items():
         tag = prefix + "ablation-" + "".join(ch if ch.isalnum() else "_" for ch in name)
         runs = run_setting(params, [*overrides, *extra, "strategies=[fedlease]"], seeds, tag)
-        lines.append(f"| {name} | {_ms([r['methods']['fedlease']['mean'] for r in runs])} |")
+        lines.append(f"| {name} | {mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
     return "\n".join(lines)
 
 
 def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[float], prefix: str) -> str:
     """FedLEASE under client-level DP at epsilon 1, 4, 8 (delta 1e-5) beside no DP."""
     lines = ["| privacy | noise multiplier | final epsilon | avg accuracy |", "|---|---|---|---|",
-             f"| no DP | - | - | {_ms(no_dp)} |"]
+             f"| no DP | - | - | {mean_std(no_dp)} |"]
     for eps in (1, 4, 8):
         extra = ["privacy.enabled=true", f"privacy.target_epsilon={eps}", "strategies=[fedlease]"]
         runs = run_setting(params, [*overrides, *extra], seeds, f"{prefix}dp-eps{eps}")
@@ -117,45 +120,33 @@ def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[fl
 
         lines.append(f"| epsilon = {eps} | {noise_multiplier(cfg):.3f} | "
                      f"{epsilon_after(cfg, cfg.federation.rounds):.2f} | "
-                     f"{_ms([r['methods']['fedlease']['mean'] for r in runs])} |")
+                     f"{mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
     return "\n".join(lines)
 
 
-def _ms(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
-    """Method x task score (accuracy or ROUGE-L, in %), average, bytes, parameters, wall time;
-    FedLEASE's cluster quality and its margin over the best baseline."""
+    """The pipeline's method table over seeds (mean ± std), with each method's local epochs; the primary
+    method's cluster quality and its margin over the best other method."""
+    from fedlease.strategies import primary_name, strategy_class
+
     methods = list(runs[0]["methods"])
-    tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
-    head = ["method", *tasks, "avg", "local epochs", "MB up/client/round", "MB down/client/round",
-            "trainable params", "rounds s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    means = {}
-    for name in methods:
-        per = [r["methods"][name] for r in runs]
-        means[name] = statistics.mean(p["mean"] for p in per)
-        epochs = runs[0].get("epochs", {}).get(name, "-")
-        cells = [name, *[_ms([p["per_task"][t] for p in per]) for t in tasks], _ms([p["mean"] for p in per]), str(epochs),
-                 f"{per[0]['bytes_up_per_client_round'] / 1e6:.3f}", f"{per[0]['bytes_down_per_client_round'] / 1e6:.3f}",
-                 f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    baselines = {k: v for k, v in means.items() if k != "fedlease"}
-    margin = 100 * (means["fedlease"] - max(baselines.values())) if "fedlease" in means and baselines else float("nan")
+    epochs = {name: str(runs[0].get("epochs", {}).get(name, "-")) for name in methods}
+    lines = [method_table(runs, {"local epochs": epochs})]
+    means = {name: statistics.mean(r["methods"][name]["mean"] for r in runs) for name in methods}
+    primary = primary_name(methods)
+    others = {k: v for k, v in means.items() if k != primary}
+    margin = 100 * (means[primary] - max(others.values())) if primary and others else float("nan")
     aris = [r["allocation"]["ari_vs_task"] for r in runs if "allocation" in r]
     ms = [r["allocation"]["num_experts"] for r in runs if "allocation" in r]
     ari = statistics.mean(aris) if aris else float("nan")
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
+    heirs = [m for m in methods if strategy_class(m).inherits_warmup and m != primary]
     if warm:
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
-                      "its rounds" + ("; `local` continues from the same warm-up (its rounds s exclude it too)." if "local" in methods
-                                      else "; no method here gets those epochs (see the local epochs column).")]
+                      "its rounds" + (f"; {', '.join(heirs)} continue(s) from the same warm-up (rounds s exclude it too)."
+                                      if heirs else "; no method here gets those epochs (see the local epochs column).")]
     lines += ["", f"FedLEASE chose M = {ms} (per seed); ARI of its clusters vs the true tasks: {aris}.",
-              f"FedLEASE margin over the best baseline ({max(baselines, key=baselines.get) if baselines else '-'}): "
+              f"FedLEASE margin over the best baseline ({max(others, key=others.get) if others else '-'}): "
               f"{margin:+.2f} points (mean over {len(runs)} seed(s))."]
     return "\n".join(lines), ari, margin
 
@@ -239,7 +230,7 @@ def main() -> None:
         m = max(r["allocation"]["num_experts"] for r in runs if "allocation" in r)
         doc += ["## Ablations (FedLEASE variants, same budgets)", "",
                 ablations(args.params, overrides, seeds, cfg.num_clients, m, prefix), "",
-                f"Full FedLEASE on the same setting: {_ms([r['methods']['fedlease']['mean'] for r in runs])}.", ""]
+                f"Full FedLEASE on the same setting: {mean_std([r['methods']['fedlease']['mean'] for r in runs])}.", ""]
     if args.dp:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs], prefix), ""]

@@ -46,21 +46,25 @@ def rounds(params: str, n: int, overrides: list[str]) -> dict[str, object]:
     """Run the configured rounds of the first configured method without evaluation; time each round."""
     import shutil
 
-    from fedlease.client import runtime_for, strategy_for
     from fedlease.paths import RunPaths
-    from fedlease.server import run_rounds
+    from fedlease.pipeline import clients_via, initial_context
+    from fedlease.runtime import strategy_for
+    from fedlease.server import run_rounds, sequential_mapper
 
     cfg = _config(params, n, overrides)
-    name = cfg.strategies[0]
-    strategy = strategy_for(cfg, name, n)
-    common = runtime_for(cfg).common_init(strategy.spec(0))
-    run_dir = RunPaths.of(cfg).strategy_dir(name)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    trained = type(strategy_for(cfg, cfg.strategies[0], n))
+
+    class TrainOnly(trained):  # type: ignore[misc, valid-type]
+        def evaluates(self) -> bool:
+            return False  # the benchmark times training rounds
+
+    strategy = TrainOnly(cfg, n, strategy_for(cfg, cfg.strategies[0], n).allocation)
+    shutil.rmtree(strategy.home(RunPaths.of(cfg)), ignore_errors=True)
     t0 = time.perf_counter()
-    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), run_dir, cfg.federation.rounds,
-                     num_clients=n, evaluate=False)
-    return {"n": n, "round_seconds": [h["seconds"] for h in out["history"]],
-            "sampled": [len(h["sampled"]) for h in out["history"]], "peak_rss_mb": peak_rss_mb(),
+    out = run_rounds(cfg, strategy, lambda: strategy.init_state(initial_context(cfg, strategy)),
+                     clients_via(sequential_mapper))
+    return {"n": n, "round_seconds": [h.seconds for h in out.history],
+            "sampled": [len(h.sampled) for h in out.history], "peak_rss_mb": peak_rss_mb(),
             "total_seconds": time.perf_counter() - t0}
 
 

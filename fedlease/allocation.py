@@ -17,6 +17,8 @@ import torch
 from sklearn.cluster import AgglomerativeClustering, SpectralClustering
 from sklearn.metrics import silhouette_score
 
+from fedlease.aggregation import weighted_mean
+
 
 def b_keys(adapter: dict[str, torch.Tensor]) -> list[str]:
     keys = sorted(k for k in adapter if k.startswith("lora.") and k.endswith(".B"))
@@ -102,19 +104,6 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
     top = max(scores.values())
     k = min(k for k, score in scores.items() if score >= top - tolerance)
     return Allocation(canonical_labels(labels_of[k]), k, scores, dist.tolist(), time.perf_counter() - t0, method)
-
-
-def weighted_mean(tensors: list[dict[str, torch.Tensor]], weights: list[float] | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """Per-key weighted mean of state dicts (FedAvg). Pure; weights need not sum to 1."""
-    if not tensors:
-        raise ValueError("cannot average zero updates")
-    w = torch.tensor(weights if weights is not None else [1.0] * len(tensors), dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError("aggregation weights must be non-negative with a positive sum")
-    w = w / w.sum()
-    return {key: sum(wi * t[key].double() for wi, t in zip(w, tensors, strict=True)).to(tensors[0][key].dtype)
-            for key in tensors[0]}
 
 
 def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation,

@@ -128,11 +128,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from fedlease.pipeline import join_client
+    from fedlease.late_join import join_client
 
-    rec = join_client(_load(args), args.data, args.task)
-    dists = ", ".join(f"E{e}: {d:.3f}" for e, d in enumerate(rec["mean_distances"]))
-    print(f"join: client {rec['client_id']} ({rec['task']}) -> expert {rec['expert']} (mean B-distance {dists}); "
+    rec = join_client(_load(args), args.data, args.task, args.strategy)
+    placement = ""
+    if "expert" in rec:
+        dists = ", ".join(f"E{e}: {d:.3f}" for e, d in enumerate(rec["mean_distances"]))
+        placement = f" -> expert {rec['expert']} (mean B-distance {dists})"
+    print(f"join: client {rec['client_id']} ({rec['task']}, {rec['strategy']}){placement}; "
           f"accuracy after one round {rec['accuracy']:.4f}")
     return 0
 
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "join":
             p.add_argument("--data", required=True, help="the new client's .csv/.jsonl file")
             p.add_argument("--task", required=True, help="a name for its task (for tables)")
+            p.add_argument("--strategy", default=None, help="the method it joins (default: fedlease)")
         if name == "report":
             p.add_argument("--run-id", default=None, help="pipeline (parent) run; default: the latest")
         p.set_defaults(func=func)

@@ -8,6 +8,3 @@ import torch
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
-
-def nparams(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors.values())

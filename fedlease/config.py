@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -113,9 +113,6 @@ class LoraConfig(_Strict):
     alpha: PositiveFloat = 16.0
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
-    init_std_a: PositiveFloat | None = Field(
-        default=None, description="Std of the common A init; None = peft's kaiming-uniform default"
-    )
 
 
 class ClusteringConfig(_Strict):
@@ -147,14 +144,12 @@ class FedLeaseConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
+    """What only the DeepSpeed engine reads."""
+
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    gradient_accumulation_steps: PositiveInt = 1
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         default="auto", description="auto: fp32 on CPU, bf16 on GPU"
     )
-    scheduler: Literal["constant", "linear_warmup"] = "constant"
-    warmup_steps: NonNegInt = 0
-    gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
 
 
 class TrainingConfig(_Strict):
@@ -163,6 +158,8 @@ class TrainingConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     batch_size: PositiveInt = 16
     local_epochs: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    gradient_clipping: Annotated[float, Field(ge=0)] = Field(default=1.0, description="max grad norm; 0: off")
     eval_batch_size: PositiveInt = 64
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     torch_threads: NonNegInt = Field(default=0, description="0 = torch default")
@@ -268,15 +265,16 @@ class FaultsConfig(_Strict):
     hang_seconds: PositiveFloat = 3600.0
 
 
-Strategy = Literal[
-    "fedlease",
-    "local",
-    "fedit",
-    "ffa_lora",
-    "fedsa_lora",
-    "ifca",
-    "feddpa",
-]
+def _registered_method(name: str) -> str:
+    from fedlease.strategies import federated_names  # the registry is the one list of methods
+
+    known = federated_names()
+    if name not in known:
+        raise ValueError(f"unknown method {name!r} (known: {', '.join(known)})")
+    return name
+
+
+StrategyName = Annotated[str, AfterValidator(_registered_method)]
 
 
 class Config(_Strict):
@@ -291,7 +289,8 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     fedlease: FedLeaseConfig = FedLeaseConfig()
-    strategies: list[Strategy] = Field(default_factory=lambda: ["fedlease", "local"], min_length=1)
+    strategies: list[StrategyName] = Field(default_factory=lambda: ["fedlease", "local"], min_length=1,
+                                  description="the methods to compare, by their registered names")
     baselines: BaselinesConfig = BaselinesConfig()
     training: TrainingConfig = TrainingConfig()
     federation: FederationConfig = FederationConfig()
@@ -299,6 +298,13 @@ class Config(_Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     faults: FaultsConfig = FaultsConfig()
+
+    @field_validator("strategies")
+    @classmethod
+    def _once_each(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"a method is listed twice: {names}")
+        return names
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedlease.io import atomic_write_bytes  # noqa: E402
+from fedlease.records import RoundRecord  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -92,11 +93,11 @@ def plot_accuracy_rounds(curves: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_communication(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def plot_communication(histories: dict[str, list[RoundRecord]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, hist in sorted(histories.items()):
-        rounds = [r["round"] for r in hist]
-        per_round = [(sum(r["bytes_up"].values()) + sum(r["bytes_down"].values())) / 1e6 for r in hist]
+        rounds = [r.round for r in hist]
+        per_round = [(r.total_up + r.total_down) / 1e6 for r in hist]
         ax.plot(rounds, np.cumsum(per_round), marker="o", label=method)
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative MB (up + down, all clients)")

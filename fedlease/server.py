@@ -16,16 +16,19 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedlease.client import client_evaluate, client_train, validate_update, write_download
 from fedlease.config import Config
+from fedlease.exchange import validate_upload, write_download
 from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
 from fedlease.isolation import run_client_call
+from fedlease.paths import RunPaths
+from fedlease.records import ClientTrainResult, RoundRecord, history_from_json, history_to_json
 from fedlease.strategies.base import ServerState, Strategy, Update
 
 
@@ -34,16 +37,16 @@ class RoundFailed(RuntimeError):
 
 
 class ClientMapper(Protocol):
-    def __call__(self, fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
-                 ) -> list[dict[str, Any] | BaseException]: ...
+    def __call__(self, fn: Callable[..., Any], calls: list[dict[str, Any]], label: str
+                 ) -> list[Any | BaseException]: ...
 
 
-def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
-                      ) -> list[dict[str, Any] | BaseException]:
+def sequential_mapper(fn: Callable[..., Any], calls: list[dict[str, Any]], label: str
+                      ) -> list[Any | BaseException]:
     """Run client calls one after another in this process (retries as configured)."""
     from tqdm import tqdm
 
-    out: list[dict[str, Any] | BaseException] = []
+    out: list[Any | BaseException] = []
     for call in tqdm(calls, desc=label, unit="client", leave=False, disable=not sys.stderr.isatty()):
         cfg: Config = call["cfg"]
         for attempt in range(cfg.orchestration.retries + 1):
@@ -58,7 +61,7 @@ def sequential_mapper(fn: Callable[..., dict[str, Any]], calls: list[dict[str, A
     return out
 
 
-def fingerprint(cfg: Config, strategy: str, inputs: list[Path] | tuple[Path, ...]) -> str:
+def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path]) -> str:
     """What a checkpoint was made from: every param that changes results, plus the input files.
 
     `federation.rounds` is left out so that a finished run can be extended; tracking,
@@ -113,13 +116,28 @@ class Checkpoint:
                 old.unlink(missing_ok=True)
 
 
-def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerState], run_dir: Path, rounds: int,
-               mapper: ClientMapper = sequential_mapper, num_clients: int | None = None,
-               evaluate: bool = True,
-               on_round: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
-               inputs: list[Path] = ()) -> dict[str, Any]:
-    """Run (or resume) `rounds` rounds of `strategy`; return {"history": [...], "state": ServerState}."""
-    n = num_clients if num_clients is not None else cfg.num_clients
+@dataclass(frozen=True)
+class Clients:
+    """How the round loop reaches the clients: what they run (the pipeline passes `fedlease.client`'s
+    functions; the server never imports the client side) and how the calls are dispatched."""
+
+    train: Callable[..., ClientTrainResult]
+    evaluate: Callable[..., dict[str, Any]]
+    mapper: ClientMapper = sequential_mapper
+
+
+@dataclass
+class RoundsResult:
+    history: list[RoundRecord]
+    state: ServerState
+
+
+def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerState], clients: Clients,
+               inputs: Sequence[Path] = (),
+               on_round: Callable[[RoundRecord, list[RoundRecord]], None] | None = None) -> RoundsResult:
+    """Run (or resume) the strategy's rounds in its stage folder; `inputs` are the files its results
+    depend on (a changed one restarts it)."""
+    run_dir = strategy.home(RunPaths.of(cfg))
     ckpt = Checkpoint(run_dir / "checkpoint")
     fp = fingerprint(cfg, strategy.name, inputs)
     loaded = ckpt.load()
@@ -129,100 +147,114 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
         loaded = None
     if loaded is not None:
         state, meta = loaded
-        history: list[dict[str, Any]] = meta["history"]
+        history = history_from_json(meta["history"])
         start = meta["round"] + 1
-        if start <= rounds:
+        if start <= strategy.rounds():
             _progress(f"[{strategy.name}] resuming after round {meta['round']}")
     else:
         state, history, start = initial(), [], 1
-    for round_ in range(start, rounds + 1):
+    for round_ in range(start, strategy.rounds() + 1):
         t0 = time.perf_counter()
-        sampled = sample_clients(cfg, round_, n)
         rdir = run_dir / "rounds" / f"r{round_:04d}"
-        calls = []
-        for cid in sampled:
-            down = rdir / f"down_{cid:03d}.safetensors"
-            write_download(down, strategy.download(state, cid))
-            calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
-                          "download_path": str(down), "upload_path": str(rdir / f"up_{cid:03d}.safetensors"),
-                          "num_clients": n})
-        results = mapper(client_train, calls, f"{strategy.name}-r{round_}-train")
-        updates, reports, dropped = [], [], {}
-        for cid, res in zip(sampled, results, strict=True):
-            if isinstance(res, BaseException):
-                dropped[cid] = f"{type(res).__name__}: {res}"
-                continue
-            try:
-                tensors = validate_update(Path(res["upload"]), None)
-            except Exception as exc:  # noqa: BLE001
-                dropped[cid] = str(exc)
-                continue
-            updates.append(Update(cid, tensors, res["num_examples"], res["meta"]))
-            reports.append(res)
-        needed = max(1, int(np.ceil(cfg.federation.min_clients_fraction * len(sampled))))
-        if len(updates) < needed:
-            raise RoundFailed(f"[{strategy.name}] round {round_}: only {len(updates)} of {len(sampled)} sampled "
-                              f"clients reported (need {needed}); dropped: {dropped}")
-        shape_ref = _shape_reference(updates)
-        bad = [u for u in updates if _signature(u) != shape_ref[_group_of(u)]]
-        for u in bad:
-            dropped[u.client_id] = "update shapes differ from the other clients'"
-        updates = [u for u in updates if u not in bad]
-        state = strategy.aggregate(state, updates)
-        record: dict[str, Any] = {
-            "round": round_, "sampled": sampled, "dropped": {str(k): v for k, v in dropped.items()},
-            "loss": float(np.mean([r["loss"] for r in reports])) if reports else float("nan"),
-            "bytes_up": {str(r["client_id"]): r["bytes_up"] for r in reports},
-            "bytes_down": {str(r["client_id"]): r["bytes_down"] for r in reports},
-            "client_seconds": float(sum(r["seconds"] for r in reports)),
-            "setup_seconds": float(sum(r["setup_seconds"] for r in reports)),
-        }
-        if cfg.privacy.enabled and strategy.name != "warmup":
-            from fedlease.privacy import epsilon_after, noise_multiplier
-
-            record["epsilon"] = epsilon_after(cfg, round_)
-            record["noise_multiplier"] = noise_multiplier(cfg)
-        if evaluate and (round_ % cfg.federation.eval_every == 0 or round_ == rounds):
-            record["eval"] = evaluate_clients(cfg, strategy, state, rdir, round_, n, mapper)
-        record["seconds"] = time.perf_counter() - t0
+        state, record = train_round(cfg, strategy, state, round_, rdir, clients)
+        if strategy.evaluates() and (round_ % cfg.federation.eval_every == 0 or round_ == strategy.rounds()):
+            record.eval = evaluate_clients(cfg, strategy, state, rdir, round_, clients)
+        record.seconds = time.perf_counter() - t0
         history.append(record)
-        ckpt.save(state, {"round": round_, "history": history, "strategy": strategy.name, "fingerprint": fp})
+        ckpt.save(state, {"round": round_, "history": history_to_json(history), "strategy": strategy.name,
+                          "fingerprint": fp})
         shutil.rmtree(rdir, ignore_errors=True)
         _progress(round_line(strategy.name, record))
         if on_round is not None:
             on_round(record, history)
-        if cfg.faults.crash_after_round == round_ and strategy.name != "warmup":
+        if cfg.faults.crash_after_round == round_ and strategy.federated:
             _progress(f"[{strategy.name}] faults.crash_after_round={round_}: killing the run")
             os.kill(os.getpid(), signal.SIGKILL)
-    return {"history": history, "state": state}
+    return RoundsResult(history, state)
 
 
-def _group_of(update: Update) -> Any:
-    """Updates of one expert (FedLEASE) or cluster (IFCA) must share shapes; others form one group."""
-    return update.meta.get("expert", update.meta.get("cluster", 0))
+def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int, rdir: Path,
+                clients: Clients) -> tuple[ServerState, RoundRecord]:
+    """Sample, send, train, collect, validate and aggregate one round; fails (RoundFailed) when too
+    few sampled clients report."""
+    n = strategy.num_clients
+    sampled = list(range(n)) if strategy.samples_every_client() else sample_clients(cfg, round_, n)
+    calls = []
+    for cid in sampled:
+        down = rdir / f"down_{cid:03d}.safetensors"
+        write_download(down, strategy.download(state, cid))
+        calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
+                      "download_path": str(down), "upload_path": str(rdir / f"up_{cid:03d}.safetensors"),
+                      "num_clients": n})
+    results = clients.mapper(clients.train, calls, f"{strategy.name}-r{round_}-train")
+    updates, reports, dropped = collect_updates(sampled, results)
+    needed = max(1, int(np.ceil(cfg.federation.min_clients_fraction * len(sampled))))
+    if len(updates) < needed:
+        raise RoundFailed(f"[{strategy.name}] round {round_}: only {len(updates)} of {len(sampled)} sampled "
+                          f"clients reported (need {needed}); dropped: {dropped}")
+    state = strategy.aggregate(state, updates)
+    reports = [r for r in reports if r.client_id not in dropped]
+    record = RoundRecord(
+        round=round_, sampled=sampled, dropped={str(k): v for k, v in dropped.items()},
+        loss=float(np.mean([r.loss for r in reports])) if reports else float("nan"),
+        bytes_up={str(r.client_id): r.bytes_up for r in reports},
+        bytes_down={str(r.client_id): r.bytes_down for r in reports},
+        client_seconds=float(sum(r.seconds for r in reports)),
+        setup_seconds=float(sum(r.setup_seconds for r in reports)))
+    if cfg.privacy.enabled and strategy.federated:
+        from fedlease.privacy import epsilon_after, noise_multiplier
+
+        record.epsilon = epsilon_after(cfg, round_)
+        record.noise_multiplier = noise_multiplier(cfg)
+    return state, record
+
+
+def collect_updates(sampled: list[int], results: list[ClientTrainResult | BaseException]
+                    ) -> tuple[list[Update], list[ClientTrainResult], dict[int, str]]:
+    """The round's valid updates; a client whose call failed, whose upload has NaN/Inf, or whose shapes
+    differ from the majority of its group is dropped, with the reason."""
+    updates, reports, dropped = [], [], {}
+    for cid, res in zip(sampled, results, strict=True):
+        if isinstance(res, BaseException):
+            dropped[cid] = f"{type(res).__name__}: {res}"
+            continue
+        try:
+            tensors = validate_upload(Path(res.upload))
+        except Exception as exc:  # noqa: BLE001
+            dropped[cid] = str(exc)
+            continue
+        updates.append(Update(cid, tensors, res.num_examples, res.group))
+        reports.append(res)
+    shape_ref = _shape_reference(updates)
+    for u in updates:
+        if _signature(u) != shape_ref[u.group]:
+            dropped[u.client_id] = "update shapes differ from the other clients'"
+    return [u for u in updates if u.client_id not in dropped], reports, dropped
 
 
 def _signature(update: Update) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in update.tensors.items()}
 
 
-def _shape_reference(updates: list[Update]) -> dict[Any, dict[str, tuple[int, ...]]]:
-    """Majority shape signature per group (a client whose upload has other shapes is dropped)."""
-    groups: dict[Any, list[dict[str, tuple[int, ...]]]] = {}
+def _shape_reference(updates: list[Update]) -> dict[int, dict[str, tuple[int, ...]]]:
+    """Majority shape signature per group (updates of one expert or cluster must share shapes)."""
+    groups: dict[int, list[dict[str, tuple[int, ...]]]] = {}
     for u in updates:
-        groups.setdefault(_group_of(u), []).append(_signature(u))
+        groups.setdefault(u.group, []).append(_signature(u))
     return {key: max(sigs, key=sigs.count) for key, sigs in groups.items()}
 
 
-def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: Path, round_: int, n: int,
-                     mapper: ClientMapper) -> dict[str, Any]:
+def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: Path, round_: int,
+                     clients: Clients) -> dict[str, Any]:
+    """Every client (sampled this round or not) evaluates the aggregated model on its test split."""
+    n = strategy.num_clients
     calls = []
     for cid in range(n):
         down = rdir / f"eval_{cid:03d}.safetensors"
         write_download(down, strategy.eval_download(state, cid))
         calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
                       "download_path": str(down), "num_clients": n})
-    results = mapper(client_evaluate, calls, f"{strategy.name}-r{round_}-eval")
+    results = clients.mapper(clients.evaluate, calls, f"{strategy.name}-r{round_}-eval")
     clients = {}
     for cid, res in zip(range(n), results, strict=True):
         if isinstance(res, BaseException):
@@ -250,12 +282,10 @@ def summarise_eval(clients: dict[str, dict[str, Any]], kind: str) -> dict[str, A
     return out
 
 
-def round_line(name: str, record: dict[str, Any]) -> str:
-    ev = record.get("eval")
+def round_line(name: str, record: RoundRecord) -> str:
+    ev = record.eval
     score = f"{ev['metric']} {ev['mean']:.4f}" if ev else "no eval"
-    up = sum(record["bytes_up"].values())
-    down = sum(record["bytes_down"].values())
-    dropped = f" dropped {sorted(record['dropped'])}" if record["dropped"] else ""
-    dropped += f" | epsilon {record['epsilon']:.2f}" if "epsilon" in record else ""
-    return (f"[{name}] round {record['round']}: {score} | loss {record['loss']:.4f} | "
-            f"{record['seconds']:.1f}s | up {up / 1e6:.2f} MB down {down / 1e6:.2f} MB{dropped}")
+    dropped = f" dropped {sorted(record.dropped)}" if record.dropped else ""
+    dropped += f" | epsilon {record.epsilon:.2f}" if record.epsilon is not None else ""
+    return (f"[{name}] round {record.round}: {score} | loss {record.loss:.4f} | "
+            f"{record.seconds:.1f}s | up {record.total_up / 1e6:.2f} MB down {record.total_down / 1e6:.2f} MB{dropped}")

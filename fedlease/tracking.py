@@ -2,7 +2,7 @@
 
 One parent run per pipeline run (its id kept in <output_dir>/tracking.json so every
 stage, a DVC stage or a resumed run continues the same run), one nested run per
-method, per-round metrics with step = round, artifacts and the registered model.
+strategy, per-round metrics with step = round, artifacts and the registered model.
 With tracking disabled every call is a no-op.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 from fedlease.config import Config, flatten
 from fedlease.io import atomic_write_json, read_json
 from fedlease.paths import RunPaths
+from fedlease.records import RoundRecord
 
 
 class TrackingError(RuntimeError):
@@ -93,7 +94,7 @@ class Tracker:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i : i + 100])
-        atomic_write_json(self.state_file, {"parent": run.info.run_id, "methods": {}, "uri": self.uri,
+        atomic_write_json(self.state_file, {"parent": run.info.run_id, "strategies": {}, "uri": self.uri,
                                             "params_hash": self._params_hash()})
         return run.info.run_id
 
@@ -112,19 +113,19 @@ class Tracker:
         except Exception:  # noqa: BLE001 - a run of another store or a deleted one
             return False
 
-    def method_run_id(self, method: str) -> str | None:
+    def strategy_run_id(self, strategy: str) -> str | None:
         if not self.enabled:
             return None
         parent = self.parent_run_id()
         state = self._state()
-        run_id = state.get("methods", {}).get(method)
+        run_id = state.get("strategies", {}).get(strategy)
         if run_id and self._exists(run_id):
             return run_id
         parent_run = self.client.get_run(parent)
-        run = self.client.create_run(parent_run.info.experiment_id, run_name=method,
-                                     tags={"mlflow.parentRunId": parent, "fedlease.kind": "method",
-                                           "fedlease.method": method})
-        state.setdefault("methods", {})[method] = run.info.run_id
+        run = self.client.create_run(parent_run.info.experiment_id, run_name=strategy,
+                                     tags={"mlflow.parentRunId": parent, "fedlease.kind": "strategy",
+                                           "fedlease.strategy": strategy})
+        state.setdefault("strategies", {})[strategy] = run.info.run_id
         atomic_write_json(self.state_file, state)
         return run.info.run_id
 
@@ -142,15 +143,15 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
-    def log_round(self, method: str, record: dict[str, Any], cumulative: dict[str, float]) -> None:
-        """Per-round metrics of one method, step = round."""
+    def log_round(self, strategy: str, record: RoundRecord, cumulative: dict[str, float]) -> None:
+        """Per-round metrics of one strategy, step = round."""
         if not self.enabled:
             return
         metrics = round_metrics(record, cumulative)
-        run_id = self.method_run_id(method)
-        self.log_metrics(run_id, metrics, step=record["round"])
-        if record["dropped"]:
-            self.client.log_dict(run_id, record["dropped"], f"dropped_clients/round_{record['round']:04d}.json")
+        run_id = self.strategy_run_id(strategy)
+        self.log_metrics(run_id, metrics, step=record.round)
+        if record.dropped:
+            self.client.log_dict(run_id, record.dropped, f"dropped_clients/round_{record.round:04d}.json")
 
     def log_artifacts(self, run_id: str | None, folder: Path, artifact_path: str) -> None:
         if self.enabled and run_id is not None and folder.exists():
@@ -164,24 +165,23 @@ class Tracker:
             self.client.set_terminated(run_id, status)
 
 
-def round_metrics(record: dict[str, Any], cumulative: dict[str, float]) -> dict[str, float]:
+def round_metrics(record: RoundRecord, cumulative: dict[str, float]) -> dict[str, float]:
     """Flatten one round record into MLflow metric names (cumulative bytes updated in place)."""
-    out: dict[str, float] = {"train_loss": record["loss"], "round_seconds": record["seconds"],
-                             "clients_dropped": float(len(record["dropped"])),
-                             "clients_reported": float(len(record["bytes_up"]))}
-    if "epsilon" in record:
-        out["dp_epsilon"] = record["epsilon"]
-        out["dp_noise_multiplier"] = record["noise_multiplier"]
-    up = sum(record["bytes_up"].values())
-    down = sum(record["bytes_down"].values())
+    out: dict[str, float] = {"train_loss": record.loss, "round_seconds": record.seconds,
+                             "clients_dropped": float(len(record.dropped)),
+                             "clients_reported": float(len(record.bytes_up))}
+    if record.epsilon is not None and record.noise_multiplier is not None:
+        out["dp_epsilon"] = record.epsilon
+        out["dp_noise_multiplier"] = record.noise_multiplier
+    up, down = record.total_up, record.total_down
     cumulative["up"] = cumulative.get("up", 0.0) + up
     cumulative["down"] = cumulative.get("down", 0.0) + down
     out.update({"bytes_up_total": up, "bytes_down_total": down, "bytes_up_cumulative": cumulative["up"],
                 "bytes_down_cumulative": cumulative["down"]})
-    for cid, b in record["bytes_up"].items():
+    for cid, b in record.bytes_up.items():
         out[f"client_{cid}.bytes_up"] = b
-        out[f"client_{cid}.bytes_down"] = record["bytes_down"][cid]
-    ev = record.get("eval")
+        out[f"client_{cid}.bytes_down"] = record.bytes_down[cid]
+    ev = record.eval
     if ev:
         metric = ev["metric"]
         out[f"mean_{metric}"] = ev["mean"]
@@ -250,21 +250,26 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
             raise TrackingError(f"no pipeline run in experiment {cfg.tracking.experiment!r} at {uri}")
         run_id = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
-    rows = []
+    methods = {}
     for child in sorted(children, key=lambda r: r.info.run_name or ""):
         m = child.data.metrics
         metric = "accuracy" if "mean_accuracy" in m else "rougeL"
         tasks = {k[len("task_") : -len("." + metric)]: v for k, v in m.items()
                  if k.startswith("task_") and k.endswith("." + metric)}
-        ups = client.get_metric_history(child.info.run_id, "bytes_up_total")
         reported = client.get_metric_history(child.info.run_id, "clients_reported")
-        per_client = [u.value / max(1.0, r.value) for u, r in zip(ups, reported, strict=False)]
-        rows.append((child.info.run_name, tasks, m.get(f"mean_{metric}", float("nan")),
-                     sum(per_client) / max(1, len(per_client)) / 1e6, m.get("wall_seconds", float("nan"))))
-    all_tasks = sorted({t for r in rows for t in r[1]})
-    lines = [f"Run {run_id} ({uri})", "", "| method | " + " | ".join(all_tasks) + " | avg | MB up/client/round | wall s |",
-             "|" + "---|" * (len(all_tasks) + 4)]
-    for name, tasks, mean, mb, wall in rows:
-        cells = [f"{100 * tasks.get(t, float('nan')):.2f}" for t in all_tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * mean:.2f} | {mb:.3f} | {wall:.0f} |")
-    return "\n".join(lines)
+
+        def per_client_round(key: str, run: str = child.info.run_id) -> float:
+            totals = client.get_metric_history(run, key)
+            values = [t.value / max(1.0, r.value) for t, r in zip(totals, reported, strict=False)]
+            return sum(values) / max(1, len(values))
+
+        methods[child.info.run_name] = {
+            "metric": metric, "mean": m.get(f"mean_{metric}", float("nan")), "per_task": tasks,
+            "bytes_up_per_client_round": per_client_round("bytes_up_total"),
+            "bytes_down_per_client_round": per_client_round("bytes_down_total"),
+            "trainable_params": int(m.get("trainable_params", 0)), "wall_seconds": m.get("wall_seconds", float("nan"))}
+    if not methods:
+        raise TrackingError(f"run {run_id}: no strategy runs under it at {uri}")
+    from fedlease.report import method_table
+
+    return f"Run {run_id} ({uri})\n\n" + method_table([{"methods": methods}])

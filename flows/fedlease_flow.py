@@ -1,4 +1,5 @@
-"""Prefect flows: partition, warmup, allocate, federate, evaluate, and `fedlease` chaining them.
+"""Prefect flows: one subflow per pipeline stage (data, warmup, allocate, federate, evaluate) and
+`fedlease` chaining them in the order of `fedlease.pipeline.STAGES`.
 
 Flows only orchestrate: every number is computed in `fedlease/`. Client work is one
 Prefect task per client per stage (warm-up, each local round, each evaluation), so
@@ -22,12 +23,11 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from fedlease import pipeline  # noqa: E402
 from fedlease.config import Config, load_config  # noqa: E402
 from fedlease.isolation import run_client_call  # noqa: E402
-from fedlease.strategies import needs_warmup  # noqa: E402
 from fedlease.server import ClientMapper  # noqa: E402
 
 
 @task(name="client", cache_policy=NO_CACHE, persist_result=False)
-def client_task(fn: Callable[..., dict[str, Any]], call: dict[str, Any]) -> dict[str, Any]:
+def client_task(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
     """One client's work for one stage and round (train or evaluate), from files to files."""
     return run_client_call(fn, call)
 
@@ -40,8 +40,7 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
     # call's own process is killed at task_timeout_s under any runner, fedlease/isolation.py).
     timeout = orch.task_timeout_s if orch.task_runner == "ray" else None
 
-    def run(fn: Callable[..., dict[str, Any]], calls: list[dict[str, Any]], label: str
-            ) -> list[dict[str, Any] | BaseException]:
+    def run(fn: Callable[..., Any], calls: list[dict[str, Any]], label: str) -> list[Any | BaseException]:
         futures = []
         for call in calls:
             name = f"{label}-client-{call['client_id']:03d}"
@@ -50,7 +49,7 @@ def prefect_mapper(cfg: Config) -> ClientMapper:
                                          timeout_seconds=timeout)
             with _client_resources(cfg, call["client_id"]):
                 futures.append(t.submit(fn, call))
-        out: list[dict[str, Any] | BaseException] = []
+        out: list[Any | BaseException] = []
         for fut in futures:
             try:
                 out.append(fut.result())
@@ -90,51 +89,32 @@ def _cfg(params: str, overrides: list[str] | None) -> Config:
     return load_config(params, overrides or [])
 
 
-@flow(name="partition")
-def partition_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read the tasks and write per-client partitions and stats."""
-    return pipeline.stage_data(_cfg(params, overrides))
+def _stage_flow(stage: pipeline.Stage) -> Any:
+    """A Prefect subflow running one pipeline stage (client work as one task per client)."""
+
+    @flow(name=stage.name, description=stage.description)
+    def run_stage(params: str = "params.yaml", overrides: list[str] | None = None) -> Any:
+        cfg = _cfg(params, overrides)
+        return stage.run(cfg, prefect_mapper(cfg))
+
+    return run_stage
 
 
-@flow(name="warmup")
-def warmup_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> list[str]:
-    """Each client warms up one LoRA from the common init (one task per client)."""
-    cfg = _cfg(params, overrides)
-    return pipeline.stage_warmup(cfg, prefect_mapper(cfg))
-
-
-@flow(name="allocate")
-def allocate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Cluster clients by LoRA B, choose M by silhouette, initialise the experts."""
-    return pipeline.stage_allocate(_cfg(params, overrides))
-
-
-@flow(name="federate")
-def federate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Federated rounds of every configured method (one task per client per round)."""
-    cfg = _cfg(params, overrides)
-    res = pipeline.stage_federate(cfg, prefect_mapper(cfg))
-    return {name: r["history"][-1].get("eval", {}).get("mean") for name, r in res.items()}
-
-
-@flow(name="evaluate")
-def evaluate_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Final metrics, the results table and plots."""
-    return pipeline.stage_evaluate(_cfg(params, overrides))
+#: one subflow per stage of `fedlease.pipeline.STAGES`, in its order
+STAGE_FLOWS = {stage.name: _stage_flow(stage) for stage in pipeline.STAGES}
 
 
 @flow(name="fedlease", log_prints=True)
 def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole pipeline: partition -> warmup -> allocate -> federate -> evaluate."""
+    """The whole pipeline: the stages of `fedlease.pipeline.STAGES` the chosen methods need, in order."""
     cfg = _cfg(params, overrides)
-    runner = _runner(cfg)
-    partition_flow(params, overrides)
-    if needs_warmup(cfg):
-        warmup_flow.with_options(task_runner=runner)(params, overrides)
-    if "fedlease" in cfg.strategies:
-        allocate_flow(params, overrides)
-    federate_flow.with_options(task_runner=_runner(cfg))(params, overrides)
-    metrics = evaluate_flow(params, overrides)
+    metrics: Any = None
+    for stage in pipeline.STAGES:
+        if stage.needed(cfg):
+            subflow = STAGE_FLOWS[stage.name]
+            if stage.client_work:
+                subflow = subflow.with_options(task_runner=_runner(cfg))
+            metrics = subflow(params, overrides)
     from fedlease.report import results_table
 
     print(results_table(metrics))

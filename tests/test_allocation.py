@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedlease.allocation import (Allocation, assign_late_joiner, b_distance_matrix, choose_experts, init_experts,
-                                 weighted_mean)
+from fedlease.aggregation import weighted_mean
+from fedlease.allocation import Allocation, assign_late_joiner, b_distance_matrix, choose_experts, init_experts
 
 
 def _adapter(b1: list[float], b2: list[float], a: float = 0.0) -> dict[str, torch.Tensor]:

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 import torch
 
-from fedlease.client import client_train, runtime_for, write_download
+from fedlease.client import client_train
+from fedlease.exchange import write_download
+from fedlease.runtime import runtime_for
 from fedlease.config import config_from_dict
 from fedlease.data.stage import run_data_stage
 from fedlease.io import load_tensors
 from fedlease.isolation import ClientProcessDied, run_client_call, run_in_fresh_process
 from fedlease.server import sequential_mapper
 from fedlease.strategies import make_strategy
-from fedlease.strategies.base import ModelSpec
+from fedlease.strategies.base import InitContext, ModelSpec
 
 from .conftest import tiny_params
 
@@ -76,7 +78,7 @@ def test_client_round_in_a_fresh_process_equals_the_in_process_one(tmp_path: Pat
     cfg = _cfg(tmp_path, False, strategies=["fedit"], training__engine="deepspeed")
     run_data_stage(cfg)
     strategy = make_strategy("fedit", cfg, 4)
-    state = strategy.init_state(runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r)))
+    state = strategy.init_state(InitContext(runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))))
     down = tmp_path / "down.safetensors"
     write_download(down, strategy.download(state, 1))
     call = {"cfg": cfg, "strategy_name": "fedit", "client_id": 1, "round_": 1, "download_path": str(down),
@@ -85,6 +87,6 @@ def test_client_round_in_a_fresh_process_equals_the_in_process_one(tmp_path: Pat
     fresh_cfg = _cfg(tmp_path, True, strategies=["fedit"], training__engine="deepspeed")
     there = run_client_call(client_train, {**call, "cfg": fresh_cfg,
                                            "upload_path": str(tmp_path / "up_there.safetensors")})
-    assert there["steps"] == here["steps"] > 0 and there["loss"] == here["loss"]
-    a, b = load_tensors(Path(here["upload"])), load_tensors(Path(there["upload"]))
+    assert there.steps == here.steps > 0 and there.loss == here.loss
+    a, b = load_tensors(Path(here.upload)), load_tensors(Path(there.upload))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -97,7 +97,7 @@ def test_kill_and_resume_gives_identical_metrics(tmp_path: Path):
 
 
 def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path):
-    from fedlease.pipeline import join_client
+    from fedlease.late_join import join_client
 
     from .conftest import write_sentiment_csv
 
@@ -138,24 +138,24 @@ def test_every_baseline_runs_end_to_end(tmp_path: Path):
     ifca = read_json(RunPaths.of(cfg).strategy_dir("ifca") / "result.json")["history"]
     assert all(ifca[-1]["bytes_down"][c] == 4 * ifca[-1]["bytes_up"][c] for c in ifca[-1]["bytes_up"]), \
         "IFCA downloads its 4 cluster LoRAs and uploads one"
-    from fedlease.client import local_dir
     from fedlease.io import load_tensors
-
-    # `local` continues from the client's own warm-up (adapter and head), run for it without FedLEASE
-    from fedlease.client import load_local_state
+    from fedlease.local_state import load_local_state, local_dir
     from fedlease.strategies import make_strategy
 
+    # `local` continues from the client's own warm-up (adapter and head), run for it without FedLEASE
+    local = make_strategy("local", cfg, 4)
     warm_lora = load_tensors(RunPaths.of(cfg).warmup_adapter(0))
-    start = load_local_state(cfg, make_strategy("local", cfg, 4), 0, 0)
+    start = load_local_state(cfg, local, 0, 0)
     assert start is not None and any(k.startswith("head.") for k in start)
     assert all(torch.equal(start[k], v) for k, v in warm_lora.items()), "local round 1 starts from the warm-up LoRA"
-    after = load_tensors(local_dir(cfg, "local", 0) / "round_0001.safetensors")
+    after = load_tensors(local_dir(cfg, local, 0) / "round_0001.safetensors")
     assert set(warm_lora) <= set(after) and not all(torch.equal(after[k], v) for k, v in warm_lora.items())
     # IFCA: the server remembers every client's pick, and evaluation gets only that cluster's LoRA
     ifca_meta = read_json(RunPaths.of(cfg).strategy_dir("ifca") / "final" / "meta.json")["state_meta"]
     assert sorted(ifca_meta["assignment"]) == ["0", "1", "2", "3"]
     assert set(ifca_meta["assignment"].values()) <= set(range(4))
-    dpa_local = load_tensors(local_dir(cfg, "feddpa", 0) / f"round_{cfg.federation.rounds:04d}.safetensors")
+    dpa_local = load_tensors(local_dir(cfg, make_strategy("feddpa", cfg, 4), 0)
+                             / f"round_{cfg.federation.rounds:04d}.safetensors")
     counts = [v for k, v in dpa_local.items() if k.startswith("dual.") and k.endswith(".count")]
     assert counts and all(float(c) > 0 for c in counts), "FedDPA keeps its local LoRA and centroid on the client"
     dpa = read_json(RunPaths.of(cfg).strategy_dir("feddpa") / "result.json")["history"]

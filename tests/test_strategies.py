@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fedlease.config import config_from_dict
-from fedlease.strategies import builds_on_warmup, make_strategy, needs_warmup
+from fedlease.strategies import make_strategy, needs_warmup
 from fedlease.strategies.base import ServerState, Update
 
 from .conftest import tiny_params
@@ -23,8 +23,7 @@ def test_ifca_averages_within_clusters_and_evaluates_the_joined_cluster(tmp_path
     state = ServerState({"cluster0.lora.m.A": torch.zeros(1, 2), "cluster0.lora.m.B": torch.zeros(2, 1),
                          "cluster1.lora.m.A": torch.ones(1, 2), "cluster1.lora.m.B": torch.ones(2, 1)})
     assert set(ifca.candidates(ifca.eval_download(state, 0))) == {0, 1}, "no pick yet: the client chooses by loss"
-    updates = [Update(0, _lora(2.0), 10, {"cluster": 1}), Update(1, _lora(4.0), 30, {"cluster": 1}),
-               Update(2, _lora(8.0), 5, {"cluster": 0})]
+    updates = [Update(0, _lora(2.0), 10, 1), Update(1, _lora(4.0), 30, 1), Update(2, _lora(8.0), 5, 0)]
     state = ifca.aggregate(state, updates)
     assert torch.allclose(state.tensors["cluster1.lora.m.A"], torch.full((1, 2), (2 * 10 + 4 * 30) / 40))
     assert torch.allclose(state.tensors["cluster0.lora.m.B"], torch.full((2, 1), 8.0))
@@ -34,7 +33,7 @@ def test_ifca_averages_within_clusters_and_evaluates_the_joined_cluster(tmp_path
     assert torch.equal(ifca.client_state(down)["lora.m.A"], torch.full((1, 2), 8.0))
     assert len(ifca.download(state, 2).tensors) == 4, "training still downloads every cluster LoRA"
     # a client absent from a round keeps its last pick
-    state = ifca.aggregate(state, [Update(0, _lora(1.0), 10, {"cluster": 0})])
+    state = ifca.aggregate(state, [Update(0, _lora(1.0), 10, 0)])
     assert state.meta["assignment"] == {"0": 0, "1": 1, "2": 0}
 
 
@@ -42,6 +41,5 @@ def test_local_floor_trains_the_common_budget_from_the_warmup(tmp_path: Path):
     cfg = config_from_dict(tiny_params(tmp_path, strategies=["local"], training__local_epochs=3))
     local = make_strategy("local", cfg, 4)
     assert [local.local_epochs(r) for r in (1, 2)] == [3, 3]
-    assert builds_on_warmup("local") and builds_on_warmup("fedlease") and needs_warmup(cfg)
-    assert not builds_on_warmup("fedit")
-    assert not needs_warmup(config_from_dict(tiny_params(tmp_path, strategies=["fedit"])))
+    assert needs_warmup(["local"]) and needs_warmup(["fedlease"]) and needs_warmup(cfg.strategies)
+    assert not needs_warmup(["fedit", "ifca"])

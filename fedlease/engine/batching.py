@@ -94,7 +94,3 @@ def worst_case_batch(tokenizer: Any, kind: str, batch_size: int, max_length: int
         labels[:, 0] = -100
         tensors["labels"] = labels
     return Batch(tensors, batch_size)
-
-
-def num_steps(n_examples: int, batch_size: int, epochs: int) -> int:
-    return epochs * -(-n_examples // batch_size)

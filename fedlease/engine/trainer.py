@@ -1,6 +1,6 @@
 """Local training engines: DeepSpeed (default) and plain torch (for debugging), one interface.
 
-Both run the same loop over the same batches with AdamW, the same schedule and
+Both run the same loop over the same batches with AdamW at a constant learning rate and
 the same clipping, so switching engines changes speed, never the maths.
 DeepSpeed is imported once per process; on a CPU it runs one gloo process with
 its JIT extensions cached under the project's cache directory.
@@ -8,7 +8,6 @@ its JIT extensions cached under the project's cache directory.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -79,15 +78,6 @@ def reserve_memory(model: nn.Module, params: list[nn.Parameter], batch: Batch, k
             del loss, grads
 
 
-def _lr_lambda(cfg: TrainingConfig):
-    warm = cfg.deepspeed.warmup_steps if cfg.deepspeed.scheduler == "linear_warmup" else 0
-
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warm) if warm else 1.0
-
-    return factor
-
-
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -103,8 +93,7 @@ class TorchEngine:
         """Train on `batches`; with `reserve`, `reserve_memory` first (counted as setup)."""
         t0 = time.perf_counter()
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
-        accum = self.cfg.deepspeed.gradient_accumulation_steps
+        accum = self.cfg.gradient_accumulation_steps
         model.train()
         if reserve is not None:
             reserve_memory(model, params, reserve, kind, self.cfg.reserve_steps)
@@ -116,17 +105,16 @@ class TorchEngine:
             (loss / accum).backward()
             losses.append(float(loss.detach()))
             if (i + 1) % accum == 0:
-                self._step(opt, sched, params)
+                self._step(opt, params)
         if len(losses) % accum:
-            self._step(opt, sched, params)
+            self._step(opt, params)
         model.eval()
         return TrainResult(sum(losses) / max(1, len(losses)), len(losses), time.perf_counter() - t0, setup)
 
-    def _step(self, opt: torch.optim.Optimizer, sched: Any, params: list[nn.Parameter]) -> None:
-        if self.cfg.deepspeed.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.deepspeed.gradient_clipping)
+    def _step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        if self.cfg.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.gradient_clipping)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
 
 
@@ -202,10 +190,10 @@ def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "train_batch_size": cfg.batch_size * ds.gradient_accumulation_steps,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
         "zero_optimization": {"stage": ds.zero_stage},
-        "gradient_clipping": ds.gradient_clipping,
+        "gradient_clipping": cfg.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -232,11 +220,6 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(cfg)
         self._comm_ready = False
 
-    def save_config(self, path: Path) -> None:
-        from fedlease.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.config, indent=2) + "\n")
-
     def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
               reserve: Batch | None = None) -> TrainResult:
         """As `TorchEngine.train`; the reserve steps run on the engine's module (its precision)."""
@@ -246,12 +229,11 @@ class DeepSpeedEngine:
                                             verbose=False)
             self._comm_ready = True
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.cfg))
         hooks = hook_snapshot(model)
         engine = None
         losses: list[float] = []
         try:
-            engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+            engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=opt,
                                                         model_parameters=params, config=self.config)
             engine.train()
             if reserve is not None:
@@ -269,7 +251,7 @@ class DeepSpeedEngine:
             if engine is not None:
                 engine.destroy()
             remove_hooks_since(model, hooks)
-            del engine, opt, sched
+            del engine, opt
             for p in params:
                 p.grad = None
             model.eval()

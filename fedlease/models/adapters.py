@@ -55,9 +55,6 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None
         wrapped = get_peft_model(model, config)
     except ValueError as exc:
         raise ValueError(f"lora.target_modules {lora.target_modules}: {exc}") from None
-    if lora.init_std_a is not None:
-        for layer in lora_layers(wrapped).values():
-            nn.init.normal_(layer.lora_A[ADAPTER].weight, std=lora.init_std_a)
     if dual:
         _capture_dual_mask(wrapped)
     return wrapped

@@ -28,7 +28,6 @@ class ModelError(ValueError):
 class LoadedModel:
     model: nn.Module
     tokenizer: Any
-    is_decoder: bool
 
 
 def _packaged_encoder_path() -> str:
@@ -104,7 +103,7 @@ def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: in
             conf.num_labels = num_labels
             model = BertForSequenceClassification(conf)
         model.eval()
-        return LoadedModel(model, tok, is_decoder)
+        return LoadedModel(model, tok)
     path = resolve_model_path(cfg, cache_dir)
     local = os.path.isdir(path)
     try:
@@ -127,7 +126,7 @@ def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: in
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     model.eval()
-    return LoadedModel(model, tok, is_decoder)
+    return LoadedModel(model, tok)
 
 
 def head_linear_name(model: nn.Module, head_module: str) -> str:

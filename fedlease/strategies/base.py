@@ -1,9 +1,14 @@
-"""The small strategy interface every method implements (after Flower's `Strategy`).
+"""The strategy interface every federated method implements (after Flower's `Strategy`).
 
-A strategy says what the client model looks like, what a client trains, keeps
-locally and uploads, what the server sends each client, and how the server
-aggregates. The round loop lives in `fedlease.server`; the tensor maths in pure
-functions (`fedlease.allocation.weighted_mean`, ...).
+A strategy declares, in one place, everything the pipeline needs to know about a method:
+what the client model looks like (`spec`), which tensor groups a client trains, uploads
+and keeps (`train_groups`, `upload_groups`, `local_groups`), what it needs from the
+earlier stages (`needs_allocation`, `inherits_warmup`), what the server sends each client
+(`download`, `eval_download`), how a client turns that into model state (`client_state`,
+`candidates`, `upload_group`) and how the server aggregates (`aggregate`). Every hook has a
+docstring and, where one makes sense, a default; callers never test a method's name or
+probe for an attribute. The round loop lives in `fedlease.server`; the tensor maths in
+`fedlease.aggregation`.
 
 Server state is a flat dict of tensors plus a small JSON-able `meta` dict, so it
 checkpoints as one safetensors file and one JSON file.
@@ -13,11 +18,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fedlease.config import Config
+if TYPE_CHECKING:
+    from fedlease.allocation import Allocation
+    from fedlease.config import Config
+    from fedlease.paths import RunPaths
 
 Tensors = dict[str, torch.Tensor]
 
@@ -40,12 +49,13 @@ class ServerState:
 
 @dataclass
 class Update:
-    """What one client sent back in one round."""
+    """What one client sent back in one round; `group` says which model it updates (FedLEASE: its
+    expert; IFCA: the cluster it chose; 0 for single-model methods)."""
 
     client_id: int
     tensors: Tensors
     num_examples: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    group: int = 0
 
 
 @dataclass
@@ -54,28 +64,68 @@ class Download:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Strategy(ABC):
-    name: str = "base"
-    #: groups the client trains (see fedlease.models.adapters.set_trainable)
-    train_groups: tuple[str, ...] = ("lora", "head")
-    #: groups the client uploads
-    upload_groups: tuple[str, ...] = ("lora",)
-    #: groups the client keeps on its own disk between rounds (never uploaded)
-    local_groups: tuple[str, ...] = ("head",)
+@dataclass(frozen=True)
+class InitContext:
+    """What a strategy may build its first server state from."""
 
-    def __init__(self, cfg: Config, num_clients: int) -> None:
+    common_init: Tensors  # the seeded common init of the strategy's client model (same on every client)
+    experts: list[Tensors] | None = None  # the allocation stage's cluster-mean experts, when `needs_allocation`
+
+
+class Strategy(ABC):
+    #: the name params.yaml's `strategies` list, tables and MLflow use
+    name: ClassVar[str] = "base"
+    #: groups the client trains (see fedlease.models.adapters.set_trainable)
+    train_groups: ClassVar[tuple[str, ...]] = ("lora", "head")
+    #: groups the client uploads
+    upload_groups: ClassVar[tuple[str, ...]] = ("lora",)
+    #: groups the client keeps on its own disk between rounds (never uploaded)
+    local_groups: ClassVar[tuple[str, ...]] = ("head",)
+    #: a federated method users compare (selectable in `strategies`, DP and crash faults apply to its
+    #: rounds); False only for FedLEASE's warm-up, a stage of its own
+    federated: ClassVar[bool] = True
+    #: needs the allocation stage's cluster map and experts (the stage runs when a chosen method does)
+    needs_allocation: ClassVar[bool] = False
+    #: round 1 continues from each client's warm-up state (its head; its adapter if it keeps LoRA locally);
+    #: the warm-up stage runs when a chosen method does
+    inherits_warmup: ClassVar[bool] = False
+    #: the pipeline's own method: its final model is registered, its margin reported
+    primary: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config, num_clients: int, allocation: Allocation | None = None) -> None:
+        if self.needs_allocation and allocation is None:
+            raise ValueError(f"{self.name} needs the allocation stage's cluster map first")
         self.cfg = cfg
         self.num_clients = num_clients
+        self.allocation = allocation
 
     def spec(self, client_id: int) -> ModelSpec:
+        """The structure of this client's model (every client of a round shares the base model)."""
         return ModelSpec(r=self.cfg.lora.r)
 
     def local_epochs(self, round_: int) -> int:
+        """Epochs over its training data a client runs in this round."""
         return self.cfg.training.local_epochs
 
+    def rounds(self) -> int:
+        """How many rounds the method runs."""
+        return self.cfg.federation.rounds
+
+    def samples_every_client(self) -> bool:
+        """Whether every client takes part in every round, whatever `federation.clients_per_round` says."""
+        return False
+
+    def evaluates(self) -> bool:
+        """Whether the round loop evaluates the clients (every `federation.eval_every` rounds and the last)."""
+        return True
+
+    def home(self, paths: RunPaths) -> Path:
+        """The method's stage output: run folder, checkpoints and clients' local state live under it."""
+        return paths.strategy_dir(self.name)
+
     @abstractmethod
-    def init_state(self, common_init: Tensors) -> ServerState:
-        """Server state before round 1, from the seeded common LoRA init."""
+    def init_state(self, ctx: InitContext) -> ServerState:
+        """Server state before round 1."""
 
     @abstractmethod
     def download(self, state: ServerState, client_id: int) -> Download:
@@ -94,10 +144,23 @@ class Strategy(ABC):
         """Turn a download into model state to load (identity for most methods)."""
         return download.tensors
 
-    def upload_meta(self, download: Download) -> dict[str, Any]:
+    def candidates(self, download: Download) -> dict[int, Tensors]:
+        """Models the client chooses among by its training loss, by group (IFCA); none by default."""
         return {}
 
+    def upload_group(self, download: Download) -> int:
+        """The group the client's upload belongs to when it has no candidates to choose from."""
+        return 0
+
+    def admit(self, state: ServerState, client_id: int, adapter: Tensors, peers: list[Tensors]
+              ) -> tuple[ServerState, dict[str, Any]]:
+        """A client joining after the run started (`fedlease join`), given its warm-up adapter and the
+        original clients': the server state that serves it, and facts about its placement. Methods
+        without per-client server state serve it as they are."""
+        return state, {}
+
     def weights(self, updates: list[Update]) -> list[float]:
+        """Aggregation weights: by training examples (FedAvg) or uniform (`fedlease.weighting`)."""
         if self.cfg.fedlease.weighting == "uniform":
             return [1.0] * len(updates)
         return [float(u.num_examples) for u in updates]

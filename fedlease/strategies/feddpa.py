@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from fedlease.strategies.base import ModelSpec
 from fedlease.strategies.fedit import FedIT
+from fedlease.strategies.registry import register
 
 
+@register
 class FedDPA(FedIT):
     name = "feddpa"
     train_groups = ("lora", "dual", "head")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fedlease.allocation import weighted_mean
-from fedlease.strategies.base import Download, ServerState, Strategy, Tensors, Update, select
+from fedlease.aggregation import weighted_mean
+from fedlease.strategies.base import Download, InitContext, ServerState, Strategy, Update, select
+from fedlease.strategies.registry import register
 
 
+@register
 class FedIT(Strategy):
     name = "fedit"
     train_groups = ("lora", "head")
@@ -13,8 +15,8 @@ class FedIT(Strategy):
     local_groups = ("head",)
     shared_suffix = ""  # which LoRA matrices cross the wire ("" = both)
 
-    def init_state(self, common_init: Tensors) -> ServerState:
-        return ServerState(select(common_init, "lora.", self.shared_suffix))
+    def init_state(self, ctx: InitContext) -> ServerState:
+        return ServerState(select(ctx.common_init, "lora.", self.shared_suffix))
 
     def download(self, state: ServerState, client_id: int) -> Download:
         return Download(state.tensors)

@@ -4,30 +4,51 @@ Server state: expert{e}.lora.<module>.{A,B} for each of the M experts and
 router{e}.router.<module> for each cluster. A client of cluster j downloads all
 experts and router j, trains only expert j (its own LoRA slot), its router and
 its local head, and uploads expert j and the router; the server averages each
-within its cluster.
+within its cluster (`fedlease.aggregation.group_means`, group = expert).
 """
 
 from __future__ import annotations
 
-from fedlease.allocation import Allocation, weighted_mean
+from pathlib import Path
+from typing import Any
+
+from fedlease.aggregation import group_means
+from fedlease.allocation import assign_late_joiner
 from fedlease.models.adapters import stack_foreign
-from fedlease.strategies.base import (Download, ModelSpec, ServerState, Strategy, Tensors, Update, prefixed,
-                                      select, unprefixed)
+from fedlease.paths import RunPaths
+from fedlease.strategies.base import (Download, InitContext, ModelSpec, ServerState, Strategy, Tensors, Update,
+                                      prefixed, select, unprefixed)
+from fedlease.strategies.registry import register
 
 
+@register
 class Warmup(Strategy):
-    """Every client trains one ordinary LoRA from the common init; no averaging."""
+    """Every client trains one ordinary LoRA from the common init for `fedlease.warmup_epochs`; no
+    averaging: the server keeps each client's adapter for the allocation stage."""
 
     name = "warmup"
     train_groups = ("lora", "head")
     upload_groups = ("lora",)
     local_groups = ("head",)
+    federated = False
 
     def local_epochs(self, round_: int) -> int:
         return self.cfg.fedlease.warmup_epochs
 
-    def init_state(self, common_init: Tensors) -> ServerState:
-        return ServerState(select(common_init, "lora."))
+    def rounds(self) -> int:
+        return 1
+
+    def samples_every_client(self) -> bool:
+        return True  # every client needs an adapter to be clustered, sampled in later rounds or not
+
+    def evaluates(self) -> bool:
+        return False
+
+    def home(self, paths: RunPaths) -> Path:
+        return paths.warmup
+
+    def init_state(self, ctx: InitContext) -> ServerState:
+        return ServerState(select(ctx.common_init, "lora."))
 
     def download(self, state: ServerState, client_id: int) -> Download:
         return Download(select(state.tensors, "lora."))
@@ -39,40 +60,36 @@ class Warmup(Strategy):
         return ServerState(tensors, state.meta)
 
 
+@register
 class FedLEASE(Strategy):
     name = "fedlease"
     train_groups = ("lora", "router", "head")
     upload_groups = ("lora", "router")
     local_groups = ("head",)
-    inherit_local_from = "warmup"  # the warm-up's head continues into the mixture rounds
-
-    def __init__(self, cfg, num_clients: int) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg, num_clients)
-        self.allocation: Allocation | None = None
-
-    def with_allocation(self, allocation: Allocation) -> FedLEASE:
-        self.allocation = allocation
-        return self
+    needs_allocation = True
+    inherits_warmup = True  # the warm-up's head continues into the mixture rounds
+    primary = True
 
     @property
     def num_experts(self) -> int:
-        if self.allocation is None:
-            raise RuntimeError("FedLEASE needs the allocation stage's cluster map first")
+        assert self.allocation is not None  # checked in Strategy.__init__
         return self.allocation.num_experts
 
     def spec(self, client_id: int) -> ModelSpec:
         return ModelSpec(r=self.cfg.lora.r, num_experts=self.num_experts, top_k=self.cfg.fedlease.router.top_k)
 
-    def init_state(self, common_init: Tensors) -> ServerState:
-        raise RuntimeError("FedLEASE starts from the allocation stage (initial_state), not the common init")
-
-    def initial_state(self, experts: list[Tensors], router_init: Tensors) -> ServerState:
+    def init_state(self, ctx: InitContext) -> ServerState:
+        """The allocation's cluster-mean experts, and every cluster's router at the common init."""
         assert self.allocation is not None
+        if ctx.experts is None or len(ctx.experts) != self.num_experts:
+            raise ValueError(f"fedlease: the allocation has {self.num_experts} experts, the initial state "
+                             f"{0 if ctx.experts is None else len(ctx.experts)}")
+        router_init = select(ctx.common_init, "router.")
         tensors: Tensors = {}
-        for e, expert in enumerate(experts):
+        for e, expert in enumerate(ctx.experts):
             tensors.update(prefixed(expert, f"expert{e}."))
             tensors.update(prefixed(router_init, f"router{e}."))
-        return ServerState(tensors, {"assignment": self.allocation.assignment})
+        return ServerState(tensors, {"assignment": list(self.allocation.assignment)})
 
     def download(self, state: ServerState, client_id: int) -> Download:
         own = state.meta["assignment"][client_id]
@@ -81,23 +98,31 @@ class FedLEASE(Strategy):
         return Download(tensors, {"expert": own})
 
     def client_state(self, download: Download) -> Tensors:
-        own = int(download.meta["expert"])
+        own = self.upload_group(download)
         experts = [unprefixed(download.tensors, f"expert{e}.") for e in range(self.num_experts)]
         state = dict(experts[own])
         state.update(stack_foreign(experts, own))
         state.update(unprefixed(download.tensors, f"router{own}."))
         return state
 
-    def upload_meta(self, download: Download) -> dict[str, int]:
-        return {"expert": int(download.meta["expert"])}
+    def upload_group(self, download: Download) -> int:
+        return int(download.meta["expert"])
 
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         tensors = dict(state.tensors)
-        for e in range(self.num_experts):
-            members = [u for u in updates if u.meta.get("expert") == e]
-            if not members:
-                continue  # nobody of this cluster reported: keep the expert as it was
-            w = self.weights(members)
-            tensors.update(prefixed(weighted_mean([select(u.tensors, "lora.") for u in members], w), f"expert{e}."))
-            tensors.update(prefixed(weighted_mean([select(u.tensors, "router.") for u in members], w), f"router{e}."))
+        for e, mean in group_means(updates, self.weights).items():  # a silent cluster keeps its expert
+            tensors.update(prefixed(select(mean, "lora."), f"expert{e}."))
+            tensors.update(prefixed(select(mean, "router."), f"router{e}."))
         return ServerState(tensors, state.meta)
+
+    def admit(self, state: ServerState, client_id: int, adapter: Tensors, peers: list[Tensors]
+              ) -> tuple[ServerState, dict[str, Any]]:
+        """Beyond the paper: a client joining after allocation takes the expert of the cluster whose
+        members' warm-up B matrices are nearest on average to its own (no re-clustering)."""
+        assert self.allocation is not None
+        expert, means = assign_late_joiner(adapter, peers, self.allocation)
+        assignment = list(state.meta["assignment"])
+        assignment += [-1] * (client_id + 1 - len(assignment))
+        assignment[client_id] = expert
+        return ServerState(state.tensors, {**state.meta, "assignment": assignment}), {
+            "expert": expert, "mean_distances": means}

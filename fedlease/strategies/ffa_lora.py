@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fedlease.strategies.fedit import FedIT
+from fedlease.strategies.registry import register
 
 
+@register
 class FFALoRA(FedIT):
     name = "ffa_lora"
     train_groups = ("lora_B", "head")

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from fedlease.allocation import weighted_mean
-from fedlease.strategies.base import (Download, ServerState, Strategy, Tensors, Update, prefixed, select,
-                                      unprefixed)
+from fedlease.aggregation import group_means
+from fedlease.strategies.base import (Download, InitContext, ServerState, Strategy, Tensors, Update, prefixed,
+                                      select, unprefixed)
+from fedlease.strategies.registry import register
 
 
+@register
 class IFCA(Strategy):
     name = "ifca"
     train_groups = ("lora", "head")
@@ -25,13 +27,13 @@ class IFCA(Strategy):
     def k(self) -> int:
         return self.cfg.baselines.ifca_clusters
 
-    def init_state(self, common_init: Tensors) -> ServerState:
+    def init_state(self, ctx: InitContext) -> ServerState:
         # Distinct cluster models are needed for the first choice to mean anything:
         # B gets a small seeded perturbation per cluster (A keeps the common init).
         tensors: Tensors = {}
         for c in range(self.k):
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + c)
-            lora = select(common_init, "lora.")
+            lora = select(ctx.common_init, "lora.")
             lora = {key: (v + torch.randn(v.shape, generator=gen) * self.cfg.baselines.ifca_init_std
                           if key.endswith(".B") else v) for key, v in lora.items()}
             tensors.update(prefixed(lora, f"cluster{c}."))
@@ -49,7 +51,7 @@ class IFCA(Strategy):
     def client_state(self, download: Download) -> Tensors:
         if "chosen" in download.meta:
             return unprefixed(download.tensors, f"cluster{download.meta['chosen']}.")
-        return {}  # the client loads the candidate it picks (fedlease.client._adopt_lowest_loss)
+        return {}  # the client loads the candidate it picks (fedlease.client.adopt_lowest_loss)
 
     def candidates(self, download: Download) -> dict[int, Tensors]:
         """The cluster LoRAs the client chooses among (none once its cluster is known)."""
@@ -59,11 +61,8 @@ class IFCA(Strategy):
 
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         assignment = dict(state.meta.get("assignment", {}))
-        assignment.update({str(u.client_id): int(u.meta["cluster"]) for u in updates})
+        assignment.update({str(u.client_id): u.group for u in updates})
         tensors = dict(state.tensors)
-        for c in range(self.k):
-            chosen = [u for u in updates if u.meta.get("cluster") == c]
-            if chosen:
-                mean = weighted_mean([u.tensors for u in chosen], self.weights(chosen))
-                tensors.update(prefixed(mean, f"cluster{c}."))
+        for c, mean in group_means(updates, self.weights).items():
+            tensors.update(prefixed(mean, f"cluster{c}."))
         return ServerState(tensors, {**state.meta, "assignment": assignment})

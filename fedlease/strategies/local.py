@@ -7,17 +7,19 @@ FedLEASE's compute: a FedLEASE win over it is a collaboration win, not a compute
 
 from __future__ import annotations
 
-from fedlease.strategies.base import Download, ServerState, Strategy, Tensors, Update
+from fedlease.strategies.base import Download, InitContext, ServerState, Strategy, Update
+from fedlease.strategies.registry import register
 
 
+@register
 class LocalOnly(Strategy):
     name = "local"
     train_groups = ("lora", "head")
     upload_groups = ()
     local_groups = ("lora", "head")
-    inherit_local_from = "warmup"  # round 1 starts from the warm-up's adapter and head
+    inherits_warmup = True  # round 1 starts from the warm-up's adapter and head
 
-    def init_state(self, common_init: Tensors) -> ServerState:
+    def init_state(self, ctx: InitContext) -> ServerState:
         return ServerState({})
 
     def download(self, state: ServerState, client_id: int) -> Download:

@@ -8,16 +8,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlease.allocation import weighted_mean
-from fedlease.client import runtime_for
+from fedlease.aggregation import weighted_mean
+from fedlease.client import client_evaluate, client_train
 from fedlease.config import config_from_dict
 from fedlease.data.stage import run_data_stage
 from fedlease.io import load_tensors
-from fedlease.server import Checkpoint, RoundFailed, run_rounds, sequential_mapper
-from fedlease.strategies import make_strategy
-from fedlease.strategies.base import ModelSpec, select
+from fedlease.paths import RunPaths
+from fedlease.runtime import runtime_for
+from fedlease.server import Checkpoint, Clients, RoundFailed, run_rounds, sequential_mapper
+from fedlease.strategies.base import InitContext, ModelSpec, select
+from fedlease.strategies.fedit import FedIT
 
 from ..conftest import tiny_params
+
+
+class _FedITNoEval(FedIT):
+    """FedIT whose rounds are not evaluated (these tests look at training rounds only)."""
+
+    def evaluates(self) -> bool:
+        return False
+
+
+def _rounds(cfg, common, rounds: int, mapper=sequential_mapper, num_clients: int = 4):
+    """`rounds` rounds of FedIT in the run's federate/fedit folder."""
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": rounds})})
+    strategy = _FedITNoEval(cfg, num_clients)
+    return run_rounds(cfg, strategy, lambda: strategy.init_state(InitContext(common)),
+                      Clients(client_train, client_evaluate, mapper))
+
+
+def _checkpoint(cfg) -> Checkpoint:
+    return Checkpoint(RunPaths.of(cfg).strategy_dir("fedit") / "checkpoint")
 
 
 def _setup(tmp_path: Path, **faults):
@@ -26,9 +47,8 @@ def _setup(tmp_path: Path, **faults):
     raw["orchestration"] = {"retries": 1, "retry_delay_s": 0}
     cfg = config_from_dict(raw)
     run_data_stage(cfg)
-    strategy = make_strategy("fedit", cfg, 4)
     common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
-    return cfg, strategy, common
+    return cfg, common
 
 
 def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: Path):
@@ -37,7 +57,6 @@ def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: P
     raw["orchestration"] = {"retries": 1, "retry_delay_s": 0}
     cfg = config_from_dict(raw)
     run_data_stage(cfg)
-    strategy = make_strategy("fedit", cfg, 6)
     common = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
     seen: dict[int, dict[str, torch.Tensor]] = {}
     calls_per_client: dict[int, int] = {}
@@ -52,38 +71,36 @@ def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: P
             if cid in (2, 4):  # a poisoned update; a wrong-shaped one
                 from fedlease.io import save_tensors
 
-                t = load_tensors(res["upload"])
+                t = load_tensors(res.upload)
                 key = sorted(t)[0]
                 t[key] = torch.full_like(t[key], float("nan")) if cid == 2 else torch.zeros(t[key].shape[0] + 1,
                                                                                             *t[key].shape[1:])
-                save_tensors(res["upload"], t)
-            seen[cid] = load_tensors(res["upload"])
+                save_tensors(res.upload, t)
+            seen[cid] = load_tensors(res.upload)
             return res
 
         return sequential_mapper(wrapped, calls, label)
 
-    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, faulty, 6,
-                     evaluate=False)
-    rec = out["history"][0]
-    assert set(rec["dropped"]) == {"1", "2", "4"}
-    assert "disk on fire" in rec["dropped"]["1"] and "NaN" in rec["dropped"]["2"] and "shapes" in rec["dropped"]["4"]
+    out = _rounds(cfg, common, 1, faulty, num_clients=6)
+    rec = out.history[0]
+    assert set(rec.dropped) == {"1", "2", "4"}
+    assert "disk on fire" in rec.dropped["1"] and "NaN" in rec.dropped["2"] and "shapes" in rec.dropped["4"]
+    assert sorted(rec.bytes_up) == ["0", "3", "5"], "only the aggregated clients count as reported"
     assert calls_per_client[1] == 2, "a failing client is retried before it is dropped"
     expected = weighted_mean([select(seen[c], "lora.") for c in (0, 3, 5)], [16.0, 16.0, 16.0])
     for key, value in expected.items():
-        assert torch.allclose(out["state"].tensors[key], value)
+        assert torch.allclose(out.state.tensors[key], value)
 
 
 def test_too_few_clients_fail_the_round_and_keep_the_checkpoint(tmp_path: Path):
-    cfg, strategy, common = _setup(tmp_path)
-    run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, sequential_mapper, 4,
-               evaluate=False)
-    ckpt = Checkpoint(tmp_path / "run" / "checkpoint")
+    cfg, common = _setup(tmp_path)
+    _rounds(cfg, common, 1)
+    ckpt = _checkpoint(cfg)
     before = ckpt.load()
     assert before is not None and before[1]["round"] == 1
     broken = cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"client_failure_rate": 1.0})})
     with pytest.raises(RoundFailed, match="only 0 of 4"):
-        run_rounds(broken, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper,
-                   4, evaluate=False)
+        _rounds(broken, common, 2)
     after = ckpt.load()
     assert after is not None and after[1]["round"] == 1
     for key in before[0].tensors:
@@ -91,13 +108,12 @@ def test_too_few_clients_fail_the_round_and_keep_the_checkpoint(tmp_path: Path):
 
 
 def test_injected_failure_rate_drops_some_clients(tmp_path: Path):
-    cfg, strategy, common = _setup(tmp_path, client_failure_rate=0.5)
+    cfg, common = _setup(tmp_path, client_failure_rate=0.5)
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients_fraction": 0.25})})
-    out = run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper, 4,
-                     evaluate=False)
-    dropped = [c for r in out["history"] for c in r["dropped"]]
+    out = _rounds(cfg, common, 2)
+    dropped = [c for r in out.history for c in r.dropped]
     assert dropped, "a 50% failure rate over 8 client-rounds dropped nobody"
-    assert all("injected failure" in r["dropped"][c] for r in out["history"] for c in r["dropped"])
+    assert all("injected failure" in r.dropped[c] for r in out.history for c in r.dropped)
 
 
 def test_unwritable_output_path_is_a_clear_error(tmp_path: Path):
@@ -121,9 +137,8 @@ def test_unwritable_output_path_is_a_clear_error(tmp_path: Path):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch):
-    cfg, strategy, common = _setup(tmp_path)
-    run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 1, sequential_mapper, 4,
-               evaluate=False)
+    cfg, common = _setup(tmp_path)
+    _rounds(cfg, common, 1)
     import fedlease.server as server
     from fedlease.io import ArtifactError
 
@@ -132,7 +147,6 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(server, "save_tensors", full_disk)
     with pytest.raises(ArtifactError, match="No space left"):
-        run_rounds(cfg, strategy, lambda: strategy.init_state(common), tmp_path / "run", 2, sequential_mapper, 4,
-                   evaluate=False)
-    loaded = Checkpoint(tmp_path / "run" / "checkpoint").load()
+        _rounds(cfg, common, 2)
+    loaded = _checkpoint(cfg).load()
     assert loaded is not None and loaded[1]["round"] == 1

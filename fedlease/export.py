@@ -1,0 +1,61 @@
+"""A method's final model as one folder: server state, cluster map, params, each client's local state.
+
+Written by the federate stage, logged to MLflow (and registered for the primary method); `fedlease
+predict --model-uri <folder>` rebuilds any client's model from it (`fedlease.predict`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fedlease.config import Config
+from fedlease.data.stage import load_client, load_manifest
+from fedlease.engine.trainer import deepspeed_config
+from fedlease.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, save_tensors
+from fedlease.local_state import latest_local_state
+from fedlease.paths import RunPaths
+from fedlease.strategies.base import ServerState, Strategy
+
+
+def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, folder: Path) -> None:
+    """Final server state (experts, routers / shared LoRA) as safetensors + the cluster map + a loading README."""
+    paths = RunPaths.of(cfg)
+    with atomic_dir(folder) as tmp:
+        save_tensors(tmp / "server_state.safetensors", state.tensors)
+        atomic_write_json(tmp / "meta.json", {"strategy": strategy.name, "state_meta": state.meta,
+                                              "model": cfg.model.model_dump(), "lora": cfg.lora.model_dump()})
+        if strategy.needs_allocation:
+            atomic_write_json(tmp / "cluster_map.json", read_json(paths.cluster_map))
+        if cfg.training.engine == "deepspeed":
+            atomic_write_json(tmp / "deepspeed_config.json", deepspeed_config(cfg.training))
+        atomic_write_json(tmp / "params.json", cfg.model_dump(mode="json"))
+        manifest = load_manifest(cfg)
+        atomic_write_json(tmp / "clients.json", {str(c["client_id"]): {"task": c["task"]} for c in manifest["clients"]})
+        # The simulation keeps every client's local state (its head) beside the model so any
+        # client's model can be rebuilt; in a real deployment each silo keeps its own.
+        (tmp / "clients").mkdir()
+        for c in manifest["clients"]:
+            cid = c["client_id"]
+            local = latest_local_state(cfg, strategy, cid, 10**9)
+            if local is not None:
+                shutil.copyfile(local, tmp / "clients" / f"client_{cid:03d}.safetensors")
+            label_names = load_client(cfg, cid).label_names
+            atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
+        atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
+
+
+MODEL_README = """# Final {strategy} model (FedLEASE pipeline)
+
+- `server_state.safetensors`: the server's final tensors. For FedLEASE: `expert<e>.lora.<module>.A|B`
+  (one LoRA expert per cluster, rank r, scaling alpha/r) and `router<e>.router.<module>` (the router
+  of cluster e, shape (2M-1, d_in)). For the single-LoRA baselines: `lora.<module>.A|B`.
+- `cluster_map.json`: client -> expert, silhouette per k, the B-distance matrix.
+- `meta.json`: base model and LoRA settings; `deepspeed_config.json`: the engine config used.
+- `clients/client_NNN.safetensors`: each client's local state (its head, and what else the method keeps
+  locally); `clients/client_NNN.json`: its task and label names.
+
+Rebuild a client's model and predict without the training code path:
+
+    fedlease predict --model-uri <this folder> --client 3 "some text"
+"""
