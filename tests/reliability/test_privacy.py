@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from fedlease.config import config_from_dict
 from fedlease.data.stage import load_client
 from fedlease.pipeline import run_all
 from fedlease.privacy import clip_and_noise, epsilon_after, noise_multiplier
+from fedlease.records import ClientTrainResult
 from fedlease.server import sequential_mapper
 
 from ..conftest import tiny_params
@@ -41,8 +43,11 @@ def test_server_receives_no_raw_examples(tmp_path: Path):
     run_all(cfg, mapper=spying)
     texts = {r[k] for c in range(4) for split in ("train", "test") for r in getattr(load_client(cfg, c), split)
              for k in ("text", "text_pair") if r.get(k)}
-    assert received and all(isinstance(r, dict) for r in received)
+    assert received
     for res in received:
+        if isinstance(res, ClientTrainResult):  # a typed record of small facts: check its fields alike
+            res = asdict(res)
+        assert isinstance(res, dict), type(res)
         for value in res.values():
             assert isinstance(value, (int, float, str, dict, list, type(None)))
         for s in _strings(res):
