@@ -3,7 +3,8 @@
 Runs the real pipeline (`fedlease.pipeline.run_all`) once per seed, writes
 `benchmarks/results/quality.md` (method x task accuracy, mean +- std over seeds, MB up/down
 per client per round, trainable parameters, wall time, the paper's GLUE table beside it), and
-ends with `ari: <v>` and `fedlease_margin: <points over the best baseline>`.
+ends with `ari: <v>`, `fedlease_margin: <points over the best other method>` (and `skew_margin:` with
+--label-skew; `nlg_margin:` with --nlg), each naming the protocol and the seeds it averages.
 
     python benchmarks/quality.py [--params FILE] [--set key.path=value ...] [--seeds 0,1,2] [--quick]
                                  [--label-skew] [--ablations] [--dp] [--out benchmarks/results/quality.md]
@@ -15,6 +16,7 @@ The NLG run and the classification run each replace only their own section of th
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -26,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlease.config import load_config  # noqa: E402
 from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.pipeline import run_all  # noqa: E402
+from fedlease.provenance import describe  # noqa: E402
 from fedlease.report import mean_std, method_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUICK = ["data.partition.clients_per_task=2", "data.partition.train_per_client=48",
          "data.partition.test_per_client=32", "federation.rounds=2", "fedlease.warmup_epochs=3",
          "training.local_epochs=1"]  # every method of the profile, at a small budget
-LABEL_SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.dirichlet_alpha=0.5"]
+LABEL_SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.dirichlet_alpha=0.5",
+              "data.partition.balanced_test_per_label=8"]
 NLG_PARAMS = str(Path(__file__).resolve().parents[1] / "params_nlg.yaml")
 # `local` (no federation, continuing from FedLEASE's warm-up) is the equal-compute floor: it tells a
 # collaboration gain from the extra epochs FedLEASE's warm-up gives it
@@ -58,7 +62,6 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
         metrics = run_all(cfg)
         metrics["call_seconds"] = time.perf_counter() - t0
         metrics["seconds"] = compute_seconds(metrics)
-        metrics["epochs"] = local_epochs_per_method(cfg)
         out.append(metrics)
         print(f"[{tag}] seed {seed}: " + ", ".join(f"{m} {100 * v['mean']:.2f}" for m, v in metrics["methods"].items())
               + f" ({metrics['seconds']:.0f} s of rounds and warm-up; this call {metrics['call_seconds']:.0f} s)",
@@ -66,19 +69,25 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
     return out
 
 
-def local_epochs_per_method(cfg: Any) -> dict[str, int]:
-    """Total local epochs each client trains under each method (FedLEASE's warm-up included), so the
-    table states the compute each method got, not only the shared rounds x local epochs."""
-    from fedlease.runtime import strategy_for
-    from fedlease.strategies import warmup_strategy
+def one_code_version(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The code version every run was made with; a clear error when they differ (a table mixes no code
+    versions: rerun the stale folders, or give --runs a fresh folder)."""
+    versions = {json.dumps({k: r.get("code_version", {}).get(k) for k in ("sources", "commit")}, sort_keys=True)
+                for r in runs}
+    if len(versions) != 1:
+        raise SystemExit(f"error: the runs of this table were made by different code versions: {sorted(versions)}")
+    return runs[0].get("code_version", {})
 
-    warmup = warmup_strategy(cfg, cfg.num_clients)
-    out = {}
-    for name in cfg.strategies:
-        strategy = strategy_for(cfg, name, cfg.num_clients)
-        total = sum(strategy.local_epochs(r) for r in range(1, strategy.rounds() + 1))
-        out[name] = total + (warmup.local_epochs(1) if strategy.inherits_warmup else 0)
-    return out
+
+def protocol_line(cfg: Any) -> str:
+    if cfg.federation.protocol == "equal_compute":
+        return ("Protocol: equal compute. Every method trains the same local steps per client: FedLEASE (and "
+                "`local`, which continues from the same warm-up) spend "
+                f"{cfg.fedlease.warmup_epochs} warm-up epochs before {cfg.federation.rounds} rounds; every other "
+                "method runs those epochs as extra federated rounds (more communication, which favours it). "
+                "Heads stay local; same partitions, seeds and learning rate for all.")
+    return ("Protocol: the paper's. FedLEASE's warm-up comes on top of the rounds every method shares, so "
+            "FedLEASE (and `local`) train more local steps than the other methods (see the steps column).")
 
 
 def _seconds_list(runs: list[dict[str, Any]]) -> str:
@@ -118,37 +127,54 @@ def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[fl
         cfg = load_config(params, [*overrides, *extra])
         from fedlease.privacy import epsilon_after, noise_multiplier
 
-        lines.append(f"| epsilon = {eps} | {noise_multiplier(cfg):.3f} | "
-                     f"{epsilon_after(cfg, cfg.federation.rounds):.2f} | "
+        rounds = runs[0]["methods"]["fedlease"]["rounds"]
+        lines.append(f"| epsilon = {eps} | {noise_multiplier(cfg, rounds):.3f} | "
+                     f"{epsilon_after(cfg, rounds, rounds):.2f} | "
                      f"{mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
     return "\n".join(lines)
 
 
 def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
-    """The pipeline's method table over seeds (mean ± std), with each method's local epochs; the primary
-    method's cluster quality and its margin over the best other method."""
+    """The pipeline's method table over seeds (mean ± std) and the majority floor; accuracy on
+    label-balanced test sets when the runs have them; the primary method's cluster quality and its margin
+    over the best other method (`local` included)."""
+    from fedlease.report import balanced_table
     from fedlease.strategies import primary_name, strategy_class
 
     methods = list(runs[0]["methods"])
-    epochs = {name: str(runs[0].get("epochs", {}).get(name, "-")) for name in methods}
-    lines = [method_table(runs, {"local epochs": epochs})]
+    lines = [method_table(runs)]
+    balanced = balanced_table(runs)
+    if balanced:
+        lines += ["", balanced]
     means = {name: statistics.mean(r["methods"][name]["mean"] for r in runs) for name in methods}
     primary = primary_name(methods)
     others = {k: v for k, v in means.items() if k != primary}
     margin = 100 * (means[primary] - max(others.values())) if primary and others else float("nan")
     aris = [r["allocation"]["ari_vs_task"] for r in runs if "allocation" in r]
     ms = [r["allocation"]["num_experts"] for r in runs if "allocation" in r]
+    capped = sum(bool(r["allocation"].get("capped")) for r in runs if "allocation" in r)
     ari = statistics.mean(aris) if aris else float("nan")
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     heirs = [m for m in methods if strategy_class(m).inherits_warmup and m != primary]
     if warm:
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
                       "its rounds" + (f"; {', '.join(heirs)} continue(s) from the same warm-up (rounds s exclude it too)."
-                                      if heirs else "; no method here gets those epochs (see the local epochs column).")]
-    lines += ["", f"FedLEASE chose M = {ms} (per seed); ARI of its clusters vs the true tasks: {aris}.",
-              f"FedLEASE margin over the best baseline ({max(others, key=others.get) if others else '-'}): "
-              f"{margin:+.2f} points (mean over {len(runs)} seed(s))."]
+                                      if heirs else ".")]
+    for name in methods:
+        method_aris = [r["methods"][name].get("ari_vs_task") for r in runs]
+        if name != primary and all(a is not None for a in method_aris):
+            lines += ["", f"{name}'s clusters vs the true tasks: ARI {[round(a, 3) for a in method_aris]} (per seed)."]
+    lines += ["", f"FedLEASE chose M = {ms} (per seed{f'; the m_max cap in {capped}' if capped else ''}); "
+                  f"ARI of its clusters vs the true tasks: {aris}.",
+              f"FedLEASE margin over the best other method ({max(others, key=others.get) if others else '-'}): "
+              f"{margin:+.2f} points (mean over {len(runs)} seed(s)).",
+              f"Protocol: {runs[0].get('protocol', '?')}; code: {describe(one_code_version(runs))}."]
     return "\n".join(lines), ari, margin
+
+
+def headline(name: str, margin: float, runs: list[dict[str, Any]]) -> str:
+    """A last line a reader greps: the margin, the protocol, the seeds it is the mean over."""
+    return f"{name}: {margin:.2f} (protocol {runs[0].get('protocol', '?')}, mean over {len(runs)} seed(s))"
 
 
 def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]:
@@ -157,6 +183,7 @@ def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]
     overrides = NLG_METHODS + (NLG_QUICK if args.quick else []) + args.overrides
     runs = run_setting(params, overrides, seeds, "nlg-quick" if args.quick else "nlg")
     body, _, margin = table(runs)
+    args.nlg_runs = runs
     cfg = load_config(params, overrides)
     text = "\n".join([
         f"{NLG_HEADING} ({'quick' if args.quick else 'full'})", "",
@@ -166,7 +193,7 @@ def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]
         f"{cfg.federation.rounds} rounds x {cfg.training.local_epochs} local epochs, warm-up "
         f"{cfg.fedlease.warmup_epochs}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, greedy "
         f"decoding of at most {cfg.training.max_new_tokens} tokens. Scores are ROUGE-L F1 x 100 on each client's "
-        "held-out examples.", "", body, "", *[f"Note: {line}" for line in args.note],
+        "held-out examples.", "", protocol_line(cfg), "", body, "", *[f"Note: {line}" for line in args.note],
         f"NLG benchmark time (warm-up + rounds, per seed): {_seconds_list(runs)}.", ""])
     return text, margin
 
@@ -205,7 +232,7 @@ def main() -> None:
         text, margin = nlg_section(args, seeds)
         atomic_write_text(args.out, upsert_section(Path(args.out), NLG_HEADING, text))
         print(text)
-        print(f"fedlease_margin: {margin:.2f}")
+        print(headline("nlg_margin", margin, args.nlg_runs))
         return
     args.params = args.params or str(HERE / "params_quality.yaml")
     overrides = (QUICK if args.quick else []) + args.overrides
@@ -218,14 +245,18 @@ def main() -> None:
            f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`; seeds {seeds}; "
            f"{cfg.num_clients} clients ({cfg.data.partition.clients_per_task} per task), "
            f"{cfg.federation.rounds} rounds x {cfg.training.local_epochs} local epochs, warm-up "
-           f"{cfg.fedlease.warmup_epochs} epochs, rank {cfg.lora.r}, lr {cfg.training.lr}, model {cfg.model.name}. "
-           "Every method: same partitions, seeds, rounds, local epochs and learning rate; heads stay local; "
-           "`local` continues from FedLEASE's warm-up (same epochs in all).", "",
+           f"{cfg.fedlease.warmup_epochs} epochs, rank {cfg.lora.r}, lr {cfg.training.lr}, model {cfg.model.name}.", "",
+           protocol_line(cfg), "",
            "## Task heterogeneity (accuracy %, mean ± std over seeds)", "", main_table, ""]
+    headlines = [f"ari: {ari:.3f}", headline("fedlease_margin", margin, runs)]
     if args.label_skew:
         skew_runs = run_setting(args.params, overrides + LABEL_SKEW, seeds, prefix + "label_skew")
         skew_table, _, skew_margin = table(skew_runs)
-        doc += ["## Task + label heterogeneity (Dirichlet alpha = 0.5 within each task)", "", skew_table, ""]
+        doc += ["## Task + label heterogeneity (Dirichlet alpha = 0.5 within each task)", "",
+                "Each client's own test set follows its label skew, so the majority floor is high; the second "
+                "table scores every client on a label-balanced test set of its task (the task's whole label "
+                "space).", "", skew_table, ""]
+        headlines.append(headline("skew_margin", skew_margin, skew_runs))
     if args.ablations:
         m = max(r["allocation"]["num_experts"] for r in runs if "allocation" in r)
         doc += ["## Ablations (FedLEASE variants, same budgets)", "",
@@ -243,8 +274,7 @@ def main() -> None:
     kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""  # the NLG run's section stays
     atomic_write_text(args.out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(doc))
-    print(f"ari: {ari:.3f}")
-    print(f"fedlease_margin: {margin:.2f}")
+    print("\n".join(headlines))
 
 
 if __name__ == "__main__":

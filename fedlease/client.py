@@ -7,11 +7,13 @@ examples never leave this module.
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel
 
@@ -70,7 +72,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         from fedlease.privacy import clip_and_noise, noise_multiplier
 
         noised, update_norm = clip_and_noise({k: upload[k] - start[k] for k in upload}, cfg.privacy.clip_norm,
-                                             noise_multiplier(cfg), seed + 7)
+                                             noise_multiplier(cfg, strategy.rounds()), seed + 7)
         upload = {k: start[k] + noised[k] for k in upload}
     upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
     bytes_up = write_upload(upload_path, upload)
@@ -87,18 +89,29 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
 @torch.no_grad()
 def adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: dict[int, Tensors],
                       records: list[dict[str, Any]], seed: int) -> int:
-    """IFCA's choice: load the candidate with the lowest loss on (a seeded batch of) the training
-    data into the model; return its group."""
+    """IFCA's choice: load the candidate with the lowest mean loss on the client's training data (the
+    whole set, or `baselines.ifca_choice_batches` seeded batches of it) into the model; return its group."""
+    limit = rt.cfg.baselines.ifca_choice_batches
+    batches = list(itertools.islice(iterate_batches(rt.tokenizer, records, rt.cfg.data.kind,
+                                                    rt.cfg.training.eval_batch_size, rt.cfg.model.max_length, 1,
+                                                    seed), limit))
     losses = {}
-    batch = next(iterate_batches(rt.tokenizer, records, rt.cfg.data.kind, rt.cfg.training.eval_batch_size,
-                                 rt.cfg.model.max_length, 1, seed))
     for group, cand in candidates.items():
         set_state(model, cand, rt.head_module())
-        losses[group] = float(compute_loss(model, {k: v.to(device()) for k, v in batch.tensors.items()},
-                                           rt.cfg.data.kind))
+        total = sum(float(compute_loss(model, {k: v.to(device()) for k, v in b.tensors.items()}, rt.cfg.data.kind))
+                    * b.size for b in batches)
+        losses[group] = total / sum(b.size for b in batches)
     best = min(losses, key=losses.__getitem__)
     set_state(model, candidates[best], rt.head_module())
     return best
+
+
+def majority_accuracy(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> float:
+    """The floor: accuracy on `test` of always predicting the most frequent label of `train` (ties: the
+    smallest label id)."""
+    labels = [r["label"] for r in train]
+    majority = max(sorted(set(labels)), key=labels.count)
+    return sum(r["label"] == majority for r in test) / max(1, len(test))
 
 
 def release_memory() -> None:
@@ -134,6 +147,13 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
             for p, r in zip(preds, data.test, strict=True):
                 by_task.setdefault(r["task"], []).append(p == r["label"])
             out["task_accuracy"] = {t: sum(v) / len(v) for t, v in by_task.items()}
+            out["majority_accuracy"] = majority_accuracy(data.train, data.test)
+            if data.balanced_test:
+                preds = predict_labels(model, rt.tokenizer, data.balanced_test, cfg.model.max_length,
+                                       cfg.training.eval_batch_size)
+                out["balanced_accuracy"] = float(np.mean([p == r["label"] for p, r in zip(preds, data.balanced_test,
+                                                                                           strict=True)]))
+                out["num_balanced_test"] = len(data.balanced_test)
         else:
             preds_text = generate(model, rt.tokenizer, [r["prompt"] for r in data.test], cfg.model.max_length,
                                   cfg.training.max_new_tokens, cfg.training.eval_batch_size)

@@ -64,6 +64,12 @@ class PartitionConfig(_Strict):
     dirichlet_alpha: PositiveFloat = 0.5
     train_per_client: PositiveInt = 128
     test_per_client: PositiveInt = 64
+    min_test_per_client: PositiveInt = Field(
+        default=8, description="dirichlet schemes: fewest test examples a client may get (else a clear error)")
+    balanced_test_per_label: NonNegInt = Field(
+        default=0, description="task_dirichlet: also score every client on a label-balanced test set of its task, "
+                               "at most this many examples per label, drawn from the task's clients' test sets "
+                               "(0: off)")
 
 
 class DataConfig(_Strict):
@@ -179,11 +185,21 @@ class TrainingConfig(_Strict):
 
 class BaselinesConfig(_Strict):
     ifca_clusters: PositiveInt = 4
-    ifca_init_std: Annotated[float, Field(ge=0)] = 1e-3
+    ifca_init_std: Annotated[float, Field(ge=0)] = Field(
+        default=0.02, description="IFCA: std of each cluster model's own random B (its A is seeded per cluster "
+                                  "too); 0.02 is the size of B after the default warm-up here")
+    ifca_choice_batches: PositiveInt | None = Field(
+        default=None, description="IFCA: eval batches of its training data a client scores the cluster models "
+                                  "on (None: the whole training set, as the paper)")
 
 
 class FederationConfig(_Strict):
     rounds: PositiveInt = 3
+    protocol: Literal["equal_compute", "paper"] = Field(
+        default="equal_compute",
+        description="equal_compute: a method without FedLEASE's warm-up runs its epochs as extra federated "
+                    "rounds, so every method trains the same local steps per client; paper: the warm-up comes "
+                    "on top, as in the paper")
     clients_per_round: Fraction | PositiveInt = Field(
         default=1.0, description="A fraction in (0, 1] of the clients, or a count (int > 1)"
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlease.allocation import Allocation, b_distance_matrix, choose_experts, init_experts
+from fedlease.allocation import b_distance_matrix, choose_experts, init_experts
 from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config
 from fedlease.data.stage import load_manifest, run_data_stage
@@ -104,7 +104,9 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     save_tensors(paths.allocation / "experts.safetensors", tensors)
     doc = alloc.to_json()
     doc["tasks"] = {str(c["client_id"]): c["task"] for c in manifest["clients"]}
-    doc["ari_vs_task"] = task_ari(alloc, [c["task"] for c in manifest["clients"]])
+    doc["ari_vs_task"] = ari_vs_task(alloc.assignment, [c["task"] for c in manifest["clients"]])
+    # the silhouette had no larger k to try: M may be the cap rather than the data's structure
+    doc["capped"] = fl.clustering.fixed_m is None and alloc.num_experts == min(fl.m_max, n - 1)
     atomic_write_json(paths.cluster_map, doc)
     atomic_write_json(paths.allocation / "silhouette.json",
                       [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
@@ -114,15 +116,16 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     for k, score in sorted(alloc.silhouette.items()):
         tracker.log_metrics(parent, {"allocation.silhouette": score}, step=k)
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
-                                 "allocation.ari_vs_task": doc["ari_vs_task"]})
+                                 "allocation.ari_vs_task": doc["ari_vs_task"], "allocation.capped": float(doc["capped"])})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
     return doc
 
 
-def task_ari(alloc: Allocation, tasks: list[str]) -> float:
+def ari_vs_task(assignment: list[int], tasks: list[str]) -> float:
+    """Adjusted Rand index of a clustering of the clients against their true tasks (1: the tasks exactly)."""
     from sklearn.metrics import adjusted_rand_score
 
-    return float(adjusted_rand_score(tasks, alloc.assignment))
+    return float(adjusted_rand_score(tasks, assignment))
 
 
 def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
@@ -150,6 +153,10 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
             "wall_seconds": sum(r.seconds for r in out.history), "call_seconds": time.perf_counter() - t0,
             "trainable_params": trainable_params(cfg, strategy),
         }
+        assignment = strategy.assignment(out.state)
+        if assignment is not None:
+            summary["assignment"] = assignment
+            summary["ari_vs_task"] = ari_vs_task(assignment, [c["task"] for c in load_manifest(cfg)["clients"]])
         home = strategy.home(paths)
         atomic_write_json(home / "result.json", summary)
         export_final_model(cfg, strategy, out.state, home / "final")
@@ -183,17 +190,22 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
 
     paths = RunPaths.of(cfg)
     n = num_clients(cfg)
-    homes = {name: strategy_for(cfg, name, n).home(paths) for name in cfg.strategies}
-    results = {name: read_json(home / "result.json") for name, home in homes.items()}
+    strategies = {name: strategy_for(cfg, name, n) for name in cfg.strategies}
+    results = {name: read_json(s.home(paths) / "result.json") for name, s in strategies.items()}
     histories = {name: history_from_json(res["history"]) for name, res in results.items()}
-    methods = {name: summarise_method(histories[name], res) for name, res in results.items()}
-    metrics: dict[str, Any] = {"methods": methods}
+    warm = (history_from_json(read_json(paths.warmup / "summary.json")["history"])
+            if (paths.warmup / "summary.json").exists() else [])
+    methods = {name: summarise_method(histories[name], res, n, warm if s.inherits_warmup else None,
+                                      warmup_traffic=s.needs_allocation)
+               for (name, res), s in zip(results.items(), strategies.values(), strict=True)}
+    from fedlease.provenance import code_version
+
+    metrics: dict[str, Any] = {"methods": methods, "protocol": cfg.federation.protocol, "code_version": code_version()}
     if paths.cluster_map.exists():
         alloc = read_json(paths.cluster_map)
         metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
-                                 "silhouette": alloc["silhouette"]}
-        if (paths.warmup / "summary.json").exists():
-            warm = history_from_json(read_json(paths.warmup / "summary.json")["history"])
+                                 "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False)}
+        if warm:
             metrics["allocation"]["warmup_seconds"] = float(sum(r.seconds for r in warm))
     atomic_write_json(paths.metrics, metrics)
     curves = [{"method": name, "round": rec.round, "score": rec.eval["mean"]}

@@ -4,7 +4,7 @@ Each client clips its update (upload - what it started the round from) to L2 nor
 all uploaded tensors and adds N(0, (sigma C)^2) noise before upload. One round is one
 Gaussian-mechanism step on each client's data with sampling rate q = sampled / N; epsilon
 after R rounds comes from the RDP accountant at the configured delta. With target_epsilon,
-sigma is solved for the configured number of rounds.
+sigma is solved for the method's number of rounds (extra equal-compute rounds included).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def sample_rate(cfg: Config) -> float:
     return min(1.0, cfg.sampled_per_round() / cfg.num_clients)
 
 
-def noise_multiplier(cfg: Config) -> float:
+def noise_multiplier(cfg: Config, rounds: int) -> float:
+    """sigma: the configured one, or solved so that `rounds` rounds spend exactly target_epsilon."""
     p = cfg.privacy
     if p.noise_multiplier is not None:
         return p.noise_multiplier
@@ -43,14 +44,15 @@ def noise_multiplier(cfg: Config) -> float:
 
     assert p.target_epsilon is not None
     return float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                      sample_rate=sample_rate(cfg), steps=cfg.federation.rounds, accountant="rdp"))
+                                      sample_rate=sample_rate(cfg), steps=rounds, accountant="rdp"))
 
 
-def epsilon_after(cfg: Config, rounds: int) -> float:
+def epsilon_after(cfg: Config, done: int, rounds: int) -> float:
+    """Epsilon spent after `done` of the method's `rounds` rounds."""
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    sigma, q = noise_multiplier(cfg), sample_rate(cfg)
-    for _ in range(rounds):
+    sigma, q = noise_multiplier(cfg, rounds), sample_rate(cfg)
+    for _ in range(done):
         acc.step(noise_multiplier=sigma, sample_rate=q)
     return float(acc.get_epsilon(cfg.privacy.delta))

@@ -41,6 +41,7 @@ class RoundRecord:
     client_seconds: float
     setup_seconds: float
     seconds: float = 0.0
+    steps: dict[str, int] = field(default_factory=dict)  # client id -> local optimiser steps (batches)
     epsilon: float | None = None  # with DP: the privacy spent after this round
     noise_multiplier: float | None = None
     eval: dict[str, Any] | None = field(default=None)  # fedlease.server.summarise_eval, when evaluated

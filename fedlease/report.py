@@ -10,18 +10,31 @@ from typing import Any
 from fedlease.records import RoundRecord
 
 
-def summarise_method(history: list[RoundRecord], result: dict[str, Any]) -> dict[str, Any]:
-    """Final scores, per-round curve and mean bytes per client per round of one method's run."""
+def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_clients: int,
+                     warmup: list[RoundRecord] | None = None, warmup_traffic: bool = False) -> dict[str, Any]:
+    """Final scores, per-round curve, compute and traffic of one method's run.
+
+    `warmup`: the warm-up rounds the method continues from (their local steps count as its compute);
+    `warmup_traffic`: the warm-up's uploads and downloads count as its communication too (FedLEASE's
+    server needs every warm-up adapter to cluster)."""
     last_eval = next(r.eval for r in reversed(history) if r.eval)
     rounds = len(history)
     ups = [r.total_up / max(1, len(r.bytes_up)) for r in history]
     downs = [r.total_down / max(1, len(r.bytes_down)) for r in history]
+    prelude = warmup or []
+    traffic = history + (prelude if warmup_traffic else [])
+    steps = sum(r.steps.get(str(c), 0) for r in history + prelude for c in range(num_clients))
     return {
         "metric": last_eval["metric"], "mean": last_eval["mean"], "per_task": last_eval["per_task"],
-        "mean_macro_f1": last_eval.get("mean_macro_f1"), "rounds": rounds,
+        "weighted_mean": last_eval.get("weighted_mean"), "mean_macro_f1": last_eval.get("mean_macro_f1"),
+        "majority": last_eval.get("majority"), "balanced": last_eval.get("balanced"), "rounds": rounds,
+        "local_steps_per_client": steps / num_clients,
+        "bytes_up_total_per_client": sum(r.total_up for r in traffic) / num_clients,
+        "bytes_down_total_per_client": sum(r.total_down for r in traffic) / num_clients,
         "bytes_up_per_client_round": float(sum(ups) / max(1, rounds)),
         "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
         "wall_seconds": result["wall_seconds"], "trainable_params": result["trainable_params"],
+        "ari_vs_task": result.get("ari_vs_task"),
         "per_round": [{"round": r.round, "mean": r.eval["mean"]} for r in history if r.eval],
     }
 
@@ -33,30 +46,69 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def method_table(runs: list[dict[str, Any]], extra: dict[str, dict[str, str]] | None = None) -> str:
-    """Method x task score (%), average, then `extra` columns (name -> method -> cell), MB up/down per
-    client per round, trainable parameters and seconds of rounds; one row per method, cells over runs."""
+def method_table(runs: list[dict[str, Any]]) -> str:
+    """Method x task score (%), client mean and test-example-weighted mean, local steps per client,
+    rounds, total MB up/down per client over the run, trainable parameters, seconds of rounds; one row per
+    method, cells over runs (mean ± std); the majority-class floor under them for classification."""
     methods = list(runs[0]["methods"])
     tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
     metric = runs[0]["methods"][methods[0]]["metric"]
-    extra = extra or {}
-    head = ["method", *tasks, f"avg {metric}", *extra, "MB up/client/round", "MB down/client/round",
-            "trainable params", "rounds s"]
+    head = ["method", *tasks, f"avg {metric}", "weighted avg", "local steps/client", "rounds",
+            "MB up/client", "MB down/client", "trainable params", "rounds s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in methods:
         per = [r["methods"][name] for r in runs]
-        cells = [name, *[mean_std([p["per_task"].get(t, float("nan")) for p in per]) for t in tasks],
-                 mean_std([p["mean"] for p in per]), *[column.get(name, "-") for column in extra.values()],
-                 f"{per[0]['bytes_up_per_client_round'] / 1e6:.3f}", f"{per[0]['bytes_down_per_client_round'] / 1e6:.3f}",
-                 f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row([name, *_score_cells(per, tasks),
+                           f"{statistics.mean(p.get('local_steps_per_client', float('nan')) for p in per):.0f}",
+                           str(per[0]["rounds"]),
+                           f"{statistics.mean(p.get('bytes_up_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
+                           f"{statistics.mean(p.get('bytes_down_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
+                           f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]))
+    floors = [m for m in (next((p.get("majority") for p in r["methods"].values() if p.get("majority")), None)
+                          for r in runs) if m]
+    if len(floors) == len(runs):
+        lines.append(_row(["majority class (floor)", *_score_cells(floors, tasks), *["-"] * 6]))
+    return "\n".join(lines)
+
+
+def _score_cells(per: list[dict[str, Any]], tasks: list[str]) -> list[str]:
+    weighted = [p.get("weighted_mean") for p in per]
+    return [*[mean_std([p["per_task"].get(t, float("nan")) for p in per]) for t in tasks],
+            mean_std([p["mean"] for p in per]),
+            mean_std([float(w) for w in weighted]) if all(w is not None for w in weighted) else "-"]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def balanced_table(runs: list[dict[str, Any]]) -> str | None:
+    """Accuracy on each task's label-balanced test set (label-skew runs that hold one out), else None."""
+    methods = [n for n in runs[0]["methods"] if all(r["methods"][n].get("balanced") for r in runs)]
+    if not methods:
+        return None
+    tasks = sorted(runs[0]["methods"][methods[0]]["balanced"]["per_task"])
+    lines = [_row(["method (label-balanced test sets)", *tasks, "avg accuracy"]), "|" + "---|" * (len(tasks) + 2)]
+    for name in methods:
+        per = [r["methods"][name]["balanced"] for r in runs]
+        lines.append(_row([name, *[mean_std([p["per_task"][t] for p in per]) for t in tasks],
+                           mean_std([p["mean"] for p in per])]))
     return "\n".join(lines)
 
 
 def results_table(metrics: dict[str, Any]) -> str:
-    """The pipeline's table of one run, with FedLEASE's allocation under it."""
+    """The pipeline's table of one run: the protocol, the code version, FedLEASE's allocation."""
+    from fedlease.provenance import describe
+
     rows = [method_table([metrics])]
+    balanced = balanced_table([metrics])
+    if balanced:
+        rows += ["", balanced]
     alloc = metrics.get("allocation")
     if alloc:
-        rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}, ARI vs true tasks = {alloc['ari_vs_task']:.3f}"]
+        capped = " (the m_max cap)" if alloc.get("capped") else ""
+        rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, "
+                     f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}"]
+    if "protocol" in metrics:
+        rows += ["", f"Protocol: {metrics['protocol']}; code: {describe(metrics.get('code_version', {}))}."]
     return "\n".join(rows)

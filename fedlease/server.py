@@ -62,7 +62,8 @@ def sequential_mapper(fn: Callable[..., Any], calls: list[dict[str, Any]], label
 
 
 def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path]) -> str:
-    """What a checkpoint was made from: every param that changes results, plus the input files.
+    """What a checkpoint was made from: every param that changes results, the code version (sources
+    hash and git commit: a run folder made by other code is not reused), plus the input files.
 
     `federation.rounds` is left out so that a finished run can be extended; tracking,
     orchestration and the list of methods do not change a method's results. Defaults are left
@@ -70,10 +71,13 @@ def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path]) -> str:
     """
     import hashlib
 
+    from fedlease.provenance import code_version
+
     doc = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"tracking": True, "orchestration": True, "strategies": True,
                                                "faults": True,
                                                "federation": {"rounds"}, "output_dir": True})
-    h = hashlib.sha256(json.dumps([doc, strategy], sort_keys=True).encode())
+    version = code_version()
+    h = hashlib.sha256(json.dumps([doc, strategy, version["sources"], version["commit"]], sort_keys=True).encode())
     for path in inputs:
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()[:16]
@@ -199,13 +203,14 @@ def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int
         loss=float(np.mean([r.loss for r in reports])) if reports else float("nan"),
         bytes_up={str(r.client_id): r.bytes_up for r in reports},
         bytes_down={str(r.client_id): r.bytes_down for r in reports},
+        steps={str(r.client_id): r.steps for r in reports},
         client_seconds=float(sum(r.seconds for r in reports)),
         setup_seconds=float(sum(r.setup_seconds for r in reports)))
     if cfg.privacy.enabled and strategy.federated:
         from fedlease.privacy import epsilon_after, noise_multiplier
 
-        record.epsilon = epsilon_after(cfg, round_)
-        record.noise_multiplier = noise_multiplier(cfg)
+        record.epsilon = epsilon_after(cfg, round_, strategy.rounds())
+        record.noise_multiplier = noise_multiplier(cfg, strategy.rounds())
     return state, record
 
 
@@ -266,20 +271,29 @@ def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: 
 
 
 def summarise_eval(clients: dict[str, dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Client mean (the paper's), mean weighted by test examples, per task; for classification also the
+    majority-class floor and, where clients have one, accuracy on their task's label-balanced test set."""
     metric = "accuracy" if kind == "classification" else "rougeL"
     ok = {k: v for k, v in clients.items() if metric in v}
-    per_task: dict[str, list[float]] = {}
-    for v in ok.values():
-        per_task.setdefault(v["task"], []).append(v[metric])
-    out = {
-        "metric": metric,
-        "mean": float(np.mean([v[metric] for v in ok.values()])) if ok else float("nan"),
-        "per_task": {t: float(np.mean(vals)) for t, vals in sorted(per_task.items())},
-        "clients": clients,
-    }
+    out: dict[str, Any] = {"metric": metric, **_means(ok, metric), "clients": clients}
     if kind == "classification" and ok:
         out["mean_macro_f1"] = float(np.mean([v["macro_f1"] for v in ok.values()]))
+        out["majority"] = _means(ok, "majority_accuracy")
+        balanced = {k: v for k, v in ok.items() if "balanced_accuracy" in v}
+        if balanced:
+            out["balanced"] = _means(balanced, "balanced_accuracy", "num_balanced_test")
     return out
+
+
+def _means(clients: dict[str, dict[str, Any]], key: str, count: str = "num_test") -> dict[str, Any]:
+    per_task: dict[str, list[float]] = {}
+    for v in clients.values():
+        per_task.setdefault(v["task"], []).append(v[key])
+    weights = [v.get(count, 1) for v in clients.values()]
+    values = [v[key] for v in clients.values()]
+    return {"mean": float(np.mean(values)) if values else float("nan"),
+            "weighted_mean": float(np.average(values, weights=weights)) if values and sum(weights) else float("nan"),
+            "per_task": {t: float(np.mean(vals)) for t, vals in sorted(per_task.items())}}
 
 
 def round_line(name: str, record: RoundRecord) -> str:

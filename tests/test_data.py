@@ -137,7 +137,7 @@ def test_partitions_disjoint_deterministic(scheme: str):
 
 def _skew(alpha: float, seed: int) -> float:
     cfg = PartitionConfig(scheme="dirichlet", num_clients=8, dirichlet_alpha=alpha, train_per_client=60,
-                          test_per_client=20)
+                          test_per_client=20, min_test_per_client=1)
     clients = partition([_task("a", 2000, 4)], cfg, seed)
     dists = []
     for c in clients:

@@ -21,15 +21,22 @@ def test_generation_pipeline_reports_rouge_l(tmp_path: Path):
         m = metrics["methods"][name]
         assert m["metric"] == "rougeL"
         assert set(m["per_task"]) == {"qgen", "ans"}
-        assert all(0.0 <= v <= 1.0 for v in m["per_task"].values())
     # the NLG table's equal-compute floor runs on the generation path and exchanges nothing
     assert metrics["methods"]["local"]["bytes_up_per_client_round"] == 0.0
-    # the exported NLG model answers through `fedlease predict`'s code path: generated text, not labels
+    # the exported NLG model, rebuilt by `fedlease predict`'s code, generates exactly what was scored:
+    # ROUGE-L of its answers on client 0's test prompts is the client's reported score
+    from fedlease.data.stage import load_client
+    from fedlease.engine.evaluate import rouge_l as score
+    from fedlease.io import read_json
     from fedlease.paths import RunPaths
     from fedlease.predict import predict
 
-    outs = predict(RunPaths.of(cfg).strategy_dir("fedlease") / "final", 0, ["Answer: what is 3 plus one?"])
-    assert len(outs) == 1 and isinstance(outs[0], str)
+    data = load_client(cfg, 0)
+    outs = predict(RunPaths.of(cfg).strategy_dir("fedlease") / "final", 0, [r["prompt"] for r in data.test])
+    assert len(outs) == len(data.test) and all(isinstance(o, str) for o in outs)
+    hist = read_json(RunPaths.of(cfg).strategy_dir("fedlease") / "result.json")["history"]
+    reported = hist[-1]["eval"]["clients"]["0"]["rougeL"]
+    assert score(outs, [r["response"] for r in data.test]) == pytest.approx(reported)
 
 
 def test_nlg_profile_is_valid():

@@ -67,7 +67,9 @@ def test_a_registered_toy_method_runs_end_to_end(tmp_path: Path, toy_method: str
             uploads.update({r.client_id: load_tensors(r.upload) for r in results})
         return results
 
-    cfg = config_from_dict(tiny_params(tmp_path, strategies=[toy_method, "fedit"], federation__rounds=1))
+    # the paper's protocol: exactly one round, so the final state is one half step from the init
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=[toy_method, "fedit"], federation__rounds=1,
+                                       federation__protocol="paper"))
     metrics = run_all(cfg, recording)
     assert set(metrics["methods"]) == {toy_method, "fedit"}
     paths = RunPaths.of(cfg)

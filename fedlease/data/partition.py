@@ -10,7 +10,7 @@ A client's test set is drawn from the same distribution as its train set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,14 +26,18 @@ class ClientData:
     label_names: list[str]
     train: list[dict[str, Any]]
     test: list[dict[str, Any]]
+    #: label-balanced test examples of the client's task, shared by its task's clients (label skew only)
+    balanced_test: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"client_id": self.client_id, "task": self.task, "label_names": self.label_names,
-                "train": self.train, "test": self.test}
+        out = {"client_id": self.client_id, "task": self.task, "label_names": self.label_names,
+               "train": self.train, "test": self.test}
+        return {**out, "balanced_test": self.balanced_test} if self.balanced_test else out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ClientData:
-        return cls(obj["client_id"], obj["task"], obj["label_names"], obj["train"], obj["test"])
+        return cls(obj["client_id"], obj["task"], obj["label_names"], obj["train"], obj["test"],
+                   obj.get("balanced_test", []))
 
 
 def _tag(records: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
@@ -64,9 +68,15 @@ def _task_partition(tasks: list[TaskData], cfg: PartitionConfig, rng: np.random.
     return clients
 
 
-def _dirichlet_shares(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator,
-                      min_size: int, what: str) -> list[np.ndarray]:
-    """Indices per client, each label's examples split by Dir(alpha) proportions."""
+def _n_test(size: int, cfg: PartitionConfig) -> int:
+    return max(1, round(size * cfg.test_per_client / (cfg.train_per_client + cfg.test_per_client)))
+
+
+def _dirichlet_shares(labels: np.ndarray, n_clients: int, cfg: PartitionConfig, rng: np.random.Generator,
+                      what: str, first_client: int = 0) -> list[np.ndarray]:
+    """Indices per client, each label's examples split by Dir(alpha) proportions; redrawn (up to 100 times)
+    until every client gets at least `min_test_per_client` test examples and one training example."""
+    alpha = cfg.dirichlet_alpha
     for _attempt in range(100):
         shares: list[list[int]] = [[] for _ in range(n_clients)]
         for lab in np.unique(labels):
@@ -75,16 +85,19 @@ def _dirichlet_shares(labels: np.ndarray, n_clients: int, alpha: float, rng: np.
             cuts = (np.cumsum(props) * len(members)).astype(int)[:-1]
             for c, part in enumerate(np.split(members, cuts)):
                 shares[c].extend(part.tolist())
-        if min(len(s) for s in shares) >= min_size:
+        sizes = [len(s) for s in shares]
+        if all(_n_test(n, cfg) >= cfg.min_test_per_client and n > _n_test(n, cfg) for n in sizes):
             return [rng.permutation(np.array(s, dtype=int)) for s in shares]
+    worst = int(np.argmin(sizes))
     raise DataError(
-        f"{what}: Dirichlet(alpha={alpha}) left a client with fewer than {min_size} examples in 100 tries; "
-        "raise data.partition.dirichlet_alpha or lower the number of clients"
-    )
+        f"{what}: client {first_client + worst} gets {_n_test(sizes[worst], cfg)} test examples ({sizes[worst]} in "
+        f"all) under Dirichlet(alpha={alpha}), fewer than data.partition.min_test_per_client="
+        f"{cfg.min_test_per_client}, in each of 100 draws; raise data.partition.dirichlet_alpha or "
+        "test_per_client, or lower the number of clients or min_test_per_client")
 
 
 def _split_share(records: list[dict[str, Any]], cfg: PartitionConfig) -> tuple[list, list]:
-    n_test = max(1, round(len(records) * cfg.test_per_client / (cfg.train_per_client + cfg.test_per_client)))
+    n_test = _n_test(len(records), cfg)
     return records[n_test:], records[:n_test]
 
 
@@ -117,7 +130,7 @@ def _pooled_partition(tasks: list[TaskData], cfg: PartitionConfig, rng: np.rando
     chosen = [pooled[i] for i in rng.permutation(len(pooled))[:total]]
     if dirichlet:
         labels = np.array([r["label"] for r in chosen])
-        shares = _dirichlet_shares(labels, cfg.num_clients, cfg.dirichlet_alpha, rng, 4, "pooled tasks")
+        shares = _dirichlet_shares(labels, cfg.num_clients, cfg, rng, "pooled tasks")
     else:
         shares = np.array_split(np.arange(total), cfg.num_clients)
     clients = []
@@ -136,11 +149,35 @@ def _task_dirichlet_partition(tasks: list[TaskData], cfg: PartitionConfig,
         idx = rng.permutation(len(task.records))[:need]
         chosen = [task.records[i] for i in idx]
         labels = np.array([r["label"] for r in chosen])
-        shares = _dirichlet_shares(labels, cfg.clients_per_task, cfg.dirichlet_alpha, rng, 4, f"task {task.name}")
+        shares = _dirichlet_shares(labels, cfg.clients_per_task, cfg, rng, f"task {task.name}", len(clients))
+        mine = []
         for share in shares:
             train, test = _split_share(_tag([chosen[i] for i in share], task.name), cfg)
-            clients.append(ClientData(len(clients), task.name, task.label_names, train, test))
+            mine.append(ClientData(len(clients) + len(mine), task.name, task.label_names, train, test))
+        if cfg.balanced_test_per_label:
+            balanced = _balanced_test(mine, cfg.balanced_test_per_label, rng)
+            for c in mine:
+                c.balanced_test = balanced
+        clients += mine
     return clients
+
+
+def _balanced_test(clients: list[ClientData], per_label: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """A label-balanced test set of one task, drawn from its clients' test sets pooled (no client trains on
+    any of it): the same number of examples of every label, at most `per_label`, as many as the rarest
+    label allows."""
+    pooled = [r for c in clients for r in c.test]
+    by_label = [[r for r in pooled if r["label"] == lab] for lab in range(len(clients[0].label_names))]
+    take = min(per_label, *(len(m) for m in by_label))
+    if take < 1:
+        rare = clients[0].label_names[int(np.argmin([len(m) for m in by_label]))]
+        raise DataError(f"task {clients[0].task}: no test example of label {rare!r} in any of its clients' test sets, "
+                        "so no label-balanced test set can be drawn (raise test_per_client, or set "
+                        "data.partition.balanced_test_per_label: 0)")
+    out: list[dict[str, Any]] = []
+    for members in by_label:
+        out += [members[i] for i in sorted(rng.choice(len(members), size=take, replace=False).tolist())]
+    return out
 
 
 def partition(tasks: list[TaskData], cfg: PartitionConfig, seed: int) -> list[ClientData]:

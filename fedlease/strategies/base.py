@@ -16,6 +16,7 @@ checkpoints as one safetensors file and one JSON file.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,34 @@ class Strategy(ABC):
         return ModelSpec(r=self.cfg.lora.r)
 
     def local_epochs(self, round_: int) -> int:
-        """Epochs over its training data a client runs in this round."""
-        return self.cfg.training.local_epochs
+        """Epochs over its training data a client runs in this round (an extra round of the equal-compute
+        protocol runs what is left of the warm-up's epochs)."""
+        epochs = self.cfg.training.local_epochs
+        extra = round_ - self.cfg.federation.rounds
+        if extra > 0:
+            return min(epochs, self.cfg.fedlease.warmup_epochs - (extra - 1) * epochs)
+        return epochs
+
+    def extra_rounds(self) -> int:
+        """Rounds added under `federation.protocol: equal_compute` to a federated method that does not
+        continue from FedLEASE's warm-up: its epochs, run as federated rounds (more communication, which
+        favours the method). 0 under the paper's protocol."""
+        if self.cfg.federation.protocol != "equal_compute" or self.inherits_warmup or not self.federated:
+            return 0
+        return math.ceil(self.cfg.fedlease.warmup_epochs / self.cfg.training.local_epochs)
 
     def rounds(self) -> int:
         """How many rounds the method runs."""
-        return self.cfg.federation.rounds
+        return self.cfg.federation.rounds + self.extra_rounds()
+
+    def warmup_epochs(self) -> int:
+        """Local epochs each client trains before round 1 (FedLEASE's warm-up, for those that continue from it)."""
+        return self.cfg.fedlease.warmup_epochs if self.inherits_warmup else 0
+
+    def assignment(self, state: ServerState) -> list[int] | None:
+        """The cluster of each client, for a method that groups clients (its ARI against the tasks is
+        reported); None for the others."""
+        return None
 
     def samples_every_client(self) -> bool:
         """Whether every client takes part in every round, whatever `federation.clients_per_round` says."""

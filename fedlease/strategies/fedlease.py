@@ -108,6 +108,9 @@ class FedLEASE(Strategy):
     def upload_group(self, download: Download) -> int:
         return int(download.meta["expert"])
 
+    def assignment(self, state: ServerState) -> list[int] | None:
+        return [int(e) for e in state.meta["assignment"][: self.num_clients]]
+
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         tensors = dict(state.tensors)
         for e, mean in group_means(updates, self.weights).items():  # a silent cluster keeps its expert

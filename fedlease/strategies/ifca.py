@@ -8,12 +8,29 @@ that was never sampled still chooses by loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedlease.aggregation import group_means
 from fedlease.strategies.base import (Download, InitContext, ServerState, Strategy, Tensors, Update, prefixed,
                                       select, unprefixed)
 from fedlease.strategies.registry import register
+
+
+def independent_lora(like: Tensors, gen: torch.Generator, b_std: float) -> Tensors:
+    """A LoRA of the same shapes drawn afresh: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's kaiming-uniform
+    init), B ~ N(0, b_std^2)."""
+    out = {}
+    for key in sorted(like):
+        shape = like[key].shape
+        if key.endswith(".A"):
+            bound = 1.0 / math.sqrt(shape[1])
+            out[key] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        else:
+            out[key] = torch.randn(shape, generator=gen) * b_std
+        out[key] = out[key].to(like[key].dtype)
+    return out
 
 
 @register
@@ -28,14 +45,13 @@ class IFCA(Strategy):
         return self.cfg.baselines.ifca_clusters
 
     def init_state(self, ctx: InitContext) -> ServerState:
-        # Distinct cluster models are needed for the first choice to mean anything:
-        # B gets a small seeded perturbation per cluster (A keeps the common init).
+        """K independently drawn cluster models, as the paper's: each its own seeded LoRA (A as peft
+        draws it, B ~ N(0, ifca_init_std^2), not peft's zeros, so the models differ as functions and a
+        client's first choice means something)."""
         tensors: Tensors = {}
         for c in range(self.k):
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + c)
-            lora = select(ctx.common_init, "lora.")
-            lora = {key: (v + torch.randn(v.shape, generator=gen) * self.cfg.baselines.ifca_init_std
-                          if key.endswith(".B") else v) for key, v in lora.items()}
+            lora = independent_lora(select(ctx.common_init, "lora."), gen, self.cfg.baselines.ifca_init_std)
             tensors.update(prefixed(lora, f"cluster{c}."))
         return ServerState(tensors)
 
@@ -58,6 +74,11 @@ class IFCA(Strategy):
         if "chosen" in download.meta:
             return {}
         return {c: unprefixed(download.tensors, f"cluster{c}.") for c in range(self.k)}
+
+    def assignment(self, state: ServerState) -> list[int] | None:
+        """Each client's latest cluster (-1 for a client never sampled)."""
+        chosen = state.meta.get("assignment", {})
+        return [int(chosen.get(str(c), -1)) for c in range(self.num_clients)]
 
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         assignment = dict(state.meta.get("assignment", {}))

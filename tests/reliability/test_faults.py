@@ -30,8 +30,9 @@ class _FedITNoEval(FedIT):
 
 
 def _rounds(cfg, common, rounds: int, mapper=sequential_mapper, num_clients: int = 4):
-    """`rounds` rounds of FedIT in the run's federate/fedit folder."""
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": rounds})})
+    """`rounds` rounds of FedIT in the run's federate/fedit folder (the paper's protocol: no extra rounds)."""
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": rounds,
+                                                                                 "protocol": "paper"})})
     strategy = _FedITNoEval(cfg, num_clients)
     return run_rounds(cfg, strategy, lambda: strategy.init_state(InitContext(common)),
                       Clients(client_train, client_evaluate, mapper))

@@ -1,0 +1,211 @@
+"""The comparison's rules on hand-checkable cases: equal compute, provenance, floors and fair averages,
+faithful baselines' invariants, allocation in the near-orthogonal regime measured in practice."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlease.allocation import b_distance_matrix, choose_experts
+from fedlease.client import majority_accuracy
+from fedlease.config import config_from_dict
+from fedlease.data.partition import partition
+from fedlease.data.sources import DataError, TaskData
+from fedlease.server import summarise_eval
+from fedlease.strategies import make_strategy
+
+from .conftest import REPO, tiny_params
+
+
+def test_equal_compute_gives_baselines_the_warmup_epochs_as_extra_rounds(tmp_path: Path):
+    """warm-up 3 epochs, 2 rounds x 2 epochs: FedLEASE trains 3 + 4 = 7 epochs; FedIT 2 + 2 rounds of
+    2, 2, 2, 1 epochs = 7; under the paper's protocol FedIT gets only its 4."""
+    cfg = config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3, training__local_epochs=2,
+                                       federation__rounds=2))
+    fedit = make_strategy("fedit", cfg, 4)
+    assert fedit.rounds() == 4 and [fedit.local_epochs(r) for r in range(1, 5)] == [2, 2, 2, 1]
+    local = make_strategy("local", cfg, 4)
+    assert local.rounds() == 2 and local.warmup_epochs() == 3 and [local.local_epochs(r) for r in (1, 2)] == [2, 2]
+    for name in ("fedit", "ffa_lora", "fedsa_lora", "ifca", "feddpa", "local"):
+        s = make_strategy(name, cfg, 4)
+        assert s.warmup_epochs() + sum(s.local_epochs(r) for r in range(1, s.rounds() + 1)) == 7, name
+    paper = config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3, training__local_epochs=2,
+                                         federation__rounds=2, federation__protocol="paper"))
+    assert make_strategy("fedit", paper, 4).rounds() == 2
+
+
+def test_fingerprint_names_the_code_version(tmp_path: Path, monkeypatch):
+    """A checkpoint made by other code (other sources or another commit) is not reused."""
+    import fedlease.provenance as provenance
+    from fedlease.server import fingerprint
+
+    cfg = config_from_dict(tiny_params(tmp_path))
+    here = fingerprint(cfg, "fedit", [])
+    monkeypatch.setattr(provenance, "code_version", lambda: {"sources": "0" * 16, "commit": "abc", "dirty": False})
+    assert fingerprint(cfg, "fedit", []) != here
+    version = provenance.code_version()
+    monkeypatch.setattr(provenance, "code_version", lambda: {**version, "commit": "def"})
+    assert fingerprint(cfg, "fedit", []) != fingerprint(cfg.model_copy(), "fedlease", [])
+
+
+def test_sources_hash_follows_every_package_file(tmp_path: Path):
+    from fedlease.provenance import sources_hash
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    before = sources_hash(pkg, tmp_path)
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert sources_hash(pkg, tmp_path) != before
+    (tmp_path / "requirements.lock").write_text("torch==2.13.0\n")
+    assert len({before, sources_hash(pkg, tmp_path)}) == 2
+
+
+def test_benchmark_refuses_runs_of_different_code(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    same = {"sources": "s", "commit": "c"}
+    assert quality.one_code_version([{"code_version": same}, {"code_version": {**same, "dirty": True}}])
+    with pytest.raises(SystemExit, match="different code versions"):
+        quality.one_code_version([{"code_version": same}, {"code_version": {**same, "sources": "t"}}])
+
+
+def test_majority_floor_and_weighted_mean_by_hand():
+    train = [{"label": 2}, {"label": 2}, {"label": 0}]
+    test = [{"label": 2}, {"label": 1}, {"label": 2}, {"label": 0}]
+    assert majority_accuracy(train, test) == 0.5
+    clients = {"0": {"task": "a", "accuracy": 1.0, "macro_f1": 1.0, "majority_accuracy": 0.5, "num_test": 1},
+               "1": {"task": "a", "accuracy": 0.5, "macro_f1": 0.4, "majority_accuracy": 0.25, "num_test": 3},
+               "2": {"task": "b", "accuracy": 0.0, "macro_f1": 0.0, "majority_accuracy": 1.0, "num_test": 4}}
+    s = summarise_eval(clients, "classification")
+    assert s["mean"] == pytest.approx(0.5) and s["weighted_mean"] == pytest.approx((1 + 1.5 + 0) / 8)
+    assert s["per_task"] == {"a": 0.75, "b": 0.0}
+    assert s["majority"]["mean"] == pytest.approx(1.75 / 3)
+    assert s["majority"]["weighted_mean"] == pytest.approx((0.5 + 0.75 + 4) / 8)
+
+
+def _task(name: str, n: int, labels: int, seed: int) -> TaskData:
+    rng = np.random.default_rng(seed)
+    recs = [{"text": f"{name} {i}", "label": int(rng.integers(labels))} for i in range(n)]
+    return TaskData(name, "classification", recs, [f"l{k}" for k in range(labels)])
+
+
+def test_dirichlet_minimum_test_set_is_a_clear_error_naming_the_client(tmp_path: Path):
+    raw = tiny_params(tmp_path)
+    part = config_from_dict({**raw, "data": {**raw["data"], "partition": {
+        "scheme": "task_dirichlet", "clients_per_task": 6, "dirichlet_alpha": 0.05, "train_per_client": 8,
+        "test_per_client": 4, "min_test_per_client": 4}}}).data.partition
+    with pytest.raises(DataError, match=r"task t: client \d+ gets \d+ test examples .*min_test_per_client=4"):
+        partition([_task("t", 80, 3, 0)], part, seed=0)
+    ok = part.model_copy(update={"dirichlet_alpha": 100.0, "min_test_per_client": 3})
+    assert all(len(c.test) >= 3 for c in partition([_task("t", 80, 3, 0)], ok, seed=0))
+
+
+def test_label_balanced_test_set_spans_the_task_and_comes_from_test_data(tmp_path: Path):
+    raw = tiny_params(tmp_path)
+    part = config_from_dict({**raw, "data": {**raw["data"], "partition": {
+        "scheme": "task_dirichlet", "clients_per_task": 3, "dirichlet_alpha": 0.3, "train_per_client": 30,
+        "test_per_client": 20, "min_test_per_client": 2, "balanced_test_per_label": 5}}}).data.partition
+    clients = partition([_task("t", 200, 3, 1), _task("u", 200, 2, 2)], part, seed=0)
+    for c in clients:
+        counts = [sum(r["label"] == k for r in c.balanced_test) for k in range(len(c.label_names))]
+        assert len(set(counts)) == 1 and 1 <= counts[0] <= 5, counts
+        mates = [m for m in clients if m.task == c.task]
+        tests = {r["text"] for m in mates for r in m.test}
+        trains = {r["text"] for m in mates for r in m.train}
+        assert {r["text"] for r in c.balanced_test} <= tests and not {r["text"] for r in c.balanced_test} & trains
+
+
+def test_planted_near_orthogonal_clusters_are_recovered():
+    """The regime measured on the default mix: every client pair 1 - cos in 0.8-1.0, silhouette ~0.15.
+    B_i = sqrt(rho) c_k + sqrt(1 - rho) noise_i gives cos ~rho within a cluster, ~0 across."""
+    rng = np.random.default_rng(0)
+    rho, dim, truth = 0.15, 4096, [k for k in range(4) for _ in range(4)]
+    centres = {(k, m): rng.standard_normal(dim) for k in range(4) for m in range(2)}
+    adapters = [{f"lora.m{m}.B": torch.tensor(np.sqrt(rho) * centres[(k, m)]
+                                              + np.sqrt(1 - rho) * rng.standard_normal(dim)).reshape(dim // 4, 4)
+                 for m in range(2)} for k in truth]
+    dist = b_distance_matrix(adapters)
+    off = dist[~np.eye(16, dtype=bool)]
+    assert 0.8 < off.min() and off.max() < 1.1, "the planted case is in the measured regime"
+    alloc = choose_experts(dist, 8)
+    assert alloc.num_experts == 4 and 0.1 < alloc.silhouette[4] < 0.2
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth, alloc.assignment) == 1.0
+
+
+def test_ifca_cluster_models_are_distinct_functions(tmp_path: Path):
+    from fedlease.runtime import runtime_for
+    from fedlease.strategies.base import InitContext, ModelSpec
+
+    cfg = config_from_dict(tiny_params(tmp_path))
+    ifca = make_strategy("ifca", cfg, 4)
+    state = ifca.init_state(InitContext(runtime_for(cfg).common_init(ModelSpec(r=2))))
+    deltas = []
+    for c in range(4):
+        lora = {k.split(".", 1)[1]: v for k, v in state.tensors.items() if k.startswith(f"cluster{c}.")}
+        key = next(k for k in lora if k.endswith(".B"))
+        deltas.append(lora[key] @ lora[key.replace(".B", ".A")])
+    norms = [float(d.norm()) for d in deltas]
+    assert min(norms) > 0, "B is not zero: each cluster model is its own function"
+    assert min(float((a - b).norm()) for i, a in enumerate(deltas) for b in deltas[i + 1:]) > 0.1 * max(norms)
+
+
+@pytest.mark.slow
+def test_baselines_keep_their_invariants_and_equal_steps(tmp_path: Path):
+    """FFA-LoRA: A never changes and never crosses the wire; FedSA-LoRA: B never leaves the client; IFCA
+    chooses on the whole training set and reports its clusters' ARI; every method the same local steps."""
+    from fedlease.io import load_tensors, read_json
+    from fedlease.paths import RunPaths
+    from fedlease.pipeline import run_all
+    from fedlease.runtime import runtime_for
+    from fedlease.server import sequential_mapper
+    from fedlease.strategies.base import ModelSpec
+
+    from fedlease.models.adapters import get_state
+
+    uploads: dict[str, list[set[str]]] = {}
+    a_after_ffa: list[dict[str, torch.Tensor]] = []
+
+    def spying(fn, calls, label):
+        results = []
+        for call in calls:  # one at a time, to look at the model right after each client's training
+            results += sequential_mapper(fn, [call], label)
+            if label.startswith("ffa_lora") and "-train" in label:
+                model = runtime_for(cfg).build(ModelSpec(r=cfg.lora.r)).model
+                a_after_ffa.append(get_state(model, None, ("lora_A",)))
+        if "-train" in label:
+            uploads.setdefault(label.split("-r")[0], []).extend(set(load_tensors(r.upload)) for r in results)
+        return results
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "ffa_lora", "fedsa_lora", "ifca"]))
+    metrics = run_all(cfg, spying)
+    paths = RunPaths.of(cfg)
+    init = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))
+    ffa = load_tensors(paths.strategy_dir("ffa_lora") / "final" / "server_state.safetensors")
+    assert ffa and all(k.endswith(".B") for k in ffa)
+    assert all(k.endswith(".B") for up in uploads["ffa_lora"] for k in up)
+    assert len(a_after_ffa) == 4 * make_strategy("ffa_lora", cfg, 4).rounds()
+    for a in a_after_ffa:  # right after every client's local training, A is still the common init
+        assert a and all(torch.equal(v, init[k]) for k, v in a.items())
+    fedsa = load_tensors(paths.strategy_dir("fedsa_lora") / "final" / "server_state.safetensors")
+    assert fedsa and all(k.endswith(".A") for k in fedsa)
+    assert all(k.endswith(".A") for up in uploads["fedsa_lora"] for k in up), "B never leaves the client"
+    local_b = load_tensors(paths.strategy_dir("fedsa_lora") / "final" / "clients" / "client_000.safetensors")
+    assert any(k.endswith(".B") for k in local_b)
+    assert not any(torch.equal(ffa[k], init[k]) for k in ffa), "B trained"
+    steps = {name: m["local_steps_per_client"] for name, m in metrics["methods"].items()}
+    assert len(set(steps.values())) == 1, steps
+    assert metrics["methods"]["ifca"]["ari_vs_task"] is not None
+    assert metrics["methods"]["fedlease"]["ari_vs_task"] == metrics["allocation"]["ari_vs_task"]
+    assert metrics["protocol"] == "equal_compute" and metrics["code_version"]["sources"]
+    table = (paths.root / "results.md").read_text()
+    assert "majority class (floor)" in table and "equal_compute" in table
