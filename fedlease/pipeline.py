@@ -224,9 +224,12 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     tracker = Tracker(cfg)
     parent = tracker.parent_run_id()
     for name, m in methods.items():
-        tracker.log_metrics(tracker.strategy_run_id(name), {f"final_mean_{m['metric']}": m["mean"],
-                                                            "wall_seconds": m["wall_seconds"],
-                                                            "trainable_params": m["trainable_params"]})
+        tracker.log_metrics(tracker.strategy_run_id(name), {
+            f"final_mean_{m['metric']}": m["mean"], f"final_weighted_mean_{m['metric']}": m["weighted_mean"],
+            "wall_seconds": m["wall_seconds"], "trainable_params": m["trainable_params"], "rounds": m["rounds"],
+            "local_steps_per_client": m["local_steps_per_client"],
+            "bytes_up_total_per_client": m["bytes_up_total_per_client"],
+            "bytes_down_total_per_client": m["bytes_down_total_per_client"]})
         tracker.log_metrics(parent, {f"{name}.final_mean_{m['metric']}": m["mean"]})
     for path in (paths.metrics, paths.root / "results.md", paths.plots):
         tracker.log_artifacts(parent, path, "results")

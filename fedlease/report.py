@@ -60,7 +60,7 @@ def method_table(runs: list[dict[str, Any]]) -> str:
         per = [r["methods"][name] for r in runs]
         lines.append(_row([name, *_score_cells(per, tasks),
                            f"{statistics.mean(p.get('local_steps_per_client', float('nan')) for p in per):.0f}",
-                           str(per[0]["rounds"]),
+                           str(per[0].get("rounds", "-")),
                            f"{statistics.mean(p.get('bytes_up_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
                            f"{statistics.mean(p.get('bytes_down_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
                            f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]))

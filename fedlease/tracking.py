@@ -267,7 +267,10 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
             "metric": metric, "mean": m.get(f"mean_{metric}", float("nan")), "per_task": tasks,
             "bytes_up_per_client_round": per_client_round("bytes_up_total"),
             "bytes_down_per_client_round": per_client_round("bytes_down_total"),
-            "trainable_params": int(m.get("trainable_params", 0)), "wall_seconds": m.get("wall_seconds", float("nan"))}
+            "trainable_params": int(m.get("trainable_params", 0)), "wall_seconds": m.get("wall_seconds", float("nan")),
+            "rounds": int(m.get("rounds", len(reported))), "weighted_mean": m.get(f"final_weighted_mean_{metric}"),
+            **{key: m.get(key, float("nan")) for key in ("local_steps_per_client", "bytes_up_total_per_client",
+                                                         "bytes_down_total_per_client")}}
     if not methods:
         raise TrackingError(f"run {run_id}: no strategy runs under it at {uri}")
     from fedlease.report import method_table
