@@ -138,11 +138,11 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     """The pipeline's method table over seeds (mean ± std) and the majority floor; accuracy on
     label-balanced test sets when the runs have them; the primary method's cluster quality and its margin
     over the best other method (`local` included)."""
-    from fedlease.report import balanced_table
+    from fedlease.report import balanced_table, instance_weight_lines
     from fedlease.strategies import primary_name, strategy_class
 
     methods = list(runs[0]["methods"])
-    lines = [method_table(runs)]
+    lines = [method_table(runs), *instance_weight_lines(runs)]
     balanced = balanced_table(runs)
     if balanced:
         lines += ["", balanced]

@@ -7,6 +7,7 @@ examples never leave this module.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import zlib
@@ -22,14 +23,15 @@ from fedlease.comm import nbytes
 from fedlease.config import Config
 from fedlease.data.stage import load_client
 from fedlease.engine.batching import iterate_batches
-from fedlease.engine.evaluate import classification_metrics, generate, predict_labels, rouge_l
-from fedlease.engine.trainer import compute_loss, device
+from fedlease.engine.evaluate import classification_metrics, encode_inputs, generate, predict_labels, rouge_l
+from fedlease.engine.trainer import TrainResult, compute_loss, device
 from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
+from fedlease.models.dual import recorded_weights
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
-from fedlease.strategies.base import Strategy, Tensors
+from fedlease.strategies.base import ModelSpec, Strategy, Tensors
 
 
 def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
@@ -58,13 +60,10 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         candidates = strategy.candidates(download)
         group = (adopt_lowest_loss(rt, model, candidates, data.train, seed) if candidates
                  else strategy.upload_group(download))
-        params = set_trainable(model, strategy.train_groups, head)
         start = get_state(model, head, strategy.upload_groups) if cfg.privacy.enabled else {}
-        torch.manual_seed(seed)
-        batches = iterate_batches(rt.tokenizer, data.train, cfg.data.kind, cfg.training.batch_size,
-                                  cfg.model.max_length, strategy.local_epochs(round_), seed)
-        reserve = rt.reserve_batch(strategy.spec(client_id))
-        result = rt.engine.train(model, params, batches, cfg.data.kind, reserve=reserve)
+        result = train_phases(rt, strategy, model, data.train, round_, seed, strategy.spec(client_id))
+        if strategy.reference_examples():
+            strategy.after_training(model, reference_inputs(rt, data.train, strategy.reference_examples(), seed))
         upload = get_state(model, head, strategy.upload_groups)
         local = get_state(model, head, strategy.local_groups)
     update_norm = None
@@ -77,13 +76,40 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
     upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
     bytes_up = write_upload(upload_path, upload)
     save_local_state(cfg, strategy, client_id, round_, local)
-    del model, upload, local, batches
+    del model, upload, local
     if cfg.training.release_memory:
         release_memory()
     return ClientTrainResult(
         client_id=client_id, upload=upload_path, num_examples=len(data.train), loss=result.loss, steps=result.steps,
         bytes_up=bytes_up, bytes_down=nbytes(download.tensors), train_seconds=result.seconds,
         setup_seconds=result.setup_seconds, seconds=time.perf_counter() - t0, group=group, update_norm=update_norm)
+
+
+def train_phases(rt: ClientRuntime, strategy: Strategy, model: PeftModel, records: list[dict[str, Any]],
+                 round_: int, seed: int, spec: ModelSpec) -> TrainResult:
+    """The strategy's local phases in turn, each with its trainable groups, epochs and model setting;
+    the steps, seconds and step-weighted mean loss of all of them."""
+    cfg, head = rt.cfg, rt.head_module()
+    results = []
+    for i, phase in enumerate(strategy.local_phases(round_)):
+        params = set_trainable(model, phase.train_groups, head)
+        phase_seed = seed + i  # phase 0 keeps the client's round seed
+        torch.manual_seed(phase_seed)
+        batches = iterate_batches(rt.tokenizer, records, cfg.data.kind, cfg.training.batch_size,
+                                  cfg.model.max_length, phase.epochs, phase_seed)
+        reserve = rt.reserve_batch(spec)
+        with phase.setting(model) if phase.setting is not None else contextlib.nullcontext():
+            results.append(rt.engine.train(model, params, batches, cfg.data.kind, reserve=reserve))
+    steps = sum(r.steps for r in results)
+    return TrainResult(sum(r.loss * r.steps for r in results) / max(1, steps), steps,
+                       sum(r.seconds for r in results), sum(r.setup_seconds for r in results))
+
+
+def reference_inputs(rt: ClientRuntime, records: list[dict[str, Any]], k: int, seed: int) -> dict[str, torch.Tensor]:
+    """A seeded sample of k of the client's training examples, encoded as inference sees them."""
+    pick = np.random.default_rng([seed, 7]).permutation(len(records))[:k]
+    enc = encode_inputs(rt.tokenizer, [records[i] for i in sorted(pick)], rt.cfg.data.kind, rt.cfg.model.max_length)
+    return {key: v.to(device()) for key, v in enc.items()}
 
 
 @torch.no_grad()
@@ -139,6 +165,21 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
             adopt_lowest_loss(rt, model, candidates, data.train, client_seed(cfg.seed, client_id, round_, strategy.name))
     telemetry = attach_telemetry(model)
     out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
+    with recorded_weights(model) as weights:
+        _score(cfg, rt, model, data, out, telemetry)
+    if weights:  # FedDPA: how much each test input leaned on the local LoRA
+        q = np.quantile(weights, [0.0, 0.1, 0.5, 0.9, 1.0])
+        out["instance_weight"] = {"mean": float(np.mean(weights)), "min": float(q[0]), "p10": float(q[1]),
+                                  "median": float(q[2]), "p90": float(q[3]), "max": float(q[4])}
+    del model
+    if cfg.training.release_memory:
+        release_memory()
+    return out
+
+
+def _score(cfg: Config, rt: ClientRuntime, model: PeftModel, data: Any, out: dict[str, Any],
+           telemetry: dict[str, Any]) -> None:
+    """The client's test metrics (and the router's telemetry) into `out`."""
     try:
         if cfg.data.kind == "classification":
             preds = predict_labels(model, rt.tokenizer, data.test, cfg.model.max_length, cfg.training.eval_batch_size)
@@ -166,7 +207,3 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
                    "expert_weight_share": (t.weight / max(1e-12, float(t.weight.sum()))).tolist()}
             for name, t in telemetry.items()
         }
-    del model
-    if cfg.training.release_memory:
-        release_memory()
-    return out

@@ -188,6 +188,12 @@ class BaselinesConfig(_Strict):
     ifca_init_std: Annotated[float, Field(ge=0)] = Field(
         default=0.02, description="IFCA: std of each cluster model's own random B (its A is seeded per cluster "
                                   "too); 0.02 is the size of B after the default warm-up here")
+    feddpa_train_local_weight: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="FedDPA: the local LoRA's weight while it trains (the global one frozen)")
+    feddpa_max_weight: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="FedDPA: the largest instance-wise local weight (w in w * mean cosine)")
+    feddpa_reference_instances: PositiveInt = Field(
+        default=5, description="FedDPA: training instances whose representations a test input is compared with")
     ifca_choice_batches: PositiveInt | None = Field(
         default=None, description="IFCA: eval batches of its training data a client scores the cluster models "
                                   "on (None: the whole training set, as the paper)")

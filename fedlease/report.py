@@ -35,8 +35,30 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
         "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
         "wall_seconds": result["wall_seconds"], "trainable_params": result["trainable_params"],
         "ari_vs_task": result.get("ari_vs_task"),
+        "instance_weight": _instance_weights(last_eval),
         "per_round": [{"round": r.round, "mean": r.eval["mean"]} for r in history if r.eval],
     }
+
+
+def _instance_weights(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """FedDPA: each client's mean instance-wise local weight and the range over all its test inputs."""
+    per = {cid: c["instance_weight"] for cid, c in evaluation["clients"].items() if "instance_weight" in c}
+    if not per:
+        return None
+    return {"client_means": {cid: round(w["mean"], 4) for cid, w in sorted(per.items(), key=lambda kv: int(kv[0]))},
+            "min": min(w["min"] for w in per.values()), "max": max(w["max"] for w in per.values())}
+
+
+def instance_weight_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """A line per method with instance-wise weights: their per-client means and range, per run."""
+    lines = []
+    for name in runs[0]["methods"]:
+        weights = [r["methods"][name].get("instance_weight") for r in runs]
+        if all(weights):
+            shown = "; ".join(f"client means {list(w['client_means'].values())}, range {w['min']:.3f}-{w['max']:.3f}"
+                              for w in weights)
+            lines += ["", f"{name}'s instance-wise local weights at the last evaluation (per run): {shown}."]
+    return lines
 
 
 def mean_std(values: list[float]) -> str:
@@ -100,7 +122,7 @@ def results_table(metrics: dict[str, Any]) -> str:
     """The pipeline's table of one run: the protocol, the code version, FedLEASE's allocation."""
     from fedlease.provenance import describe
 
-    rows = [method_table([metrics])]
+    rows = [method_table([metrics]), *instance_weight_lines([metrics])]
     balanced = balanced_table([metrics])
     if balanced:
         rows += ["", balanced]

@@ -1,13 +1,18 @@
-"""FedDPA's dual adapter: the instance-wise weight and the mixed output on hand-checkable tensors."""
+"""FedDPA's dual adapter and schedule: the instance-wise weight and the mixed output on hand-checkable
+tensors; the weight computed at inference from the stored references; what each round's phases train."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
-from fedlease.config import LoraConfig
-from fedlease.models.adapters import get_state, lora_layers, set_state, set_trainable, wrap_lora
-from fedlease.models.dual import (NO_CENTROID_WEIGHT, dual_delta, instance_weight, sequence_mean,
-                                  updated_centroid)
+from fedlease.config import LoraConfig, config_from_dict
+from fedlease.models.adapters import get_state, lora_layers, set_state, wrap_lora
+from fedlease.models.dual import (dual_delta, dual_layers, fixed_weight, instance_weight, representations,
+                                  sequence_mean, store_reference)
+from tests.conftest import tiny_params
 from tests.test_moe import _tiny_base
 
 
@@ -18,48 +23,93 @@ def test_sequence_mean_leaves_padding_out():
     assert torch.allclose(sequence_mean(x, None), torch.tensor([[104 / 3, 34.0]]))
 
 
-def test_instance_weight_is_clamped_cosine_to_the_centroid():
-    centroid = torch.tensor([1.0, 0.0])
-    reps = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [-1.0, 0.0]])
-    w = instance_weight(reps, centroid, count=10)
-    assert torch.allclose(w, torch.tensor([1.0, 2 ** -0.5, 0.0, 0.0]))
-    assert instance_weight(reps, centroid, count=0).tolist() == [NO_CENTROID_WEIGHT] * 4
+def test_instance_weight_is_w_times_the_mean_cosine_to_the_references():
+    refs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reps = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    w = instance_weight(reps, refs, max_weight=0.5)
+    # cosines: (1, 0) -> mean 0.5; (2^-0.5, 2^-0.5) -> 2^-0.5; negative -> clamped to 0
+    assert torch.allclose(w, torch.tensor([0.25, 0.5 * 2 ** -0.5, 0.0]))
 
 
-def test_centroid_is_the_running_mean():
-    c, n = updated_centroid(torch.zeros(2), 0, torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
-    assert c.tolist() == [1.0, 1.0] and n == 2
-    c, n = updated_centroid(c, n, torch.tensor([[4.0, 4.0]]))
-    assert c.tolist() == [2.0, 2.0] and n == 3
-
-
-def test_dual_delta_mixes_per_instance():
+def test_dual_delta_mixes_per_instance_or_by_a_fixed_weight():
     g = torch.ones(2, 3, 4)
     loc = torch.full((2, 3, 4), 3.0)
     out = dual_delta(g, loc, torch.tensor([0.0, 0.25]))
     assert torch.all(out[0] == 1.0) and torch.all(out[1] == 0.75 * 1 + 0.25 * 3)
+    assert torch.all(dual_delta(g, loc, 0.5) == 2.0)
 
 
-def test_dual_model_output_matches_the_formula_and_trains_both_loras():
+def test_fixed_weight_mixes_by_the_formula_and_restores():
     lora = LoraConfig(r=2, alpha=4, target_modules=["query"])
     model = wrap_lora(_tiny_base(), lora, None, seed=0, dual=True)
     state = get_state(model, "classifier", ("lora", "dual"))
     state = {k: (torch.randn_like(v) if k.endswith((".A", ".B")) else v) for k, v in state.items()}
-    centroid = torch.randn(8)
-    state["dual.query.centroid"], state["dual.query.count"] = centroid, torch.tensor([5.0])
     set_state(model, state, "classifier")
-    model.eval()
     layer = lora_layers(model)["query"]
     x = torch.randn(3, 4, 8)
     base = layer.get_base_layer()(x)
-    alpha = torch.nn.functional.cosine_similarity(x.mean(1), centroid.unsqueeze(0), dim=-1).clamp(0, 1)
     glob = x @ state["lora.query.A"].T @ state["lora.query.B"].T
     loc = x @ state["dual.query.A"].T @ state["dual.query.B"].T
-    expected = base + 2.0 * ((1 - alpha)[:, None, None] * glob + alpha[:, None, None] * loc)
-    assert torch.allclose(layer(x), expected, atol=1e-5)
+    with fixed_weight(model, 0.25):
+        assert torch.allclose(layer(x), base + 2.0 * (0.75 * glob + 0.25 * loc), atol=1e-5)
+    assert layer.dpa_weight is None
+    assert torch.allclose(layer(x), base + 2.0 * glob, atol=1e-5), "no references yet: the global LoRA alone"
 
-    model.train()
-    params = set_trainable(model, ("lora", "dual", "head"), "classifier")
-    model(x).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-    assert float(layer.dpa_count) == 5 + 3, "training inputs update the client's centroid"
+
+def _tiny_dual(tmp_path: Path):
+    from fedlease.engine.evaluate import encode_inputs
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies.base import ModelSpec
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["feddpa"]))
+    rt = ClientRuntime(cfg)
+    model = rt.fresh_model(ModelSpec(r=2, dual=True), 2)
+    state = get_state(model, None, ("lora", "dual"))
+    torch.manual_seed(1)
+    set_state(model, {k: torch.randn_like(v) * 0.5 for k, v in state.items() if k.endswith((".A", ".B"))})
+    records = [{"text": t, "label": 0} for t in ("the film was great", "the film was awful", "a lovely film",
+                                                   "we talked about the cat", "is it about a city?")]
+    return rt, model, lambda recs: encode_inputs(rt.tokenizer, recs, "classification", 16), records
+
+
+def test_inference_weights_each_input_by_its_similarity_to_the_references(tmp_path: Path):
+    rt, model, encode, records = _tiny_dual(tmp_path)
+    model.eval()
+    store_reference(model, encode(records[:3]))
+    layers = dual_layers(model)
+    assert all(int(layer.dpa_count) == 3 for layer in layers)
+    batch = encode(records)
+    expected = instance_weight(representations(model, batch), layers[0].dpa_reference[:3], 0.5)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.allclose(layers[0].dpa_alpha, expected) and expected.max() > 0
+    assert len(set(expected.tolist())) > 1, "one weight per instance"
+    for i, a in enumerate(expected.tolist()):  # the output is the mixture at that instance's weight
+        with torch.no_grad(), fixed_weight(model, a):
+            alone = model(**{k: v[i : i + 1] for k, v in batch.items()}).logits
+        assert torch.allclose(logits[i], alone[0], atol=1e-5)
+
+
+def test_feddpa_rounds_train_global_first_then_local_and_global(tmp_path: Path):
+    from fedlease.client import train_phases
+    from fedlease.strategies import make_strategy
+    from fedlease.strategies.base import ModelSpec
+
+    rt, model, _, records = _tiny_dual(tmp_path)
+    cfg = rt.cfg.model_copy(update={"training": rt.cfg.training.model_copy(update={"local_epochs": 2})})
+    rt.cfg = cfg
+    dpa = make_strategy("feddpa", cfg, 4)
+    train = [{**r, "label": i % 2} for i, r in enumerate(records * 4)]
+    for round_, local_moves in ((1, False), (2, True)):
+        before = get_state(model, None, ("lora", "dual"))
+        result = train_phases(rt, dpa, model, train, round_, seed=0, spec=ModelSpec(r=2, dual=True))
+        after = get_state(model, None, ("lora", "dual"))
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(k.startswith("lora.") for k in moved), "the global LoRA trains every round"
+        assert any(k.startswith("dual.") and k.endswith((".A", ".B")) for k in moved) == local_moves
+        assert result.steps == 2 * 3  # 2 epochs of 3 batches of 8, in one phase or split 1 + 1
+    with pytest.raises(ValueError, match="hidden size"):
+        bad = torch.zeros(1, 3, dtype=torch.long)
+        for layer in dual_layers(model):
+            layer.dpa_reference = torch.zeros(5, 7)
+        store_reference(model, {"input_ids": bad, "attention_mask": torch.ones_like(bad)})

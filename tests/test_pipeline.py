@@ -170,8 +170,12 @@ def test_every_baseline_runs_end_to_end(tmp_path: Path):
     dpa_local = load_tensors(local_dir(cfg, make_strategy("feddpa", cfg, 4), 0)
                              / f"round_{cfg.federation.rounds:04d}.safetensors")
     counts = [v for k, v in dpa_local.items() if k.startswith("dual.") and k.endswith(".count")]
-    assert counts and all(float(c) > 0 for c in counts), "FedDPA keeps its local LoRA and centroid on the client"
+    assert counts and all(float(c) == 5 for c in counts), "FedDPA keeps its local LoRA and 5 references on the client"
     dpa = read_json(RunPaths.of(cfg).strategy_dir("feddpa") / "result.json")["history"]
+    weights = [c["instance_weight"] for c in dpa[-1]["eval"]["clients"].values()]
+    assert len(weights) == 4 and all(0.0 <= w["min"] <= w["median"] <= w["max"] <= 0.5 for w in weights)
+    assert max(w["max"] for w in weights) > 0, "some inputs lean on the local LoRA"
+    assert metrics["methods"]["feddpa"]["instance_weight"]["client_means"]
     assert not any(k.startswith("dual.") for k in load_tensors(RunPaths.of(cfg).strategy_dir("feddpa")
                                                                / "final" / "server_state.safetensors")), "never uploaded"
     assert dpa[-1]["bytes_up"] == dpa[-1]["bytes_down"], "FedDPA exchanges only the global LoRA"

@@ -34,6 +34,28 @@ def classification_metrics(preds: list[int], labels: list[int], num_labels: int)
     }
 
 
+def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Prompts with the chat template, left-padded, as generation reads them."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {k: enc[k] for k in ("input_ids", "attention_mask")}
+
+
+def encode_inputs(tokenizer: Any, records: list[dict[str, Any]], kind: str, max_length: int
+                  ) -> dict[str, torch.Tensor]:
+    """Model inputs of `records` as inference sees them (no labels; prompts only for generation)."""
+    if kind == "classification":
+        enc = encode_classification(tokenizer, records, max_length)
+        enc.pop("labels")
+        return enc
+    return encode_prompts(tokenizer, [r["prompt"] for r in records], max_length)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_length: int, max_new_tokens: int,
              batch_size: int) -> list[str]:
@@ -41,19 +63,12 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_length: i
     model.eval()
     outs: list[str] = []
     dev = device()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                            add_special_tokens=False)
-            inputs = {k: enc[k].to(dev) for k in ("input_ids", "attention_mask")}
-            gen = model.generate(**inputs, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        inputs = {k: v.to(dev) for k, v in encode_prompts(tokenizer, prompts[start : start + batch_size],
+                                                           max_length).items()}
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        outs += tokenizer.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in outs]
 
 

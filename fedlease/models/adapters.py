@@ -5,13 +5,14 @@ module prefixes:
   lora.<module>.A / lora.<module>.B      the own LoRA (= the own expert of a mixture)
   router.<module>                        the mixture's router weight (S, d_in)
   foreign.<module>.A / foreign.<module>.B  the other experts, stacked (M-1, r, d) / (M-1, d, r)
-  dual.<module>.A / .B / .centroid / .count  FedDPA's local LoRA and representation centroid
+  dual.<module>.A / .B / .reference / .count  FedDPA's local LoRA and reference representations
   head.weight / head.bias                the task head (kept local per client)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -22,7 +23,7 @@ from torch import nn
 from fedlease.config import LoraConfig, RouterConfig
 from fedlease.io import ArtifactError
 from fedlease.models.base import head_linear_name
-from fedlease.models.dual import DualLoraConfig, DualLoraLinear
+from fedlease.models.dual import DualLoraConfig, DualLoraLinear, install_instance_weighting
 from fedlease.models.moe import MixtureLoraConfig, MixtureLoraLinear, RouterTelemetry
 
 ADAPTER = "default"
@@ -30,13 +31,15 @@ _PREFIX = "base_model.model."
 
 
 def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None,
-              router: RouterConfig | None = None, seed: int = 0, dual: bool = False) -> PeftModel:
+              router: RouterConfig | None = None, seed: int = 0, dual: bool = False,
+              dual_options: dict[str, Any] | None = None) -> PeftModel:
     """Inject LoRA (num_experts=None), a FedLEASE mixture of `num_experts` experts, or FedDPA's
     dual (global + local) adapter.
 
     Seeded, so every client and the server build the same common initialisation.
     """
     torch.manual_seed(seed)
+    dual_options = dual_options or {}
     common = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                   target_modules=list(lora.target_modules), bias="none")
     if dual and num_experts is not None:
@@ -56,19 +59,8 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None
     except ValueError as exc:
         raise ValueError(f"lora.target_modules {lora.target_modules}: {exc}") from None
     if dual:
-        _capture_dual_mask(wrapped)
+        install_instance_weighting(wrapped)
     return wrapped
-
-
-def _capture_dual_mask(model: nn.Module) -> None:
-    """Give every dual layer the batch's attention mask, so padding stays out of its instance weight."""
-    layers = [m for m in lora_layers(model).values() if isinstance(m, DualLoraLinear)]
-
-    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        for layer in layers:
-            layer.dpa_mask = kwargs.get("attention_mask")
-
-    model.register_forward_pre_hook(capture, with_kwargs=True)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
@@ -101,7 +93,7 @@ def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             out[f"dual.{name}.A"] = layer.lora_local_A[ADAPTER].weight
             out[f"dual.{name}.B"] = layer.lora_local_B[ADAPTER].weight
-            out[f"dual.{name}.centroid"] = layer.dpa_centroid
+            out[f"dual.{name}.reference"] = layer.dpa_reference
             out[f"dual.{name}.count"] = layer.dpa_count
     if "head" in groups and head_module is not None:
         head = _head(model, head_module)
@@ -134,7 +126,7 @@ def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_modul
         if not isinstance(layer, DualLoraLinear):
             raise ArtifactError(f"state key {key}: the model has no dual adapter at {name!r}")
         return {"A": layer.lora_local_A[ADAPTER].weight, "B": layer.lora_local_B[ADAPTER].weight,
-                "centroid": layer.dpa_centroid, "count": layer.dpa_count}[part]
+                "reference": layer.dpa_reference, "count": layer.dpa_count}[part]
     if not isinstance(layer, MixtureLoraLinear):
         raise ArtifactError(f"state key {key}: the model has no mixture at {name!r}")
     if kind == "router":

@@ -1,23 +1,26 @@
-"""FedDPA's dual adapter on unmodified peft: a global LoRA plus a local LoRA, mixed per input.
+"""FedDPA's dual adapter on unmodified peft: a global LoRA plus a local LoRA, mixed per instance.
 
-peft's ordinary LoRA adapter is the *global* LoRA (trained, uploaded, FedAvg'ed).
-Through peft's custom-layer hook the target Linear becomes `DualLoraLinear`, whose
-LoRA variant adds a second, *local* LoRA (trained, never shared) and the client's
-representation centroid, a running mean of the module's sequence-mean input over
-the client's own training data.
-
-Instance-wise weight (our reading of FedDPA's dynamic weighting; the paper
-compares the test instance with the client's local training instances):
-    alpha(x) = clamp(cos(mean_t x_t, centroid), 0, 1)     (0.5 before any local data)
-    y = W0 x + scaling * ((1 - alpha) B_g A_g x + alpha B_l A_l x)
-The same rule is used in training and at inference, so the mixture a client trains
-is the one it is evaluated with; an input unlike the client's data leans on the
-global LoRA.
+peft's ordinary LoRA adapter is the *global* LoRA (trained, uploaded, FedAvg'ed). Through peft's
+custom-layer hook the target Linear becomes `DualLoraLinear`, whose LoRA variant adds a second,
+*local* LoRA (trained, never shared) and the client's reference representations. Every adapted
+module adds
+    y = W0 x + scaling * ((1 - a) B_g A_g x + a B_l A_l x)
+with one local weight `a` per instance, the same in every module (FedDPA, Yang et al., NeurIPS 2024;
+its released code, FedDPA-T):
+- in training, `a` is fixed: the local phase trains the local LoRA with the global one frozen at
+  a = `baselines.feddpa_train_local_weight` (0.5), the global phase trains the global LoRA alone (a = 0);
+- at inference, `a` is instance-wise: a(x) = w * clamp(mean_k cos(e(x), e_k), 0, 1), where e is the
+  model's last hidden state, mean-pooled over real tokens, computed with the local LoRA alone (a = 1),
+  e_k are the same representations of k of the client's training instances (stored after its local
+  training), and w = `baselines.feddpa_max_weight` (0.5). An input like the client's own data leans on its
+  local LoRA; an unfamiliar one on the global LoRA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +33,13 @@ from torch import nn
 
 from fedlease.models.moe import InputDependentVariant
 
-#: weight of the local LoRA while the client has no centroid yet
-NO_CENTROID_WEIGHT = 0.5
-
 
 @dataclass
 class DualLoraConfig(PeftLoraConfig):
     """peft's LoraConfig for the global LoRA; the local LoRA has the same rank and scaling."""
+
+    reference_instances: int = 5
+    max_weight: float = 0.5
 
 
 def sequence_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -47,29 +50,23 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def instance_weight(reps: torch.Tensor, centroid: torch.Tensor, count: float) -> torch.Tensor:
-    """Local-LoRA weight per instance, (B,), from representations (B, d) and the client's centroid (d,)."""
-    if count <= 0:
-        return torch.full(reps.shape[:1], NO_CENTROID_WEIGHT, dtype=reps.dtype, device=reps.device)
-    cos = F.cosine_similarity(reps, centroid.to(reps.dtype).unsqueeze(0), dim=-1)
-    return cos.clamp(0.0, 1.0)
+def instance_weight(reps: torch.Tensor, reference: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """Local-LoRA weight per instance, (B,): max_weight * clamp(mean over the k references of the cosine
+    between the instance's representation (B, d) and each reference (k, d), 0, 1)."""
+    cos = F.cosine_similarity(reps.unsqueeze(1), reference.to(reps.dtype).unsqueeze(0), dim=-1)  # (B, k)
+    return max_weight * cos.mean(dim=1).clamp(0.0, 1.0)
 
 
-def updated_centroid(centroid: torch.Tensor, count: float, reps: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Running mean of representations: the centroid of count + B instances."""
-    n = reps.shape[0]
-    total = count + n
-    return centroid + (reps.sum(dim=0).to(centroid.dtype) - n * centroid) / total, total
-
-
-def dual_delta(global_delta: torch.Tensor, local_delta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """(1 - alpha) * global + alpha * local, alpha per instance (B,) broadcast over tokens and features."""
+def dual_delta(global_delta: torch.Tensor, local_delta: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """(1 - a) * global + a * local; a a number or one per instance (B,), broadcast over tokens and features."""
+    if not isinstance(alpha, torch.Tensor):
+        return (1 - alpha) * global_delta + alpha * local_delta
     a = alpha.reshape(-1, *([1] * (global_delta.dim() - 1))).to(global_delta.dtype)
     return (1 - a) * global_delta + a * local_delta
 
 
 class DualVariant(InputDependentVariant):
-    """The LoRA variant that adds FedDPA's local LoRA and instance-wise weighting to peft's adapter."""
+    """The LoRA variant that adds FedDPA's local LoRA and its per-instance weight to peft's adapter."""
 
     unmergeable = "an instance-weighted dual adapter"
 
@@ -86,16 +83,21 @@ class DualVariant(InputDependentVariant):
         nn.init.zeros_(local_b.weight)
         module.lora_local_A[adapter_name] = local_a
         module.lora_local_B[adapter_name] = local_b
-        module.register_buffer("dpa_centroid", torch.zeros(module.in_features, device=weight.device))
-        module.register_buffer("dpa_count", torch.zeros(1, device=weight.device))
-        module.dpa_mask = None
-        module.dpa_last_alpha = None
+        # the client's reference representations (of the model's hidden size: q/k/v inputs have it)
+        module.register_buffer("dpa_reference", torch.zeros(config.reference_instances, module.in_features,
+                                                             device=weight.device))
+        module.register_buffer("dpa_count", torch.zeros(1, device=weight.device))  # references stored
+        module.dpa_weight = None  # None: the instance-wise weight; a number: fixed (training phases)
+        module.dpa_alpha = None  # the current batch's instance-wise weights, set by the model's pre-hook
+        module.dpa_max_weight = config.max_weight
 
     @staticmethod
     def forward(module: DualLoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
                 **kwargs: Any) -> torch.Tensor:
         x = x.to(module.lora_A[active_adapter].weight.dtype)
-        alpha = _alpha(module, x)
+        alpha = module.dpa_weight if module.dpa_weight is not None else module.dpa_alpha
+        if alpha is None:
+            alpha = 0.0  # no reference yet (no local training): the global LoRA alone
         h = module.lora_dropout[active_adapter](x)
         glob = module.lora_B[active_adapter](module.lora_A[active_adapter](h))
         loc = module.lora_local_B[active_adapter](module.lora_local_A[active_adapter](h))
@@ -105,25 +107,6 @@ class DualVariant(InputDependentVariant):
         return False
 
 
-def _alpha(module: DualLoraLinear, x: torch.Tensor) -> torch.Tensor:
-    """Per-instance weight; the centroid learns from training inputs. During cached generation
-    (one new token against a longer mask) the weight computed on the prompt is kept."""
-    mask = module.dpa_mask
-    last = module.dpa_last_alpha
-    if x.dim() == 3 and mask is not None and mask.shape[1] != x.shape[1] and last is not None \
-            and last.shape[0] == x.shape[0]:
-        return last
-    reps = sequence_mean(x, mask) if x.dim() == 3 else x
-    with torch.no_grad():
-        alpha = instance_weight(reps.float(), module.dpa_centroid, float(module.dpa_count))
-        if module.training:
-            centroid, count = updated_centroid(module.dpa_centroid, float(module.dpa_count), reps.float())
-            module.dpa_centroid.copy_(centroid)
-            module.dpa_count.fill_(count)
-    module.dpa_last_alpha = alpha
-    return alpha
-
-
 class DualLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear whose variant is FedDPA's dual adapter (registered as a custom module)."""
 
@@ -131,3 +114,106 @@ class DualLoraLinear(PeftLoraLinear):
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> LoraVariant | None:
         return DualVariant()
+
+
+def dual_layers(model: nn.Module) -> list[DualLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, DualLoraLinear)]
+
+
+@contextlib.contextmanager
+def fixed_weight(model: nn.Module, weight: float) -> Iterator[None]:
+    """Every dual module mixes at local weight `weight` inside the block (a training phase, or 1.0 for
+    the local LoRA's own representations)."""
+    layers = dual_layers(model)
+    before = [layer.dpa_weight for layer in layers]
+    for layer in layers:
+        layer.dpa_weight = weight
+    try:
+        yield
+    finally:
+        for layer, w in zip(layers, before, strict=True):
+            layer.dpa_weight = w
+
+
+def representations(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """e(x): the last hidden state, mean-pooled over real tokens, with the local LoRA alone (B, d)."""
+    call = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"use_cache": False} if "CausalLM" in type(base).__name__ else {}
+    with torch.no_grad(), fixed_weight(model, 1.0), _bypass(base):
+        out = base(**call, output_hidden_states=True, **extra)
+    return sequence_mean(out.hidden_states[-1].float(), inputs.get("attention_mask"))
+
+
+def store_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """After local training: the representations of (up to k of) the client's training instances."""
+    layers = dual_layers(model)
+    reps = representations(model, inputs)
+    k = layers[0].dpa_reference.shape[0]
+    if reps.shape[1] != layers[0].dpa_reference.shape[1]:
+        raise ValueError(f"FedDPA: the model's hidden size {reps.shape[1]} differs from the adapted modules' "
+                         f"input size {layers[0].dpa_reference.shape[1]}; adapt q/k/v projections")
+    ref = torch.zeros_like(layers[0].dpa_reference)
+    ref[: min(k, reps.shape[0])] = reps[:k]
+    for layer in layers:
+        layer.dpa_reference.copy_(ref)
+        layer.dpa_count.fill_(min(k, reps.shape[0]))
+
+
+_BYPASS = "_fedlease_dpa_bypass"
+
+
+@contextlib.contextmanager
+def _bypass(model: nn.Module) -> Iterator[None]:
+    setattr(model, _BYPASS, True)
+    try:
+        yield
+    finally:
+        setattr(model, _BYPASS, False)
+
+
+@contextlib.contextmanager
+def recorded_weights(model: nn.Module) -> Iterator[list[float]]:
+    """The instance-wise local weights of every input the model sees inside the block (empty for a
+    model without a dual adapter), so a reader can see how the mixture actually leans."""
+    layers = dual_layers(model)
+    record: list[float] = []
+    if layers:
+        layers[0].dpa_record = record
+    try:
+        yield record
+    finally:
+        if layers:
+            layers[0].dpa_record = None
+
+
+def install_instance_weighting(model: nn.Module) -> None:
+    """A forward pre-hook on the base transformers model (which both peft's forward and `generate` call):
+    in evaluation, before each new input (a generation's prompt, not its cached next-token steps), compute
+    a(x) from the local-only representation and set it on every dual module."""
+    layers = dual_layers(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module.training or getattr(module, _BYPASS, False) or layers[0].dpa_weight is not None:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return  # a cached generation step: keep the prompt's weights
+        count = int(layers[0].dpa_count.item())
+        inputs = dict(kwargs)
+        if args:
+            inputs.setdefault("input_ids", args[0])
+        if count == 0:
+            alpha = None
+        else:
+            reps = representations(module, inputs)
+            alpha = instance_weight(reps, layers[0].dpa_reference[:count], layers[0].dpa_max_weight)
+        for layer in layers:
+            layer.dpa_alpha = alpha
+        record = getattr(layers[0], "dpa_record", None)
+        if record is not None:
+            ids = inputs.get("input_ids")
+            record += alpha.tolist() if alpha is not None else [0.0] * (len(ids) if ids is not None else 0)
+
+    base.register_forward_pre_hook(hook, with_kwargs=True)

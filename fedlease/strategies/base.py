@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from fedlease.allocation import Allocation
@@ -63,6 +66,16 @@ class Update:
 class Download:
     tensors: Tensors
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of a client's local training: the groups it trains, for how many epochs, and the
+    model setting it runs under (a context manager around the training, or None)."""
+
+    train_groups: tuple[str, ...]
+    epochs: int
+    setting: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,19 @@ class Strategy(ABC):
         if extra > 0:
             return min(epochs, self.cfg.fedlease.warmup_epochs - (extra - 1) * epochs)
         return epochs
+
+    def local_phases(self, round_: int) -> list[Phase]:
+        """A client's local training in this round, phase by phase (one phase of `train_groups` by default;
+        FedDPA trains its local and its global LoRA in turn)."""
+        return [Phase(self.train_groups, self.local_epochs(round_))]
+
+    def reference_examples(self) -> int:
+        """How many of its own training examples a client shows `after_training` (0: the hook is not called)."""
+        return 0
+
+    def after_training(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        """After a client's local training, with a seeded sample of its training inputs (prompts only for
+        generation), before its local state is saved; FedDPA stores its reference representations."""
 
     def extra_rounds(self) -> int:
         """Rounds added under `federation.protocol: equal_compute` to a federated method that does not
