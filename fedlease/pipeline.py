@@ -207,6 +207,8 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
                                  "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False)}
         if warm:
             metrics["allocation"]["warmup_seconds"] = float(sum(r.seconds for r in warm))
+            if warm[-1].eval:  # the warm-up's own score: where FedLEASE's and local's rounds start from
+                metrics["allocation"]["warmup_score"] = warm[-1].eval["mean"]
     atomic_write_json(paths.metrics, metrics)
     curves = [{"method": name, "round": rec.round, "score": rec.eval["mean"]}
               for name, hist in histories.items() for rec in hist if rec.eval]

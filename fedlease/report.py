@@ -131,6 +131,8 @@ def results_table(metrics: dict[str, Any]) -> str:
         capped = " (the m_max cap)" if alloc.get("capped") else ""
         rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, "
                      f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}"]
+        if "warmup_score" in alloc:
+            rows += [f"The warm-up itself (each client's own LoRA, before round 1): {100 * alloc['warmup_score']:.2f}."]
     if "protocol" in metrics:
         rows += ["", f"Protocol: {metrics['protocol']}; code: {describe(metrics.get('code_version', {}))}."]
     return "\n".join(rows)

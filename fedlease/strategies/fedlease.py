@@ -41,11 +41,12 @@ class Warmup(Strategy):
     def samples_every_client(self) -> bool:
         return True  # every client needs an adapter to be clustered, sampled in later rounds or not
 
-    def evaluates(self) -> bool:
-        return False
-
     def home(self, paths: RunPaths) -> Path:
         return paths.warmup
+
+    def eval_download(self, state: ServerState, client_id: int) -> Download:
+        """The client's own warm-up adapter: the warm-up is evaluated (the model FedLEASE's rounds start from)."""
+        return Download(unprefixed(state.tensors, f"client{client_id}."))
 
     def init_state(self, ctx: InitContext) -> ServerState:
         return ServerState(select(ctx.common_init, "lora."))

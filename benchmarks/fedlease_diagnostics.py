@@ -1,0 +1,69 @@
+"""Why FedLEASE does or does not gain on a run: the numbers behind it, read from a finished run folder.
+
+    python benchmarks/fedlease_diagnostics.py RUN_FOLDER [RUN_FOLDER ...]
+
+Per run: the warm-up's score and FedLEASE's per round (does the switch from warm-up to mixture cost
+accuracy?); the own expert's share of the router weight per round (mean over clients, and by layer at
+round 1 and the last round); the allocation (M, silhouette by k, whether the cap was hit); the
+B-distance structure (mean 1 - cos within and across tasks, and, within a task, its correlation with the
+distance between the clients' training label mixes: do clients group by label mix rather than task?).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def diagnose(run: Path) -> list[str]:
+    lines = [f"## {run}"]
+    cmap = _load(run / "allocation" / "cluster_map.json")
+    stats = _load(run / "data" / "stats.json")["clients"]
+    warm = _load(run / "warmup" / "summary.json")["history"][-1].get("eval")
+    hist = _load(run / "federate" / "fedlease" / "result.json")["history"]
+    scores = [f"r{h['round']} {100 * h['eval']['mean']:.2f}" for h in hist if h.get("eval")]
+    lines.append(f"score: warm-up {100 * warm['mean']:.2f} -> " + ", ".join(scores) if warm else
+                 "score: (warm-up not evaluated) " + ", ".join(scores))
+    own = []
+    for h in hist:
+        clients = [c for c in h.get("eval", {}).get("clients", {}).values() if "router" in c]
+        if clients:
+            share = np.mean([[m["expert_weight_share"][0] for m in c["router"].values()] for c in clients], axis=0)
+            own.append((h["round"], float(share.mean()), share))
+    if own:
+        m = cmap["num_experts"]
+        lines.append(f"own-expert weight share (uniform router: {m}/{2 * m - 1} = {m / (2 * m - 1):.2f}): "
+                     + ", ".join(f"r{r} {s:.3f}" for r, s, _ in own))
+        lines.append("  by layer, first eval: " + " ".join(f"{v:.2f}" for v in own[0][2])
+                     + " | last: " + " ".join(f"{v:.2f}" for v in own[-1][2]))
+    sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))
+    lines.append(f"allocation: M = {cmap['num_experts']}{' (cap)' if cmap.get('capped') else ''}, ARI "
+                 f"{cmap['ari_vs_task']:.3f}; silhouette {sil}")
+    dist = np.array(cmap["distances"]) if cmap.get("distances") else None
+    if dist is None:
+        return lines
+    tasks = [c["task"] for c in stats]
+    mix = [np.array(c["train_labels"], dtype=float) / max(1, sum(c["train_labels"])) for c in stats]
+    n = len(tasks)
+    same = [dist[i, j] for i in range(n) for j in range(i + 1, n) if tasks[i] == tasks[j]]
+    cross = [dist[i, j] for i in range(n) for j in range(i + 1, n) if tasks[i] != tasks[j]]
+    lines.append(f"B-distance: within tasks {np.mean(same):.3f} (min {np.min(same):.3f}), across tasks "
+                 f"{np.mean(cross):.3f} (min {np.min(cross):.3f}); gap {np.mean(cross) - np.mean(same):+.3f}")
+    pairs = [(dist[i, j], 0.5 * np.abs(mix[i] - mix[j]).sum()) for i in range(n) for j in range(i + 1, n)
+             if tasks[i] == tasks[j] and len(mix[i]) == len(mix[j])]
+    if len(pairs) > 2 and np.std([p[1] for p in pairs]) > 0:
+        r = np.corrcoef([p[0] for p in pairs], [p[1] for p in pairs])[0, 1]
+        lines.append(f"within a task, corr(B-distance, label-mix distance) = {r:+.2f} over {len(pairs)} pairs")
+    return lines
+
+
+if __name__ == "__main__":
+    for folder in sys.argv[1:]:
+        print("\n".join(diagnose(Path(folder))), "\n")
