@@ -46,9 +46,9 @@ def diagnose(run: Path) -> list[str]:
     sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))
     lines.append(f"allocation: M = {cmap['num_experts']}{' (cap)' if cmap.get('capped') else ''}, ARI "
                  f"{cmap['ari_vs_task']:.3f}; silhouette {sil}")
-    dist = np.array(cmap["distances"]) if cmap.get("distances") else None
-    if dist is None:
+    if not (run / "allocation" / "distances.npy").exists():
         return lines
+    dist = np.load(run / "allocation" / "distances.npy", allow_pickle=False)
     tasks = [c["task"] for c in stats]
     mix = [np.array(c["train_labels"], dtype=float) / max(1, sum(c["train_labels"])) for c in stats]
     n = len(tasks)

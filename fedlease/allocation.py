@@ -4,6 +4,10 @@ Pure functions over tensors and numpy arrays, readable in one sitting:
   d(i, j) = mean over adapted modules l of (1 - cos(vec B_i^l, vec B_j^l))
   M = argmax_k silhouette(D, labels_k), k = 2..min(M_max, N-1)
   expert_j = per-module mean of (A_i, B_i) over the clients of cluster j
+
+At scale (benchmarks/allocation_scale.py: 10,000 clients), the distance matrix is built module by
+module into one (N, N) array, the average-linkage tree is built once and cut at every k (not
+re-clustered per k), and the matrix never goes into the cluster map that every client reads.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+from sklearn.cluster import SpectralClustering
 from sklearn.metrics import silhouette_score
 
 from fedlease.aggregation import weighted_mean
@@ -27,28 +31,43 @@ def b_keys(adapter: dict[str, torch.Tensor]) -> list[str]:
     return keys
 
 
-def b_distance_matrix(adapters: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    """(N, N) mean-over-modules cosine distance between clients' B matrices."""
+def b_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "float64") -> np.ndarray:
+    """(N, N) mean-over-modules cosine distance between clients' B matrices, accumulated in place one
+    module at a time (memory: the matrix plus one module's stacked B). `float32` halves the memory and
+    the matmul time at N in the thousands; `float64` (the default) for exact ties at small N."""
     keys = b_keys(adapters[0])
     n = len(adapters)
-    dist = np.zeros((n, n))
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    dist = torch.zeros((n, n), dtype=tdtype)
     for key in keys:
-        flat = torch.stack([a[key].reshape(-1).double() for a in adapters])
-        norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        unit = flat / norms
-        dist += (1.0 - unit @ unit.T).numpy()
-    dist /= len(keys)
-    np.fill_diagonal(dist, 0.0)
-    return np.clip((dist + dist.T) / 2, 0.0, 2.0)
+        flat = torch.stack([a[key].reshape(-1).to(tdtype) for a in adapters])
+        flat /= flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        dist.addmm_(flat, flat.T, beta=1.0, alpha=-1.0)  # dist -= cos
+        del flat
+    out = dist.numpy()
+    out += len(keys)  # sum over modules of (1 - cos)
+    out /= len(keys)
+    np.fill_diagonal(out, 0.0)
+    out += out.T  # symmetric to the last bit, in place
+    out /= 2
+    return np.clip(out, 0.0, 2.0, out=out)
 
 
-def cluster(dist: np.ndarray, k: int, method: str = "agglomerative", linkage: str = "average",
-            seed: int = 0) -> np.ndarray:
+def cluster_all(dist: np.ndarray, ks: list[int], method: str = "agglomerative", linkage: str = "average",
+                seed: int = 0) -> dict[int, np.ndarray]:
+    """Labels for every k in `ks`. Agglomerative: one linkage tree on the precomputed distances, cut
+    at each k (the tree sklearn's AgglomerativeClustering builds for every k anew)."""
     if method == "agglomerative":
-        model = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage)
-        return model.fit_predict(dist)
+        from scipy.cluster.hierarchy import cut_tree
+        from scipy.cluster.hierarchy import linkage as build_tree
+        from scipy.spatial.distance import squareform
+
+        tree = build_tree(squareform(dist, checks=False), method=linkage)
+        cuts = cut_tree(tree, n_clusters=ks)
+        return {k: cuts[:, i] for i, k in enumerate(ks)}
     affinity = np.clip(1.0 - dist / 2.0, 0.0, 1.0)  # cosine distance in [0, 2] -> similarity in [0, 1]
-    return SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(affinity)
+    return {k: SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(affinity)
+            for k in ks}
 
 
 def canonical_labels(labels: np.ndarray) -> list[int]:
@@ -62,20 +81,21 @@ class Allocation:
     assignment: list[int]  # client -> expert
     num_experts: int
     silhouette: dict[int, float] = field(default_factory=dict)
-    distances: list[list[float]] = field(default_factory=list)
+    distances: np.ndarray | None = None  # (N, N); kept in memory, saved beside the map only for small N
     seconds: float = 0.0
     method: str = "agglomerative"
 
     def to_json(self) -> dict[str, Any]:
+        """The cluster map every client reads: small (no distance matrix)."""
         return {"assignment": {str(i): e for i, e in enumerate(self.assignment)}, "num_experts": self.num_experts,
-                "silhouette": {str(k): v for k, v in self.silhouette.items()}, "distances": self.distances,
+                "silhouette": {str(k): v for k, v in self.silhouette.items()},
                 "seconds": self.seconds, "method": self.method}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Allocation:
         assignment = [obj["assignment"][str(i)] for i in range(len(obj["assignment"]))]
         return cls(assignment, obj["num_experts"], {int(k): v for k, v in obj["silhouette"].items()},
-                   obj["distances"], obj.get("seconds", 0.0), obj.get("method", "agglomerative"))
+                   None, obj.get("seconds", 0.0), obj.get("method", "agglomerative"))
 
     def members(self, expert: int) -> list[int]:
         return [i for i, e in enumerate(self.assignment) if e == expert]
@@ -92,18 +112,15 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
     if fixed_m is not None:
         if not 1 <= fixed_m <= n:
             raise ValueError(f"fedlease.clustering.fixed_m: {fixed_m} is outside 1..{n} clients")
-        labels = np.zeros(n, dtype=int) if fixed_m == 1 else cluster(dist, fixed_m, method, linkage, seed)
-        return Allocation(canonical_labels(labels), fixed_m, {}, dist.tolist(), time.perf_counter() - t0, method)
+        labels = np.zeros(n, dtype=int) if fixed_m == 1 else cluster_all(dist, [fixed_m], method, linkage, seed)[fixed_m]
+        return Allocation(canonical_labels(labels), fixed_m, {}, dist, time.perf_counter() - t0, method)
     if n < 3:
         raise ValueError(f"silhouette needs at least 3 clients to compare k >= 2 clusters, got {n}")
-    scores: dict[int, float] = {}
-    labels_of: dict[int, np.ndarray] = {}
-    for k in range(2, min(m_max, n - 1) + 1):
-        labels_of[k] = cluster(dist, k, method, linkage, seed)
-        scores[k] = float(silhouette_score(dist, labels_of[k], metric="precomputed"))
+    labels_of = cluster_all(dist, list(range(2, min(m_max, n - 1) + 1)), method, linkage, seed)
+    scores = {k: float(silhouette_score(dist, labels, metric="precomputed")) for k, labels in labels_of.items()}
     top = max(scores.values())
     k = min(k for k, score in scores.items() if score >= top - tolerance)
-    return Allocation(canonical_labels(labels_of[k]), k, scores, dist.tolist(), time.perf_counter() - t0, method)
+    return Allocation(canonical_labels(labels_of[k]), k, scores, dist, time.perf_counter() - t0, method)
 
 
 def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation,

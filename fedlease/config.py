@@ -128,6 +128,12 @@ class ClusteringConfig(_Strict):
     silhouette_tolerance: Annotated[float, Field(ge=0, le=2)] = Field(
         default=0.0, description="Take the smallest k within this of the best silhouette (0: the paper's argmax)"
     )
+    distance_dtype: Literal["float64", "float32"] = Field(
+        default="float64", description="float32: half the memory and time of the B-distance matrix at thousands "
+                                       "of clients (benchmarks/allocation_scale.py)")
+    keep_distances_up_to: NonNegInt = Field(
+        default=1000, description="save the (N, N) distance matrix (allocation/distances.npy) and its heat-map "
+                                  "only up to this many clients")
 
 
 class RouterConfig(_Strict):

@@ -50,7 +50,7 @@ MODEL_README = """# Final {strategy} model (FedLEASE pipeline)
 - `server_state.safetensors`: the server's final tensors. For FedLEASE: `expert<e>.lora.<module>.A|B`
   (one LoRA expert per cluster, rank r, scaling alpha/r) and `router<e>.router.<module>` (the router
   of cluster e, shape (2M-1, d_in)). For the single-LoRA baselines: `lora.<module>.A|B`.
-- `cluster_map.json`: client -> expert, silhouette per k, the B-distance matrix.
+- `cluster_map.json`: client -> expert, silhouette per k (the B-distance matrix is in the run's `allocation/distances.npy`).
 - `meta.json`: base model and LoRA settings; `deepspeed_config.json`: the engine config used.
 - `clients/client_NNN.safetensors`: each client's local state (its head, and what else the method keeps
   locally); `clients/client_NNN.json`: its task and label names.

@@ -53,6 +53,17 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def save_array(path: str | Path, array: Any) -> None:
+    """A numpy array as .npy (no pickled objects), atomically."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -19,7 +19,7 @@ from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config
 from fedlease.data.stage import load_manifest, run_data_stage
 from fedlease.export import export_final_model
-from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_array, save_tensors
 from fedlease.paths import RunPaths
 from fedlease.records import RoundRecord, history_from_json, history_to_json
 from fedlease.report import results_table, summarise_method
@@ -92,8 +92,8 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     manifest = load_manifest(cfg)
     n = len(manifest["clients"])
     adapters = [load_tensors(paths.warmup_adapter(c)) for c in range(n)]
-    dist = b_distance_matrix(adapters)
     fl = cfg.fedlease
+    dist = b_distance_matrix(adapters, fl.clustering.distance_dtype)
     alloc = choose_experts(dist, fl.m_max, fl.clustering.method, fl.clustering.linkage, fl.clustering.fixed_m,
                            cfg.seed, fl.clustering.silhouette_tolerance)
     weights = [float(c["train"]) for c in manifest["clients"]] if fl.weighting == "examples" else None
@@ -110,7 +110,10 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     atomic_write_json(paths.cluster_map, doc)
     atomic_write_json(paths.allocation / "silhouette.json",
                       [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
-    plot_allocation(alloc, [c["task"] for c in manifest["clients"]], paths.allocation)
+    if n <= fl.clustering.keep_distances_up_to:
+        save_array(paths.allocation / "distances.npy", dist)
+    plot_allocation(alloc, [c["task"] for c in manifest["clients"]], paths.allocation,
+                    heatmap=n <= fl.clustering.keep_distances_up_to)
     tracker = Tracker(cfg)
     parent = tracker.parent_run_id()
     for k, score in sorted(alloc.silhouette.items()):

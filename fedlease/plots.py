@@ -46,12 +46,18 @@ def plot_partition_stats(stats: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_allocation(alloc: Any, tasks: list[str], folder: Path) -> None:
-    """B-distance heat-map ordered by cluster, with the dendrogram; silhouette against k."""
+def plot_allocation(alloc: Any, tasks: list[str], folder: Path, heatmap: bool = True) -> None:
+    """B-distance heat-map ordered by cluster, with the dendrogram (when `heatmap`); silhouette against k."""
+    if heatmap and alloc.distances is not None:
+        _plot_distances(alloc, tasks, folder)
+    _plot_silhouette(alloc, folder)
+
+
+def _plot_distances(alloc: Any, tasks: list[str], folder: Path) -> None:
     from scipy.cluster.hierarchy import dendrogram, linkage
     from scipy.spatial.distance import squareform
 
-    dist = np.array(alloc.distances)
+    dist = np.asarray(alloc.distances)
     n = len(dist)
     fig, (ax_d, ax_h) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.3]})
     if n >= 2:
@@ -69,6 +75,9 @@ def plot_allocation(alloc: Any, tasks: list[str], folder: Path) -> None:
     ax_h.set_title(f"1 - cos(B_i, B_j), ordered by cluster (M = {alloc.num_experts})")
     fig.colorbar(im, ax=ax_h)
     _save(fig, folder / "b_distance.png")
+
+
+def _plot_silhouette(alloc: Any, folder: Path) -> None:
     if alloc.silhouette:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ks = sorted(alloc.silhouette)

@@ -102,3 +102,39 @@ def test_allocation_json_round_trip():
     alloc = Allocation([0, 1, 1], 2, {2: 0.5}, [[0.0]], 0.1)
     again = Allocation.from_json(alloc.to_json())
     assert again.assignment == [0, 1, 1] and again.silhouette == {2: 0.5}
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+def test_one_tree_cut_at_every_k_equals_sklearn_refitting_per_k(linkage: str):
+    """The scale path (one linkage tree, cut per k) gives sklearn's partitions exactly on random
+    distance matrices, so small runs allocate as before."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    from fedlease.allocation import canonical_labels, cluster_all
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(5, 40))
+        b = [{"lora.m.B": torch.tensor(rng.standard_normal((6, 2)) + rng.integers(0, 3))} for _ in range(n)]
+        dist = b_distance_matrix(b)
+        ks = list(range(2, min(8, n - 1) + 1))
+        ours = cluster_all(dist, ks, linkage=linkage)
+        for k in ks:
+            ref = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage).fit_predict(dist)
+            assert canonical_labels(ours[k]) == canonical_labels(ref), (seed, n, k)
+
+
+def test_float32_distances_agree_with_float64():
+    rng = np.random.default_rng(3)
+    b = [{"lora.m.B": torch.tensor(rng.standard_normal((8, 4))), "lora.n.B": torch.tensor(rng.standard_normal((8, 4)))}
+         for _ in range(30)]
+    exact, fast = b_distance_matrix(b, "float64"), b_distance_matrix(b, "float32")
+    assert fast.dtype == np.float32 and np.abs(exact - fast).max() < 1e-5
+    assert np.array_equal(exact, exact.T) and np.all(np.diag(exact) == 0)
+    assert choose_experts(exact, 6).assignment == choose_experts(fast.astype(np.float64), 6).assignment
+
+
+def test_cluster_map_is_small():
+    alloc = choose_experts(b_distance_matrix([{"lora.m.B": torch.randn(4, 2)} for _ in range(6)]), 4)
+    doc = alloc.to_json()
+    assert "distances" not in doc and Allocation.from_json(doc).assignment == alloc.assignment

@@ -34,7 +34,7 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     # both seeds ran in their own folders under --runs, with the override applied: one round, and fedit
     # one more (the warm-up's epoch, equal compute); the printed margin is the one of those metrics
     margins = {}
-    for setting in ("task", "label_skew"):
+    for setting in ("task", "label_skew_a0.5"):
         means = []
         for seed in (0, 1):
             metrics = json.loads((tmp_path / "runs" / setting / f"seed{seed}" / "metrics.json").read_text())
@@ -43,7 +43,7 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
         avg = {n: sum(m[n] for m in means) / 2 for n in means[0]}
         margins[setting] = 100 * (avg["fedlease"] - max(avg["local"], avg["fedit"]))
     assert float(last[1].split()[1]) == pytest.approx(margins["task"], abs=0.006)
-    assert float(last[2].split()[1]) == pytest.approx(margins["label_skew"], abs=0.006)
+    assert float(last[2].split()[1]) == pytest.approx(margins["label_skew_a0.5"], abs=0.006)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"fedlease", "local", "fedit"} <= set(rows)
     assert "±" in rows["fedlease"]  # mean ± std over the two seeds
