@@ -24,3 +24,32 @@ def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+#: profiler ops that only describe or reshape memory (no kernel would run on a GPU)
+METADATA_OPS = {
+    "aten::as_strided", "aten::view", "aten::_unsafe_view", "aten::resolve_conj", "aten::resolve_neg", "aten::empty",
+    "aten::empty_strided", "aten::detach", "aten::alias", "aten::_reshape_alias", "aten::expand", "aten::permute",
+    "aten::t", "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
+    "aten::lift_fresh", "aten::_local_scalar_dense", "aten::result_type", "aten::reshape", "aten::narrow",
+    "aten::flatten", "aten::unflatten", "aten::empty_like", "aten::new_empty",
+}
+
+
+def kernel_ops(events: list) -> int:
+    """Operators that would launch a kernel: aten compute ops none of whose descendants is one (a
+    composite op such as linear counts as the matmul it runs)."""
+
+    def compute(e) -> bool:  # noqa: ANN001
+        return e.name.startswith("aten::") and e.name not in METADATA_OPS
+
+    def leaf(e) -> bool:  # noqa: ANN001
+        stack = list(e.cpu_children)
+        while stack:
+            child = stack.pop()
+            if compute(child):
+                return False
+            stack += child.cpu_children
+        return True
+
+    return sum(1 for e in events if compute(e) and leaf(e))

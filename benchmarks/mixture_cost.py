@@ -1,10 +1,14 @@
 """Cost of the FedLEASE mixture: one training step with M experts vs a single LoRA of the same rank.
 
 Packaged encoder, the default batch of params.yaml on real default-task examples, plain
-torch engine (pure step cost), both timed in this run in alternating blocks.
-Last line: `mixture_step_ratio: <value>` (target <= 1.10 at M = 4).
+torch engine (pure step cost), both timed in this run in alternating blocks. Also the number of
+operators one training step runs (torch profiler, leaf aten ops: the CPU proxy for GPU kernel
+launches, where the mixture's cost is launch count, not FLOPs), and with --bf16 the same under
+bf16 autocast.
+Last lines: `operator_count_ratio: <value>` (forward + backward; target <= 1.3), `mixture_step_ratio:
+<value>` (<= 1.10).
 
-    python benchmarks/mixture_cost.py [--experts 4] [--blocks 6] [--steps 10]
+    python benchmarks/mixture_cost.py [--experts 4] [--blocks 6] [--steps 10] [--bf16]
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from common import default_config
+from common import default_config, kernel_ops
 
 from fedlease.runtime import ClientRuntime
 from fedlease.data.stage import build_partitions
@@ -31,7 +35,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward")
     args = ap.parse_args()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     cfg = default_config(tempfile.mkdtemp(prefix="bench-"))
     clients, _ = build_partitions(cfg)
     records = [r for c in clients for r in c.train]
@@ -47,16 +53,39 @@ def main() -> None:
     for b in batches:
         b["labels"] = b["labels"] % 4
 
-    def block(name: str) -> float:
+    def step(name: str, b: dict[str, torch.Tensor]) -> None:
         model, opt = models[name]
-        model.train()
+        with autocast:
+            loss = compute_loss(model, b, "classification")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def block(name: str) -> float:
+        models[name][0].train()
         t0 = time.perf_counter()
         for b in batches:
-            compute_loss(model, b, "classification").backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(name, b)
         return (time.perf_counter() - t0) / len(batches)
 
+    def operators(name: str) -> tuple[int, int]:
+        """Kernel-launching operators of forward + backward, and of the whole step with AdamW's update."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model, opt = models[name]
+        model.train()
+        step(name, batches[0])  # allocations and lazy init outside the count
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with autocast:
+                loss = compute_loss(model, batches[0], "classification")
+            loss.backward()
+        fwd_bwd = kernel_ops(prof.events())
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return fwd_bwd, fwd_bwd + kernel_ops(prof.events())
+
+    ops = {name: operators(name) for name in ("lora", "mixture")}
     block("lora"), block("mixture")  # warm-up
     times: dict[str, list[float]] = {"lora": [], "mixture": []}
     for i in range(args.blocks):
@@ -64,9 +93,14 @@ def main() -> None:
             times[name].append(block(name))
     lora, mix = statistics.median(times["lora"]), statistics.median(times["mixture"])
     print(f"batch {bs} x {cfg.model.max_length} tokens, rank {cfg.lora.r}, M = {args.experts}, "
-          f"{args.blocks} blocks x {args.steps} steps, torch threads {torch.get_num_threads()}")
+          f"{args.blocks} blocks x {args.steps} steps, torch threads {torch.get_num_threads()}, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(f"kernel operators, forward + backward: single LoRA {ops['lora'][0]}, mixture {ops['mixture'][0]}; "
+          f"with the optimizer step (AdamW, one loop per parameter on a CPU): {ops['lora'][1]}, {ops['mixture'][1]}")
     print(f"single LoRA step: {1000 * lora:.1f} ms (median of blocks {[round(1000 * t, 1) for t in times['lora']]})")
     print(f"mixture step:     {1000 * mix:.1f} ms (median of blocks {[round(1000 * t, 1) for t in times['mixture']]})")
+    print(f"operator_count_ratio_with_optimizer: {ops['mixture'][1] / ops['lora'][1]:.3f}")
+    print(f"operator_count_ratio: {ops['mixture'][0] / ops['lora'][0]:.3f}")
     print(f"mixture_step_ratio: {mix / lora:.3f}")
 
 

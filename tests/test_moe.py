@@ -150,3 +150,38 @@ def test_save_load_round_trip_rebuilds_the_same_model(tmp_path):
         load_tensors(tmp_path / "bad.safetensors")
     with pytest.raises(ArtifactError, match="dtype"):
         set_state(again, {"lora.query.A": torch.zeros(2, 8, dtype=torch.int64)})
+
+
+def test_fused_routing_equals_the_reference_routing():
+    """`route_fused` (what the layer runs) = `route` (the paper's steps, written out) within 1e-6, for
+    the adaptive top-M and the top-k ablation, with and without renormalisation."""
+    from fedlease.models.moe import route_fused
+
+    torch.manual_seed(0)
+    for m in (2, 3, 4, 8):
+        for top_k in (None, 1, m):
+            slots, keep = slot_map(m, top_k)
+            logits = torch.randn(5, 7, slots.shape[0]) * 3
+            for renormalize in (True, False):
+                ref, ref_sel = route(logits, slots, keep, renormalize)
+                got, sel = route_fused(logits, slots.argmax(dim=1), keep, renormalize, m, want_selected=True)
+                assert torch.allclose(got, ref, atol=1e-6), (m, top_k, renormalize)
+                assert torch.equal(sel, ref_sel)
+
+
+def test_layer_keeps_the_reference_maths_with_dropout_on():
+    """With LoRA dropout the router reads x and the experts read dropout(x): the two-matmul path."""
+    lora = LoraConfig(r=2, alpha=4, dropout=0.5, target_modules=["query"])
+    model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(renormalize=True), seed=0)
+    state = get_state(model, "classifier", ("lora", "router", "foreign"))
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items()}, "classifier")
+    layer = lora_layers(model)["query"]
+    model.eval()  # dropout off in eval: the output must match the formula exactly
+    x = torch.randn(2, 3, 8)
+    st = get_state(model, None, ("lora", "router", "foreign"))
+    slots, keep = slot_map(3)
+    gates, _ = route(x @ st["router.query"].T, slots, keep, True)
+    a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"]])
+    b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"]])
+    expected = layer.get_base_layer()(x) + mixture_delta(x, a, b, gates, 2.0)
+    assert torch.allclose(layer(x), expected, atol=1e-5)

@@ -89,7 +89,7 @@ def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable
             out[f"router.{name}"] = layer.lora_router[ADAPTER].weight
         if "foreign" in groups and isinstance(layer, MixtureLoraLinear):
             out[f"foreign.{name}.A"] = layer.moe_foreign_A
-            out[f"foreign.{name}.B"] = layer.moe_foreign_B
+            out[f"foreign.{name}.B"] = foreign_b_view(layer)
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             out[f"dual.{name}.A"] = layer.lora_local_A[ADAPTER].weight
             out[f"dual.{name}.B"] = layer.lora_local_B[ADAPTER].weight
@@ -131,7 +131,7 @@ def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_modul
         raise ArtifactError(f"state key {key}: the model has no mixture at {name!r}")
     if kind == "router":
         return layer.lora_router[ADAPTER].weight
-    return layer.moe_foreign_A if part == "A" else layer.moe_foreign_B
+    return layer.moe_foreign_A if part == "A" else foreign_b_view(layer)
 
 
 def set_state(model: nn.Module, state: dict[str, torch.Tensor], head_module: str | None = None) -> None:
@@ -169,6 +169,13 @@ def set_trainable(model: nn.Module, groups: Iterable[str], head_module: str | No
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def foreign_b_view(layer: MixtureLoraLinear) -> torch.Tensor:
+    """The foreign experts' B, stored (d_out, (M-1) r), as the (M-1, d_out, r) stack the state uses (a view:
+    copying into it writes the buffer)."""
+    b = layer.moe_foreign_B
+    return b.view(b.shape[0], -1, layer.moe_foreign_A.shape[1]).permute(1, 0, 2)
 
 
 def stack_foreign(experts: list[dict[str, torch.Tensor]], own: int) -> dict[str, torch.Tensor]:

@@ -13,6 +13,10 @@ foreign experts, so the own expert is always kept (pigeonhole). Weights of slots
 that map to one expert add up. The experts are computed as one stacked LoRA of
 rank M*r (two matmuls), never a loop over experts with masks:
     y = W0 x + (alpha/r) * B_stack (g(x) (x) 1_r  *  A_stack x)
+The layer runs this in few kernels (GPU launch count, not FLOPs, is the mixture's cost there): the
+router's logits come out of the experts' down-projection matmul, routing is one top-k, one softmax and
+one scatter-add (`route_fused`, equal to `route` within float rounding), the foreign experts' B is
+stored in the up-projection's layout.
 
 Local expert order is [own, foreign ascending by global id]; `expert_order`
 maps it back to global expert ids.
@@ -78,6 +82,25 @@ def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: boo
     return w @ slots, (mask @ slots) > 0
 
 
+def route_fused(logits: torch.Tensor, slot_expert: torch.Tensor, keep: int, renormalize: bool, num_experts: int,
+                want_selected: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`route` in fewer kernels (what the layer runs): top-`keep` on the logits themselves (softmax is
+    monotone), the kept weights' softmax (= softmax, mask, renormalise), and one scatter-add from slots to
+    experts. `slot_expert` (S,) is each slot's expert. Equal to `route` within float rounding (tested)."""
+    if keep < logits.shape[-1]:
+        top, idx = logits.topk(keep, dim=-1)
+        w = torch.softmax(top, dim=-1) if renormalize else torch.softmax(logits, dim=-1).gather(-1, idx)
+    else:
+        w = torch.softmax(logits, dim=-1)
+        idx = slot_expert.new_tensor(range(logits.shape[-1])).expand(w.shape)
+    experts = slot_expert[idx]
+    gates = w.new_zeros(*w.shape[:-1], num_experts).scatter_add_(-1, experts, w)
+    selected = None
+    if want_selected:
+        selected = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, experts, True)
+    return gates, selected
+
+
 def mixture_delta(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, gates: torch.Tensor,
                   scaling: float) -> torch.Tensor:
     """sum_e gates_e * scaling * B_e A_e x as two matmuls. a_stack (M,r,din), b_stack (M,dout,r)."""
@@ -118,10 +141,14 @@ class MixtureVariant(InputDependentVariant):
         slots, keep = slot_map(m, config.top_k)
         weight = module.get_base_layer().weight
         module.register_buffer("moe_slots", slots.to(weight.device), persistent=False)
+        module.register_buffer("moe_slot_expert", slots.argmax(dim=1).to(weight.device), persistent=False)
         module.moe_keep = keep
         module.moe_renormalize = config.renormalize
         module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))
-        module.register_buffer("moe_foreign_B", torch.zeros(m - 1, module.out_features, r, device=weight.device))
+        # stored as the up-projection reads it, (d_out, (M-1) r); `foreign_b_view` shows it as (M-1, d_out, r)
+        module.register_buffer("moe_foreign_B", torch.zeros(module.out_features, (m - 1) * r, device=weight.device))
+        module.register_buffer("moe_scale", torch.tensor(float(module.scaling[adapter_name]), device=weight.device),
+                               persistent=False)
         if not hasattr(module, "lora_router"):
             module.lora_router = nn.ModuleDict()
         router = nn.Linear(module.in_features, slots.shape[0], bias=False, device=weight.device)
@@ -134,16 +161,30 @@ class MixtureVariant(InputDependentVariant):
                 **kwargs: Any) -> torch.Tensor:
         own_a = module.lora_A[active_adapter].weight
         own_b = module.lora_B[active_adapter].weight
-        # frozen experts are buffers: follow the trainable expert's dtype (bf16 under DeepSpeed)
-        a_stack = torch.cat([own_a.unsqueeze(0), module.moe_foreign_A.to(own_a.dtype)], dim=0)
-        b_stack = torch.cat([own_b.unsqueeze(0), module.moe_foreign_B.to(own_b.dtype)], dim=0)
-        x = x.to(own_a.dtype)
-        gates, selected = route(module.lora_router[active_adapter](x), module.moe_slots, module.moe_keep,
-                                module.moe_renormalize)
-        if module.moe_telemetry is not None:
-            module.moe_telemetry.update(gates.detach(), selected)
-        x = module.lora_dropout[active_adapter](x)
-        return result + mixture_delta(x, a_stack, b_stack, gates, module.scaling[active_adapter])
+        router = module.lora_router[active_adapter].weight
+        dtype = own_a.dtype  # frozen experts are buffers: they follow the trainable expert (bf16 under DeepSpeed)
+        foreign_a, foreign_b = module.moe_foreign_A, module.moe_foreign_B
+        if foreign_a.dtype != dtype:
+            foreign_a, foreign_b = foreign_a.to(dtype), foreign_b.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        m, r = foreign_a.shape[0] + 1, own_a.shape[0]
+        # one matmul gives every expert's down-projection and the router's logits (same input x); the
+        # router sees x before dropout, the experts after it (with dropout on, two matmuls)
+        down = torch.cat([own_a, foreign_a.reshape(-1, own_a.shape[1]), router])
+        dropout = module.lora_dropout[active_adapter]
+        if isinstance(dropout, nn.Identity):
+            h, logits = F.linear(x, down).split([m * r, router.shape[0]], dim=-1)
+        else:
+            logits = F.linear(x, router)
+            h = F.linear(dropout(x), down[: m * r])
+        telemetry = module.moe_telemetry
+        gates, selected = route_fused(logits, module.moe_slot_expert, module.moe_keep, module.moe_renormalize, m,
+                                      want_selected=telemetry is not None)
+        if telemetry is not None:
+            telemetry.update(gates.detach(), selected)
+        h = (h.unflatten(-1, (m, r)) * (gates * module.moe_scale).unsqueeze(-1)).flatten(-2)
+        return result + F.linear(h, torch.cat([own_b, foreign_b], dim=1))
 
     def supports_lora_conversion(self) -> bool:
         return False
