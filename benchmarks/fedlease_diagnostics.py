@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
@@ -46,9 +48,13 @@ def diagnose(run: Path) -> list[str]:
     sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))
     lines.append(f"allocation: M = {cmap['num_experts']}{' (cap)' if cmap.get('capped') else ''}, ARI "
                  f"{cmap['ari_vs_task']:.3f}; silhouette {sil}")
-    if not (run / "allocation" / "distances.npy").exists():
-        return lines
-    dist = np.load(run / "allocation" / "distances.npy", allow_pickle=False)
+    if (run / "allocation" / "distances.npy").exists():
+        dist = np.load(run / "allocation" / "distances.npy", allow_pickle=False)
+    else:  # recompute from the warm-up adapters
+        from fedlease.allocation import b_distance_matrix
+        from fedlease.io import load_tensors
+
+        dist = b_distance_matrix([load_tensors(p) for p in sorted((run / "warmup").glob("client_*.safetensors"))])
     tasks = [c["task"] for c in stats]
     mix = [np.array(c["train_labels"], dtype=float) / max(1, sum(c["train_labels"])) for c in stats]
     n = len(tasks)

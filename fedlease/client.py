@@ -61,7 +61,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         group = (adopt_lowest_loss(rt, model, candidates, data.train, seed) if candidates
                  else strategy.upload_group(download))
         start = get_state(model, head, strategy.upload_groups) if cfg.privacy.enabled else {}
-        result = train_phases(rt, strategy, model, data.train, round_, seed, strategy.spec(client_id))
+        result = train_phases(rt, strategy, model, data.train, round_, seed, strategy.spec(client_id),
+                              len(data.label_names))
         if strategy.reference_examples():
             strategy.after_training(model, reference_inputs(rt, data.train, strategy.reference_examples(), seed))
         upload = get_state(model, head, strategy.upload_groups)
@@ -86,7 +87,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
 
 
 def train_phases(rt: ClientRuntime, strategy: Strategy, model: PeftModel, records: list[dict[str, Any]],
-                 round_: int, seed: int, spec: ModelSpec) -> TrainResult:
+                 round_: int, seed: int, spec: ModelSpec, num_labels: int = 0) -> TrainResult:
     """The strategy's local phases in turn, each with its trainable groups, epochs and model setting;
     the steps, seconds and step-weighted mean loss of all of them."""
     cfg, head = rt.cfg, rt.head_module()
@@ -98,11 +99,24 @@ def train_phases(rt: ClientRuntime, strategy: Strategy, model: PeftModel, record
         batches = iterate_batches(rt.tokenizer, records, cfg.data.kind, cfg.training.batch_size,
                                   cfg.model.max_length, phase.epochs, phase_seed)
         reserve = rt.reserve_batch(spec)
+        weights = (class_weights(records, num_labels) if phase.class_balanced and cfg.data.kind == "classification"
+                   else None)
         with phase.setting(model) if phase.setting is not None else contextlib.nullcontext():
-            results.append(rt.engine.train(model, params, batches, cfg.data.kind, reserve=reserve))
+            results.append(rt.engine.train(model, params, batches, cfg.data.kind, reserve=reserve,
+                                           class_weights=weights))
     steps = sum(r.steps for r in results)
     return TrainResult(sum(r.loss * r.steps for r in results) / max(1, steps), steps,
                        sum(r.seconds for r in results), sum(r.setup_seconds for r in results))
+
+
+def class_weights(records: list[dict[str, Any]], num_labels: int) -> torch.Tensor:
+    """Inverse label frequencies, n / (K * n_c) over the K labels the client has (0 for labels it lacks):
+    every present label weighs the same in the loss."""
+    counts = np.bincount([r["label"] for r in records], minlength=num_labels)
+    present = counts > 0
+    weights = np.zeros(len(counts))
+    weights[present] = len(records) / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def reference_inputs(rt: ClientRuntime, records: list[dict[str, Any]], k: int, seed: int) -> dict[str, torch.Tensor]:

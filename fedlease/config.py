@@ -149,6 +149,9 @@ class RouterConfig(_Strict):
 
 class FedLeaseConfig(_Strict):
     warmup_epochs: PositiveInt = 2
+    warmup_balanced_loss: bool = Field(
+        default=False, description="weight the warm-up's loss by each client's inverse label frequencies, so the "
+                                   "B matrices it clusters follow the task more than the label mix (label skew)")
     m_max: Annotated[int, Field(ge=2)] = 8
     clustering: ClusteringConfig = ClusteringConfig()
     router: RouterConfig = RouterConfig()

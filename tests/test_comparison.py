@@ -209,3 +209,23 @@ def test_baselines_keep_their_invariants_and_equal_steps(tmp_path: Path):
     assert metrics["protocol"] == "equal_compute" and metrics["code_version"]["sources"]
     table = (paths.root / "results.md").read_text()
     assert "majority class (floor)" in table and "equal_compute" in table
+
+
+def test_class_balanced_weights_by_hand():
+    from fedlease.client import class_weights
+
+    recs = [{"label": 0}] * 6 + [{"label": 2}] * 2
+    w = class_weights(recs, 4)
+    assert w.tolist() == pytest.approx([8 / (2 * 6), 0.0, 8 / (2 * 2), 0.0])
+    # weighted: each present label contributes alike: 6 * w0 == 2 * w2
+    assert 6 * w[0] == pytest.approx(2 * w[2])
+
+
+def test_warmup_balanced_loss_is_an_option_of_the_warmup_only(tmp_path: Path):
+    from fedlease.strategies import warmup_strategy
+
+    cfg = config_from_dict(tiny_params(tmp_path, fedlease__warmup_balanced_loss=True))
+    assert [p.class_balanced for p in warmup_strategy(cfg, 4).local_phases(1)] == [True]
+    assert not any(p.class_balanced for p in make_strategy("local", cfg, 4).local_phases(1))
+    off = config_from_dict(tiny_params(tmp_path))
+    assert [p.class_balanced for p in warmup_strategy(off, 4).local_phases(1)] == [False]

@@ -32,11 +32,15 @@ class TrainResult:
     setup_seconds: float  # engine creation and teardown (the fixed per-client-round cost)
 
 
-def compute_loss(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+def compute_loss(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str,
+                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy (classification, optionally class-weighted) or next-token loss on response tokens."""
     inputs = {k: v for k, v in tensors.items() if k != "labels"}
     labels = tensors["labels"]
     if kind == "classification":
-        return F.cross_entropy(model(**inputs).logits.float(), labels)
+        logits = model(**inputs).logits.float()
+        weight = class_weights.to(logits.device) if class_weights is not None else None
+        return F.cross_entropy(logits, labels, weight=weight)
     start = response_logits_start(labels)
     # the LM head (vocab x hidden per position) only where a response token is predicted: the prompt's
     # logits would be computed, upcast and thrown away (most of the sequence in instruction tuning)
@@ -89,7 +93,7 @@ class TorchEngine:
         self.cfg = cfg
 
     def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
-              reserve: Batch | None = None) -> TrainResult:
+              reserve: Batch | None = None, class_weights: torch.Tensor | None = None) -> TrainResult:
         """Train on `batches`; with `reserve`, `reserve_memory` first (counted as setup)."""
         t0 = time.perf_counter()
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -101,7 +105,7 @@ class TorchEngine:
         losses: list[float] = []
         dev = device()
         for i, batch in enumerate(batches):
-            loss = compute_loss(model, {k: v.to(dev) for k, v in batch.tensors.items()}, kind)
+            loss = compute_loss(model, {k: v.to(dev) for k, v in batch.tensors.items()}, kind, class_weights)
             (loss / accum).backward()
             losses.append(float(loss.detach()))
             if (i + 1) % accum == 0:
@@ -221,7 +225,7 @@ class DeepSpeedEngine:
         self._comm_ready = False
 
     def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
-              reserve: Batch | None = None) -> TrainResult:
+              reserve: Batch | None = None, class_weights: torch.Tensor | None = None) -> TrainResult:
         """As `TorchEngine.train`; the reserve steps run on the engine's module (its precision)."""
         t0 = time.perf_counter()
         if not self._comm_ready:
@@ -242,7 +246,7 @@ class DeepSpeedEngine:
             dev = engine.device
             for batch in batches:
                 tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
-                loss = compute_loss(engine, tensors, kind)
+                loss = compute_loss(engine, tensors, kind, class_weights)
                 engine.backward(loss)
                 engine.step()
                 losses.append(float(loss.detach()))

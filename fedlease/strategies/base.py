@@ -76,6 +76,7 @@ class Phase:
     train_groups: tuple[str, ...]
     epochs: int
     setting: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
+    class_balanced: bool = False  # classification: weight the loss by the client's inverse label frequencies
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from fedlease.aggregation import group_means
 from fedlease.allocation import assign_late_joiner
 from fedlease.models.adapters import stack_foreign
 from fedlease.paths import RunPaths
-from fedlease.strategies.base import (Download, InitContext, ModelSpec, ServerState, Strategy, Tensors, Update,
-                                      prefixed, select, unprefixed)
+from fedlease.strategies.base import (Download, InitContext, ModelSpec, Phase, ServerState, Strategy, Tensors,
+                                      Update, prefixed, select, unprefixed)
 from fedlease.strategies.registry import register
 
 
@@ -34,6 +34,12 @@ class Warmup(Strategy):
 
     def local_epochs(self, round_: int) -> int:
         return self.cfg.fedlease.warmup_epochs
+
+    def local_phases(self, round_: int) -> list[Phase]:
+        """One phase; with `fedlease.warmup_balanced_loss` the loss weighs every label of the client alike,
+        so its B matrices carry its task more than its label mix (label skew)."""
+        return [Phase(self.train_groups, self.local_epochs(round_),
+                      class_balanced=self.cfg.fedlease.warmup_balanced_loss)]
 
     def rounds(self) -> int:
         return 1
