@@ -57,7 +57,7 @@ def main() -> None:
                 params = set_trainable(model, ("lora", "router", "head"), head)
                 precision = "bf16" if dev.type == "cuda" else "fp32"
                 cfg = TrainingConfig(engine=engine_name, batch_size=args.batch,
-                                     deepspeed={"zero_stage": 2, "precision": precision})
+                                     precision=precision, deepspeed={"zero_stage": 2})
                 engine = make_engine(cfg, __import__("pathlib").Path(".cache"))
                 gen = torch.Generator().manual_seed(1)
                 vocab = 30522 if kind == "encoder" else 49152

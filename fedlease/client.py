@@ -24,7 +24,7 @@ from fedlease.config import Config
 from fedlease.data.stage import load_client
 from fedlease.engine.batching import iterate_batches
 from fedlease.engine.evaluate import classification_metrics, encode_inputs, generate, predict_labels, rouge_l
-from fedlease.engine.trainer import TrainResult, compute_loss, device
+from fedlease.engine.trainer import TrainResult, autocast_for, compute_loss, device
 from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
@@ -179,7 +179,7 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
             adopt_lowest_loss(rt, model, candidates, data.train, client_seed(cfg.seed, client_id, round_, strategy.name))
     telemetry = attach_telemetry(model)
     out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
-    with recorded_weights(model) as weights:
+    with recorded_weights(model) as weights, autocast_for(cfg.training):
         _score(cfg, rt, model, data, out, telemetry)
     if weights:  # FedDPA: how much each test input leaned on the local LoRA
         q = np.quantile(weights, [0.0, 0.1, 0.5, 0.9, 1.0])

@@ -162,9 +162,6 @@ class DeepSpeedConfig(_Strict):
     """What only the DeepSpeed engine reads."""
 
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
-        default="auto", description="auto: fp32 on CPU, bf16 on GPU"
-    )
 
 
 class TrainingConfig(_Strict):
@@ -173,6 +170,9 @@ class TrainingConfig(_Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
     batch_size: PositiveInt = 16
     local_epochs: PositiveInt = 1
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        default="auto", description="both engines (torch: autocast in training and evaluation; DeepSpeed: its "
+                                    "bf16/fp16 modes); auto: fp32 on a CPU, bf16 on a GPU (benchmarks/README.md)")
     gradient_accumulation_steps: PositiveInt = 1
     gradient_clipping: Annotated[float, Field(ge=0)] = Field(default=1.0, description="max grad norm; 0: off")
     eval_batch_size: PositiveInt = 64

@@ -158,12 +158,12 @@ def test_base_weights_are_read_into_memory_unless_mmap_weights(tmp_path: Path):
 
 def test_deepspeed_config_comes_from_params():
     cfg = TrainingConfig(batch_size=8, gradient_accumulation_steps=4, gradient_clipping=0.5,
-                         deepspeed={"zero_stage": 2, "precision": "bf16"})
+                         precision="bf16", deepspeed={"zero_stage": 2})
     conf = deepspeed_config(cfg)
     assert conf["train_micro_batch_size_per_gpu"] == 8 and conf["train_batch_size"] == 32
     assert conf["gradient_accumulation_steps"] == 4 and conf["zero_optimization"] == {"stage": 2}
     assert conf["gradient_clipping"] == 0.5 and conf["bf16"] == {"enabled": True}
-    assert "bf16" not in deepspeed_config(TrainingConfig(deepspeed={"precision": "fp32"}))
+    assert "bf16" not in deepspeed_config(TrainingConfig(precision="fp32"))
 
 
 def test_zero3_is_rejected_with_a_reason():
@@ -262,3 +262,24 @@ def test_generation_loss_scores_response_tokens_only_and_matches_full_logits():
 
     with pytest.raises(ValueError, match="no response tokens"):
         compute_loss(model, {**tensors, "labels": torch.full_like(ids, -100)}, "generation")
+
+
+def test_one_precision_key_serves_both_engines(tmp_path: Path):
+    """training.precision: DeepSpeed's bf16 mode, and the plain-torch engine's autocast (bf16 matmuls)."""
+    from fedlease.engine.trainer import autocast_for
+
+    bf16 = TrainingConfig(precision="bf16")
+    assert deepspeed_config(bf16)["bf16"] == {"enabled": True}
+    with autocast_for(bf16):
+        out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16
+    with autocast_for(TrainingConfig(precision="fp32")):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+    cfg = config_from_dict(tiny_params(tmp_path, training__precision="bf16"))
+    rt = ClientRuntime(cfg)
+    model = rt.fresh_model(ModelSpec(r=2), 2)
+    params = set_trainable(model, ("lora", "head"), "classifier")
+    enc = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+           "labels": torch.tensor([0, 1])}
+    res = TorchEngine(cfg.training).train(model, params, [Batch(enc, 2)] * 2, "classification")
+    assert res.steps == 2 and res.loss == res.loss and all(p.dtype == torch.float32 for p in params)

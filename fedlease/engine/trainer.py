@@ -8,6 +8,7 @@ its JIT extensions cached under the project's cache directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -105,7 +106,8 @@ class TorchEngine:
         losses: list[float] = []
         dev = device()
         for i, batch in enumerate(batches):
-            loss = compute_loss(model, {k: v.to(dev) for k, v in batch.tensors.items()}, kind, class_weights)
+            with autocast_for(self.cfg):
+                loss = compute_loss(model, {k: v.to(dev) for k, v in batch.tensors.items()}, kind, class_weights)
             (loss / accum).backward()
             losses.append(float(loss.detach()))
             if (i + 1) % accum == 0:
@@ -184,9 +186,18 @@ def prepare_deepspeed_env(cache_dir: Path) -> None:
 
 
 def resolve_precision(cfg: TrainingConfig) -> str:
-    if cfg.deepspeed.precision != "auto":
-        return cfg.deepspeed.precision
+    """`training.precision`, with auto resolved: bf16 on a GPU, fp32 on a CPU (measured: benchmarks/README.md)."""
+    if cfg.precision != "auto":
+        return cfg.precision
     return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def autocast_for(cfg: TrainingConfig) -> contextlib.AbstractContextManager[Any]:
+    """The plain-torch engine's (and evaluation's) precision: autocast to bf16/fp16, or nothing for fp32."""
+    precision = resolve_precision(cfg)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device().type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
