@@ -60,7 +60,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         candidates = strategy.candidates(download)
         group = (adopt_lowest_loss(rt, model, candidates, data.train, seed) if candidates
                  else strategy.upload_group(download))
-        start = get_state(model, head, strategy.upload_groups) if cfg.privacy.enabled else {}
+        private = strategy.federated and cfg.privacy.enabled  # the warm-up's uploads are not noised
+        start = get_state(model, head, strategy.upload_groups) if private else {}
         result = train_phases(rt, strategy, model, data.train, round_, seed, strategy.spec(client_id),
                               len(data.label_names))
         if strategy.reference_examples():
@@ -68,7 +69,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         upload = get_state(model, head, strategy.upload_groups)
         local = get_state(model, head, strategy.local_groups)
     update_norm = None
-    if cfg.privacy.enabled and upload and strategy.federated:
+    if private and upload:
         from fedlease.privacy import clip_and_noise, noise_multiplier
 
         noised, update_norm = clip_and_noise({k: upload[k] - start[k] for k in upload}, cfg.privacy.clip_norm,

@@ -70,10 +70,13 @@ class ClientRuntime:
             self.tokenizer = loaded.tokenizer
             lora = self.cfg.lora.model_copy(update={"r": spec.r})
             router = self.cfg.fedlease.router.model_copy(update={"top_k": spec.top_k})
-            base = self.cfg.baselines
+            dual_options = None
+            if spec.dual:
+                base = self.cfg.baselines
+                dual_options = {"reference_instances": base.feddpa_reference_instances,
+                                "max_weight": base.feddpa_max_weight}
             model = wrap_lora(loaded.model, lora, spec.num_experts, router, seed=self.cfg.seed, dual=spec.dual,
-                              dual_options={"reference_instances": base.feddpa_reference_instances,
-                                            "max_weight": base.feddpa_max_weight}).to(device())
+                              dual_options=dual_options).to(device())
             common = get_state(model, None, ("lora", "router", "foreign", "dual"))
             common = {k: (torch.zeros_like(v) if k.startswith("foreign.") else v) for k, v in common.items()}
             self._models[spec] = _Built(model, common)

@@ -206,7 +206,7 @@ def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int
         steps={str(r.client_id): r.steps for r in reports},
         client_seconds=float(sum(r.seconds for r in reports)),
         setup_seconds=float(sum(r.setup_seconds for r in reports)))
-    if cfg.privacy.enabled and strategy.federated:
+    if strategy.federated and cfg.privacy.enabled:
         from fedlease.privacy import epsilon_after, noise_multiplier
 
         record.epsilon = epsilon_after(cfg, round_, strategy.rounds())
