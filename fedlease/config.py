@@ -105,7 +105,9 @@ class ModelConfig(_Strict):
     )
     max_length: PositiveInt = 64
     head_module: str = Field(default="classifier", description="Name of the task head (kept local per client)")
-    load_in_8bit: bool = False
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none", description="load the frozen base model in 8-bit or 4-bit (QLoRA: NF4, bf16 compute) "
+                                    "through bitsandbytes, prepared for k-bit training by peft; needs a CUDA GPU")
     mmap_weights: bool = Field(
         default=False,
         description="Leave the checkpoint's weights memory-mapped (less host memory when they go to a GPU); "

@@ -283,3 +283,19 @@ def test_one_precision_key_serves_both_engines(tmp_path: Path):
            "labels": torch.tensor([0, 1])}
     res = TorchEngine(cfg.training).train(model, params, [Batch(enc, 2)] * 2, "classification")
     assert res.steps == 2 and res.loss == res.loss and all(p.dtype == torch.float32 for p in params)
+
+
+@pytest.mark.parametrize("mode", ["8bit", "4bit"])
+def test_quantized_loading_is_a_clear_error_without_a_gpu(tmp_path: Path, mode: str):
+    from fedlease.config import ModelConfig
+    from fedlease.models.base import ModelError, load_base_model, quantization_config
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the loading itself is exercised by the GPU check")
+    with pytest.raises(ModelError, match=f"model.quantization: {mode} .* needs a CUDA GPU"):
+        load_base_model(ModelConfig(name="packaged:all-minilm-l6-v2", quantization=mode), "classification",
+                        tmp_path)
+    conf = quantization_config(mode)
+    assert (conf.load_in_8bit, conf.load_in_4bit) == ((True, False) if mode == "8bit" else (False, True))
+    if mode == "4bit":
+        assert conf.bnb_4bit_quant_type == "nf4" and conf.bnb_4bit_compute_dtype == torch.bfloat16

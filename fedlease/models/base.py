@@ -83,6 +83,16 @@ def resolve_model_path(cfg: ModelConfig, cache_dir: Path) -> str:
     return cfg.name
 
 
+def quantization_config(mode: str) -> Any:
+    """bitsandbytes settings: 8-bit (LLM.int8), or 4-bit NF4 with double quantisation and bf16 compute (QLoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: int = 2, seed: int = 0) -> LoadedModel:
     """Load the frozen base model for a classification or generation task."""
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -104,16 +114,17 @@ def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: in
             model = BertForSequenceClassification(conf)
         model.eval()
         return LoadedModel(model, tok)
+    if cfg.quantization != "none" and not torch.cuda.is_available():
+        raise ModelError(f"model.quantization: {cfg.quantization} loading (bitsandbytes) needs a CUDA GPU, and this "
+                         "machine has none; set model.quantization: none")
     path = resolve_model_path(cfg, cache_dir)
     local = os.path.isdir(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
         kwargs: dict[str, Any] = {"local_files_only": local, "dtype": torch.float32,
                                   "disable_mmap": not cfg.mmap_weights}
-        if cfg.load_in_8bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if cfg.quantization != "none":
+            kwargs["quantization_config"] = quantization_config(cfg.quantization)
             kwargs.pop("dtype")
         if is_decoder:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -125,6 +136,11 @@ def load_base_model(cfg: ModelConfig, kind: str, cache_dir: Path, num_labels: in
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # peft's k-bit preparation: norms and the head in fp32, input gradients on for the adapters
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.eval()
     return LoadedModel(model, tok)
 
