@@ -164,6 +164,20 @@ class DeepSpeedConfig(_Strict):
     """What only the DeepSpeed engine reads."""
 
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 0
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="cpu: the optimizer state and step on the host (ZeRO-Offload; needs "
+                                    "zero_stage >= 1), for models whose optimizer state does not fit the GPU")
+    config_file: str | None = Field(
+        default=None, description="a DeepSpeed JSON merged over the generated config (its keys win; the batch "
+                                  "sizes stay the params')")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: ZeRO-Offload needs zero_stage 1 or 2")
+        if self.config_file is not None and not Path(self.config_file).is_file():
+            raise ValueError(f"config_file: {self.config_file}: no such file")
+        return self
 
 
 class TrainingConfig(_Strict):

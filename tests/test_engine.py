@@ -299,3 +299,24 @@ def test_quantized_loading_is_a_clear_error_without_a_gpu(tmp_path: Path, mode: 
     assert (conf.load_in_8bit, conf.load_in_4bit) == ((True, False) if mode == "8bit" else (False, True))
     if mode == "4bit":
         assert conf.bnb_4bit_quant_type == "nf4" and conf.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_user_deepspeed_json_is_merged_and_offload_is_configured(tmp_path: Path):
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, "communication_data_type": "fp32",
+                                "train_micro_batch_size_per_gpu": 8}))
+    cfg = TrainingConfig(batch_size=8, deepspeed={"zero_stage": 2, "offload_optimizer": "cpu",
+                                                  "config_file": str(user)})
+    conf = deepspeed_config(cfg)
+    assert conf["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                         "reduce_bucket_size": 5e7}
+    assert conf["communication_data_type"] == "fp32" and conf["train_micro_batch_size_per_gpu"] == 8
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu.*differ"):
+        deepspeed_config(cfg)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="offload_optimizer"):
+        TrainingConfig(deepspeed={"zero_stage": 0, "offload_optimizer": "cpu"})

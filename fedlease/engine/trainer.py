@@ -212,12 +212,40 @@ def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer != "none":
+        conf["zero_optimization"]["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": True}
     precision = resolve_precision(cfg)
     if precision == "bf16":
         conf["bf16"] = {"enabled": True}
     elif precision == "fp16":
         conf["fp16"] = {"enabled": True}
+    if ds.config_file:
+        conf = merge_user_config(conf, ds.config_file)
     return conf
+
+
+_PARAMS_OWN = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def merge_user_config(conf: dict[str, Any], path: str) -> dict[str, Any]:
+    """The user's DeepSpeed JSON over the generated config, section by section (its keys win), except the
+    batch sizes, which the params own (every method must see the same batches)."""
+    import json
+
+    try:
+        user = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"training.deepspeed.config_file: {path}: cannot read a JSON object ({exc})") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"training.deepspeed.config_file: {path}: the top level must be an object")
+    clash = sorted(k for k in _PARAMS_OWN if k in user and user[k] != conf[k])
+    if clash:
+        raise ValueError(f"training.deepspeed.config_file: {path}: {clash} differ from training.batch_size / "
+                         "gradient_accumulation_steps in params; set them there")
+    out = dict(conf)
+    for key, value in user.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class DeepSpeedEngine:
@@ -235,6 +263,15 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(cfg)
         self._comm_ready = False
 
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW; with the optimizer offloaded to the host, DeepSpeed's CPU Adam (its C++ op, built once)."""
+        offloaded = self.config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offloaded == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, adamw_mode=True)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
     def train(self, model: nn.Module, params: list[nn.Parameter], batches: Iterable[Batch], kind: str,
               reserve: Batch | None = None, class_weights: torch.Tensor | None = None) -> TrainResult:
         """As `TorchEngine.train`; the reserve steps run on the engine's module (its precision)."""
@@ -243,7 +280,7 @@ class DeepSpeedEngine:
             self.deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                             verbose=False)
             self._comm_ready = True
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        opt = self._optimizer(params)
         hooks = hook_snapshot(model)
         engine = None
         losses: list[float] = []
