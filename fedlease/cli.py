@@ -44,10 +44,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from fedlease.paths import RunPaths
-    from fedlease.pipeline import stage_data
+    from fedlease.pipeline import run_stage, stage_named
 
     cfg = _load(args)
-    manifest = stage_data(cfg)
+    manifest = run_stage(stage_named("data"), cfg)
     paths = RunPaths.of(cfg)
     print(f"data: {len(manifest['clients'])} clients ({manifest['scheme']} partition) over tasks "
           f"{', '.join(manifest['tasks'])} -> {paths.data}/ (clients/, stats.json, stats.png, manifest.json)")
@@ -55,17 +55,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    from fedlease.pipeline import stage_warmup
+    from fedlease.pipeline import run_stage, stage_named
 
-    out = stage_warmup(_load(args))
+    out = run_stage(stage_named("warmup"), _load(args))
     print(f"warmup: {len(out)} adapters -> {os.path.dirname(out[0])}/")
     return 0
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from fedlease.pipeline import stage_allocate
+    from fedlease.pipeline import run_stage, stage_named
 
-    doc = stage_allocate(_load(args))
+    doc = run_stage(stage_named("allocate"), _load(args))
     sil = ", ".join(f"k={k}: {v:.3f}" for k, v in doc["silhouette"].items())
     capped = f" (the fedlease.m_max cap: the silhouette had no larger k to try)" if doc["capped"] else ""
     print(f"allocate: M = {doc['num_experts']} experts{capped}, assignment {list(doc['assignment'].values())}, "
@@ -74,9 +74,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def cmd_federate(args: argparse.Namespace) -> int:
-    from fedlease.pipeline import stage_federate
+    from fedlease.pipeline import Stage, run_stage, stage_federate
 
-    res = stage_federate(_load(args), strategies=args.strategy or None)
+    only = args.strategy or None
+    res = run_stage(Stage("federate", lambda cfg, mapper: stage_federate(cfg, mapper, only)), _load(args))
     for name, r in res.items():
         last = next(h["eval"] for h in reversed(r["history"]) if "eval" in h)
         print(f"federate: {name}: final mean {last['metric']} {last['mean']:.4f}")
@@ -84,10 +85,10 @@ def cmd_federate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedlease.pipeline import stage_evaluate
+    from fedlease.pipeline import run_stage, stage_named
     from fedlease.report import results_table
 
-    print(results_table(stage_evaluate(_load(args))))
+    print(results_table(run_stage(stage_named("evaluate"), _load(args))))
     return 0
 
 

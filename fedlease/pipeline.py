@@ -22,7 +22,7 @@ from fedlease.export import export_final_model
 from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_array, save_tensors
 from fedlease.paths import RunPaths
 from fedlease.records import RoundRecord, history_from_json, history_to_json
-from fedlease.report import results_table, summarise_method
+from fedlease.report import results_rows, results_table, summarise_method
 from fedlease.runtime import runtime_for, strategy_for
 from fedlease.server import ClientMapper, Clients, run_rounds, sequential_mapper
 from fedlease.strategies import needs_allocation, needs_warmup, warmup_strategy
@@ -47,6 +47,7 @@ def stage_data(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[st
     parent = tracker.parent_run_id()
     for name in ("stats.json", "stats.png", "manifest.json"):
         tracker.log_artifacts(parent, paths.data / name, "data")
+    tracker.log_partition(parent, manifest)
     return manifest
 
 
@@ -238,6 +239,7 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
         tracker.log_metrics(parent, {f"{name}.final_mean_{m['metric']}": m["mean"]})
     for path in (paths.metrics, paths.root / "results.md", paths.plots):
         tracker.log_artifacts(parent, path, "results")
+    tracker.log_table(parent, results_rows(metrics), "results_table.json")
     for name in methods:
         tracker.set_terminated(tracker.strategy_run_id(name))
     tracker.set_terminated(parent)
@@ -268,10 +270,28 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def run_stage(stage: Stage, cfg: Config, mapper: ClientMapper = sequential_mapper) -> Any:
+    """Run one stage; if it raises, the run's MLflow runs still RUNNING are closed as FAILED (KILLED when
+    interrupted) before the error goes on."""
+    try:
+        return stage.run(cfg, mapper)
+    except BaseException as exc:
+        if cfg.tracking.enabled:
+            try:
+                Tracker(cfg).close_open_runs("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except Exception:  # noqa: BLE001 - the stage's own error is the one to report
+                pass
+        raise
+
+
+def stage_named(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
 def run_all(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     """Every stage the chosen methods need, in order; returns the evaluate stage's metrics."""
     out: Any = None
     for stage in STAGES:
         if stage.needed(cfg):
-            out = stage.run(cfg, mapper)
+            out = run_stage(stage, cfg, mapper)
     return out

@@ -118,6 +118,20 @@ def balanced_table(runs: list[dict[str, Any]]) -> str | None:
     return "\n".join(lines)
 
 
+def results_rows(metrics: dict[str, Any]) -> dict[str, list[Any]]:
+    """The results table as columns (an MLflow table: sortable in the UI)."""
+    methods = metrics["methods"]
+    tasks = sorted({t for m in methods.values() for t in m["per_task"]})
+    rows: dict[str, list[Any]] = {"method": list(methods)}
+    for t in tasks:
+        rows[t] = [100 * m["per_task"].get(t, float("nan")) for m in methods.values()]
+    rows["avg"] = [100 * m["mean"] for m in methods.values()]
+    for key in ("weighted_mean", "local_steps_per_client", "rounds", "bytes_up_total_per_client",
+                "bytes_down_total_per_client", "trainable_params", "wall_seconds"):
+        rows[key] = [m.get(key) for m in methods.values()]
+    return rows
+
+
 def results_table(metrics: dict[str, Any]) -> str:
     """The pipeline's table of one run: the protocol, the code version, FedLEASE's allocation."""
     from fedlease.provenance import describe

@@ -9,6 +9,7 @@ With tracking disabled every call is a no-op.
 from __future__ import annotations
 
 import os
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from fedlease.config import Config, flatten
 from fedlease.io import atomic_write_json, read_json
 from fedlease.paths import RunPaths
 from fedlease.records import RoundRecord
+
+
+#: params logged on every strategy run too, so the compare view tells two runs of a method apart
+KEY_PARAM_SECTIONS = ("lora", "federation")
+KEY_PARAMS = ("seed", "model.name", "data.kind", "data.partition.scheme", "data.partition.clients_per_task",
+              "data.partition.num_clients", "data.partition.dirichlet_alpha", "data.partition.train_per_client",
+              "training.lr", "training.batch_size", "training.local_epochs", "training.precision",
+              "fedlease.warmup_epochs", "fedlease.m_max", "fedlease.warmup_balanced_loss",
+              "fedlease.clustering.silhouette_tolerance", "privacy.enabled", "strategies")
 
 
 class TrackingError(RuntimeError):
@@ -86,8 +96,9 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.cfg.tracking.experiment, artifact_location=_artifact_location(self.uri, self.cfg.tracking.experiment))
-        run = self.client.create_run(exp_id, run_name=f"pipeline-seed{self.cfg.seed}",
-                                     tags={"fedlease.kind": "pipeline", "fedlease.output_dir": str(self.paths.root)})
+        run = self.client.create_run(exp_id, run_name=f"pipeline-seed{self.cfg.seed}-{self._params_hash()[:6]}",
+                                     tags=self._context_tags({"fedlease.kind": "pipeline",
+                                                              "fedlease.output_dir": str(self.paths.root)}))
         params = flatten(self.cfg)
         from mlflow.entities import Param
 
@@ -122,12 +133,81 @@ class Tracker:
         if run_id and self._exists(run_id):
             return run_id
         parent_run = self.client.get_run(parent)
-        run = self.client.create_run(parent_run.info.experiment_id, run_name=strategy,
-                                     tags={"mlflow.parentRunId": parent, "fedlease.kind": "strategy",
-                                           "fedlease.strategy": strategy})
+        experts = ""
+        from fedlease.strategies import strategy_class
+
+        if strategy_class(strategy).needs_allocation and self.paths.cluster_map.exists():
+            experts = f"-M{read_json(self.paths.cluster_map)['num_experts']}"
+        run = self.client.create_run(
+            parent_run.info.experiment_id,
+            run_name=f"{strategy}{experts}-seed{self.cfg.seed}-{self._params_hash()[:6]}",
+            tags=self._context_tags({"mlflow.parentRunId": parent, "fedlease.kind": "strategy",
+                                     "fedlease.strategy": strategy}))
+        from mlflow.entities import Param
+
+        params = flatten(self.cfg)
+        key = [Param(k, v[:6000]) for k, v in params.items() if k.split(".")[0] in KEY_PARAM_SECTIONS or k in KEY_PARAMS]
+        for i in range(0, len(key), 100):
+            self.client.log_batch(run.info.run_id, params=key[i : i + 100])
         state.setdefault("strategies", {})[strategy] = run.info.run_id
         atomic_write_json(self.state_file, state)
         return run.info.run_id
+
+    def _context_tags(self, tags: dict[str, str]) -> dict[str, str]:
+        """MLflow's own context tags (user, source), the code version, and the Prefect flow run and DVC
+        experiment the run belongs to, when there is one."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        from fedlease.provenance import code_version
+
+        version = code_version()
+        extra = {"fedlease.sources": version["sources"], "fedlease.params_hash": self._params_hash()}
+        if version["commit"]:
+            extra["mlflow.source.git.commit"] = version["commit"]
+        if "prefect" in sys.modules:  # started from a Prefect flow: link the flow run
+            try:
+                from prefect.runtime import flow_run
+
+                if flow_run.id:
+                    extra.update({"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)})
+                    if flow_run.ui_url:
+                        extra["prefect.flow_run_url"] = str(flow_run.ui_url)
+            except Exception:  # noqa: BLE001 - no flow run context
+                pass
+        if os.environ.get("DVC_EXP_NAME"):
+            extra["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+        return resolve_tags({**extra, **tags})
+
+    def close_open_runs(self, status: str) -> None:
+        """Mark this pipeline's parent and strategy runs that are still RUNNING as `status` (FAILED when a
+        stage raised, KILLED when it was interrupted), so the UI never shows a dead run as running."""
+        if not self.enabled or not self.state_file.exists():
+            return
+        state = self._state()
+        for run_id in [state.get("parent"), *state.get("strategies", {}).values()]:
+            try:
+                if run_id and self.client.get_run(run_id).info.status == "RUNNING":
+                    self.client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001 - best effort while an error is already on its way up
+                pass
+
+    def log_partition(self, run_id: str | None, manifest: dict[str, Any]) -> None:
+        """The partition as an MLflow dataset input of the run (one row per client: task, train/test sizes)."""
+        if not self.enabled or run_id is None:
+            return
+        import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
+        from mlflow.entities import DatasetInput, InputTag
+
+        frame = pd.DataFrame(manifest["clients"])
+        dataset = from_pandas(frame, source=str(self.paths.manifest),
+                              name=f"{manifest['scheme']}-partition-{len(frame)}-clients")
+        self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                     [InputTag("mlflow.data.context", "partition")])])
+
+    def log_table(self, run_id: str | None, rows: dict[str, list[Any]], artifact_file: str) -> None:
+        if self.enabled and run_id is not None:
+            self.client.log_table(run_id, data=rows, artifact_file=artifact_file)
 
     # --- logging ----------------------------------------------------------------------------------
 
@@ -178,21 +258,23 @@ def round_metrics(record: RoundRecord, cumulative: dict[str, float]) -> dict[str
     cumulative["down"] = cumulative.get("down", 0.0) + down
     out.update({"bytes_up_total": up, "bytes_down_total": down, "bytes_up_cumulative": cumulative["up"],
                 "bytes_down_cumulative": cumulative["down"]})
-    for cid, b in record.bytes_up.items():
-        out[f"client_{cid}.bytes_up"] = b
-        out[f"client_{cid}.bytes_down"] = record.bytes_down[cid]
+    for cid, b in record.bytes_up.items():  # grouped with '/', one chart section per kind
+        out[f"client_bytes_up/{cid}"] = b
+        out[f"client_bytes_down/{cid}"] = record.bytes_down[cid]
     ev = record.eval
     if ev:
         metric = ev["metric"]
         out[f"mean_{metric}"] = ev["mean"]
+        if ev.get("weighted_mean") is not None:
+            out[f"weighted_mean_{metric}"] = ev["weighted_mean"]
         if "mean_macro_f1" in ev:
             out["mean_macro_f1"] = ev["mean_macro_f1"]
         for task, v in ev["per_task"].items():
-            out[f"task_{task}.{metric}"] = v
+            out[f"task_{metric}/{task}"] = v
         for cid, c in ev["clients"].items():
             for key in ("accuracy", "macro_f1", "rougeL"):
                 if key in c:
-                    out[f"client_{cid}.{key}"] = c[key]
+                    out[f"client_{key}/{cid}"] = c[key]
     return out
 
 
@@ -251,11 +333,10 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
         run_id = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
     methods = {}
-    for child in sorted(children, key=lambda r: r.info.run_name or ""):
+    for child in sorted(children, key=lambda r: r.data.tags.get("fedlease.strategy", r.info.run_name or "")):
         m = child.data.metrics
         metric = "accuracy" if "mean_accuracy" in m else "rougeL"
-        tasks = {k[len("task_") : -len("." + metric)]: v for k, v in m.items()
-                 if k.startswith("task_") and k.endswith("." + metric)}
+        tasks = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"task_{metric}/")}
         reported = client.get_metric_history(child.info.run_id, "clients_reported")
 
         def per_client_round(key: str, run: str = child.info.run_id) -> float:
@@ -263,7 +344,7 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
             values = [t.value / max(1.0, r.value) for t, r in zip(totals, reported, strict=False)]
             return sum(values) / max(1, len(values))
 
-        methods[child.info.run_name] = {
+        methods[child.data.tags.get("fedlease.strategy", child.info.run_name)] = {
             "metric": metric, "mean": m.get(f"mean_{metric}", float("nan")), "per_task": tasks,
             "bytes_up_per_client_round": per_client_round("bytes_up_total"),
             "bytes_down_per_client_round": per_client_round("bytes_down_total"),

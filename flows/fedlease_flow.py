@@ -95,7 +95,7 @@ def _stage_flow(stage: pipeline.Stage) -> Any:
     @flow(name=stage.name, description=stage.description)
     def run_stage(params: str = "params.yaml", overrides: list[str] | None = None) -> Any:
         cfg = _cfg(params, overrides)
-        return stage.run(cfg, prefect_mapper(cfg))
+        return pipeline.run_stage(stage, cfg, prefect_mapper(cfg))
 
     return run_stage
 

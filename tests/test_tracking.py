@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from fedlease.config import config_from_dict
+from fedlease.io import read_json
+from fedlease.paths import RunPaths
 from fedlease.pipeline import run_all
 
 from .conftest import REPO, tiny_params
@@ -30,8 +32,27 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("fedlease.kind") == "pipeline"]
     assert len(parents) == 1
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    children = {r.data.tags["fedlease.strategy"]: r for r in kids}
     assert set(children) == {"fedlease", "fedit"}
+    # runs with identity: descriptive names, key params on every child, context tags, a dataset input
+    phash = parents[0].data.tags["fedlease.params_hash"][:6]
+    assert parents[0].info.run_name == f"pipeline-seed0-{phash}"
+    m = read_json(RunPaths.of(cfg).cluster_map)["num_experts"]
+    assert children["fedlease"].info.run_name == f"fedlease-M{m}-seed0-{phash}"
+    assert children["fedit"].info.run_name == f"fedit-seed0-{phash}"
+    for run in (parents[0], *kids):
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+        assert run.data.tags["fedlease.sources"] and run.data.tags.get("mlflow.source.git.commit")
+    assert children["fedit"].data.params["lora.r"] == "2" and children["fedit"].data.params["seed"] == "0"
+    assert children["fedit"].data.params["federation.protocol"] == "equal_compute"
+    inputs = client.get_run(parents[0].info.run_id).inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "task-partition-4-clients"
+    assert all(r.info.status == "FINISHED" for r in (parents[0], *kids))
+    # metrics grouped by kind with '/', one chart section each
+    assert client.get_metric_history(children["fedit"].info.run_id, "client_accuracy/0")
+    assert client.get_metric_history(children["fedit"].info.run_id, "task_accuracy/sentiment")
+    assert "results_table.json" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     hist = client.get_metric_history(children["fedlease"].info.run_id, "mean_accuracy")
     assert sorted(m.step for m in hist) == [1, 2]
     assert parents[0].data.params["lora.r"] == "2"
@@ -81,3 +102,22 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
     assert res.returncode == 1
     assert "http://127.0.0.1:9" in res.stderr and "Traceback" not in res.stderr
     assert not (Path(raw["output_dir"]) / "data").exists(), "no stage output when tracking is unreachable"
+
+
+def test_a_failing_stage_leaves_no_run_running(tmp_path: Path):
+    """Every client fails in federate: the round fails, and the pipeline and strategy runs are FAILED,
+    not RUNNING forever."""
+    from mlflow.tracking import MlflowClient
+
+    from fedlease.server import RoundFailed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = tiny_params(tmp_path, strategies=["fedit"])
+    raw["tracking"] = {"enabled": True, "uri": uri, "experiment": "f"}
+    raw["faults"] = {"client_failure_rate": 1.0}
+    raw["orchestration"] = {"retries": 0}
+    with pytest.raises(RoundFailed):
+        run_all(config_from_dict(raw))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("f").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"FAILED"}
