@@ -58,7 +58,7 @@ def test_mlflow_ui_shows_runs_and_metrics(tmp_path: Path):
 
         client = MlflowClient(base)
         exp = client.get_experiment_by_name("browser")
-        child = client.search_runs([exp.experiment_id], "attributes.run_name = 'fedlease'")[0]
+        child = client.search_runs([exp.experiment_id], "tags.`fedlease.strategy` = 'fedlease'")[0]
         profile = tmp_path / "chrome-profile"
         shot_dir = REPO / "test-artifacts"
         shot_dir.mkdir(exist_ok=True)
