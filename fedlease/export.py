@@ -43,6 +43,41 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
             label_names = load_client(cfg, cid).label_names
             atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
         atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
+    export_peft_adapters(cfg, strategy, state, folder.parent / "peft")
+
+
+def export_peft_adapters(cfg: Config, strategy: Strategy, state: ServerState, folder: Path) -> None:
+    """Standard peft adapters: a single-LoRA method's model of every client (its LoRA and head), and, for
+    a method with experts or a global LoRA beside local parts, those shared LoRAs alone."""
+    from fedlease.local_state import load_local_state
+    from fedlease.models.adapters import get_state
+    from fedlease.peft_export import write_adapter
+    from fedlease.runtime import build_client_model, runtime_for
+    from fedlease.strategies.base import ModelSpec
+
+    manifest = load_manifest(cfg)
+    plain = ModelSpec(r=cfg.lora.r)
+    if all(strategy.spec(c["client_id"]) == plain for c in manifest["clients"]):
+        rt = runtime_for(cfg)
+        for c in manifest["clients"]:
+            cid = c["client_id"]
+            labels = load_client(cfg, cid).label_names
+            model = build_client_model(rt, strategy, cid, len(labels), strategy.eval_download(state, cid),
+                                       load_local_state(cfg, strategy, cid, 10**9))
+            write_adapter(folder / f"client_{cid:03d}", cfg, get_state(model, rt.head_module(), ("lora", "head")),
+                          f"client {cid}'s model under {strategy.name} (task {c['task']}).", len(labels))
+        return
+    for prefix, what in shared_loras(state):
+        lora = {k[len(prefix):]: v for k, v in state.tensors.items() if k.startswith(prefix + "lora.")}
+        write_adapter(folder / (prefix.rstrip(".") or "global"), cfg, lora, what)
+
+
+def shared_loras(state: ServerState) -> list[tuple[str, str]]:
+    """The plain LoRAs in a server state: FedLEASE's experts (expert<e>.lora.*), IFCA's clusters, or one
+    global LoRA (lora.*), with what each is."""
+    prefixes = sorted({k.split("lora.", 1)[0] for k in state.tensors if ".lora." in k or k.startswith("lora.")})
+    return [(p, f"the shared LoRA {p.rstrip('.') or 'of every client'} (no task head: heads stay with the clients).")
+            for p in prefixes]
 
 
 MODEL_README = """# Final {strategy} model (FedLEASE pipeline)

@@ -79,10 +79,25 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
         save_tensors(path, unprefixed(state.tensors, f"client{c}."))
         out.append(str(path))
     atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": history_to_json(result.history)})
+    export_warmup_adapters(cfg, strategy, n)
     parent = tracker.parent_run_id()
     for path in out:
         tracker.log_artifacts(parent, Path(path), "warmup_adapters")
     return out
+
+
+def export_warmup_adapters(cfg: Config, warmup: Strategy, n: int) -> None:
+    """Every client's warm-up LoRA and head as a standard peft adapter (<output>/warmup/peft/client_NNN)."""
+    from fedlease.data.stage import load_client
+    from fedlease.local_state import load_local_state
+    from fedlease.peft_export import write_adapter
+
+    paths = RunPaths.of(cfg)
+    for c in range(n):
+        state = {**(load_local_state(cfg, warmup, c, 1) or {}), **load_tensors(paths.warmup_adapter(c))}
+        labels = load_client(cfg, c).label_names
+        write_adapter(paths.warmup / "peft" / f"client_{c:03d}", cfg, state,
+                      f"client {c}'s warm-up LoRA (FedLEASE Stage 1), before any federation.", len(labels))
 
 
 def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:

@@ -179,3 +179,43 @@ def test_every_baseline_runs_end_to_end(tmp_path: Path):
     assert not any(k.startswith("dual.") for k in load_tensors(RunPaths.of(cfg).strategy_dir("feddpa")
                                                                / "final" / "server_state.safetensors")), "never uploaded"
     assert dpa[-1]["bytes_up"] == dpa[-1]["bytes_down"], "FedDPA exchanges only the global LoRA"
+
+
+def test_adapters_load_with_peft_and_answer_as_the_pipeline(tmp_path: Path):
+    """Exported adapters are standard peft folders: PeftModel.from_pretrained on the base model gives the
+    pipeline's own logits for a client's model (FedIT), its warm-up adapter, and FedLEASE's experts load."""
+    from peft import PeftModel
+
+    from fedlease.data.stage import load_client
+    from fedlease.engine.batching import encode_classification
+    from fedlease.models.base import load_base_model
+    from fedlease.predict import load_client_model
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "fedit"], federation__rounds=1))
+    run_all(cfg)
+    paths = RunPaths.of(cfg)
+    data = load_client(cfg, 2)  # a 3-label topic client
+    enc = encode_classification(load_base_model(cfg.model, "classification", Path(cfg.data.cache_dir)).tokenizer,
+                                data.test, cfg.model.max_length)
+    enc.pop("labels")
+
+    def peft_logits(folder: Path) -> torch.Tensor:
+        base = load_base_model(cfg.model, "classification", Path(cfg.data.cache_dir), num_labels=3,
+                               seed=cfg.seed).model
+        model = PeftModel.from_pretrained(base, str(folder)).eval()
+        with torch.no_grad():
+            return model(**enc).logits
+
+    ours, _, _, _ = load_client_model(paths.strategy_dir("fedit") / "final", 2)
+    with torch.no_grad():
+        expected = ours.eval()(**enc).logits
+    assert torch.allclose(peft_logits(paths.strategy_dir("fedit") / "peft" / "client_002"), expected, atol=1e-5)
+    config = json.loads((paths.strategy_dir("fedit") / "peft" / "client_002" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["modules_to_save"] == ["classifier"]
+    assert "library_name: peft" in (paths.strategy_dir("fedit") / "peft" / "client_002" / "README.md").read_text()
+    warm = peft_logits(paths.warmup / "peft" / "client_002")
+    assert warm.shape == expected.shape and not torch.allclose(warm, expected)
+    experts = sorted(p.name for p in (paths.strategy_dir("fedlease") / "peft").iterdir())
+    m = read_json(paths.cluster_map)["num_experts"]
+    assert experts == [f"expert{e}" for e in range(m)]
+    assert peft_logits(paths.strategy_dir("fedlease") / "peft" / "expert0").shape == expected.shape
