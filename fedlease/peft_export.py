@@ -66,7 +66,8 @@ def write_adapter(folder: Path, cfg: Config, state: Tensors, what: str, num_labe
         head = _head_name(cfg, num_labels)
     config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                             target_modules=list(cfg.lora.target_modules), bias="none",
-                            task_type="SEQ_CLS" if classification else "CAUSAL_LM",
+                            # a head-less classifier adapter (an expert) has no task type: LoRA weights only
+                            task_type=("SEQ_CLS" if head else None) if classification else "CAUSAL_LM",
                             modules_to_save=[head] if head else None, base_model_name_or_path=str(base))
     with atomic_dir(folder) as tmp:
         config.save_pretrained(str(tmp))
