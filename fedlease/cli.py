@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlease.engine.batching import TruncationError
     from fedlease.io import ArtifactError
     from fedlease.models.base import ModelError
+    from fedlease.runlock import RunLocked
     from fedlease.server import RoundFailed
     from fedlease.tracking import TrackingError
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed, TrackingError) as exc:
+    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed, TrackingError, RunLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -23,6 +23,7 @@ from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read
 from fedlease.paths import RunPaths
 from fedlease.records import RoundRecord, history_from_json, history_to_json
 from fedlease.report import results_rows, results_table, summarise_method
+from fedlease.runlock import run_lock
 from fedlease.runtime import runtime_for, strategy_for
 from fedlease.server import ClientMapper, Clients, run_rounds, sequential_mapper
 from fedlease.strategies import needs_allocation, needs_warmup, warmup_strategy
@@ -289,7 +290,8 @@ def run_stage(stage: Stage, cfg: Config, mapper: ClientMapper = sequential_mappe
     """Run one stage; if it raises, the run's MLflow runs still RUNNING are closed as FAILED (KILLED when
     interrupted) before the error goes on."""
     try:
-        return stage.run(cfg, mapper)
+        with run_lock(cfg.output_dir):
+            return stage.run(cfg, mapper)
     except BaseException as exc:
         if cfg.tracking.enabled:
             try:
@@ -306,7 +308,8 @@ def stage_named(name: str) -> Stage:
 def run_all(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     """Every stage the chosen methods need, in order; returns the evaluate stage's metrics."""
     out: Any = None
-    for stage in STAGES:
-        if stage.needed(cfg):
-            out = run_stage(stage, cfg, mapper)
+    with run_lock(cfg.output_dir):  # the whole run, not only each stage: no other run slips in between
+        for stage in STAGES:
+            if stage.needed(cfg):
+                out = run_stage(stage, cfg, mapper)
     return out

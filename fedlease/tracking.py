@@ -278,6 +278,14 @@ def round_metrics(record: RoundRecord, cumulative: dict[str, float]) -> dict[str
     return out
 
 
+def run_ui_path(cfg: Config, run_id: str) -> str:
+    """The MLflow UI's path to a run (its experiment and run ids)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri(cfg)).get_run(run_id)
+    return f"/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
 def register_model(tracker: Tracker, run_id: str | None, artifact_path: str) -> str | None:
     """Register `runs:/<run>/<artifact_path>` under tracking.registered_model and point the alias at it."""
     if not tracker.enabled or run_id is None:

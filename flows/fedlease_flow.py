@@ -104,18 +104,73 @@ def _stage_flow(stage: pipeline.Stage) -> Any:
 STAGE_FLOWS = {stage.name: _stage_flow(stage) for stage in pipeline.STAGES}
 
 
-@flow(name="fedlease", log_prints=True)
+def run_name() -> str:
+    """The flow run's name, from its parameters: the params file, the overrides' gist, the seed."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    stem = os.path.splitext(os.path.basename(str(params.get("params", "params.yaml"))))[0]
+    overrides = list(params.get("overrides") or [])
+    seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), None)
+    rest = [o for o in overrides if not o.startswith("seed=")]
+    gist = "-".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in rest[:3])
+    return "-".join(p for p in (stem, gist, f"seed{seed}" if seed else "") if p)[:120] or "fedlease"
+
+
+@flow(name="fedlease", log_prints=True, flow_run_name=run_name)
 def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole pipeline: the stages of `fedlease.pipeline.STAGES` the chosen methods need, in order."""
+    """The whole pipeline: the stages of `fedlease.pipeline.STAGES` the chosen methods need, in order.
+    On the flow run: a progress artifact (stages done), the results table and a link to the MLflow run."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from fedlease.runlock import run_lock
+
     cfg = _cfg(params, overrides)
+    stages = [stage for stage in pipeline.STAGES if stage.needed(cfg)]
+    progress = create_progress_artifact(progress=0.0, key="fedlease-progress",
+                                        description="Pipeline stages done (%)")
     metrics: Any = None
-    for stage in pipeline.STAGES:
-        if stage.needed(cfg):
+    with run_lock(cfg.output_dir):  # a second run on the same output_dir is refused, not interleaved
+        for done, stage in enumerate(stages, 1):
             subflow = STAGE_FLOWS[stage.name]
             if stage.client_work:
                 subflow = subflow.with_options(task_runner=_runner(cfg))
             metrics = subflow(params, overrides)
-    from fedlease.report import results_table
-
-    print(results_table(metrics))
+            update_progress_artifact(progress, 100.0 * done / len(stages))
+    publish_results(cfg, metrics)
     return metrics
+
+
+def publish_results(cfg: Config, metrics: dict[str, Any]) -> None:
+    """The results table (markdown and table artifacts) and the MLflow run's link on the flow run's page."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    from fedlease.report import results_rows, results_table
+
+    table = results_table(metrics)
+    print(table)
+    create_markdown_artifact(markdown=table, key="fedlease-results", description="FedLEASE results table")
+    rows = results_rows(metrics)
+    create_table_artifact(table=[dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)],
+                          key="fedlease-results-table", description="Results, one row per method")
+    link = mlflow_run_link(cfg)
+    if link:
+        create_link_artifact(link=link, link_text="MLflow run", key="fedlease-mlflow-run",
+                             description="The pipeline's parent run in MLflow")
+
+
+def mlflow_run_link(cfg: Config) -> str | None:
+    """The parent MLflow run's UI address when tracking goes to an HTTP server, else None."""
+    from fedlease.io import read_json
+    from fedlease.paths import RunPaths
+
+    state = RunPaths.of(cfg).root / "tracking.json"
+    if not cfg.tracking.enabled or not state.exists():
+        return None
+    doc = read_json(state)
+    uri = str(doc.get("uri", ""))
+    if not uri.startswith(("http://", "https://")) or not doc.get("parent"):
+        return None
+    from fedlease.tracking import run_ui_path
+
+    return uri.rstrip("/") + run_ui_path(cfg, doc["parent"])

@@ -44,6 +44,6 @@ def test_work_pool_and_deployment_register_on_a_prefect_server(tmp_path: Path):
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name("fedlease/full")
+            dep = client.read_deployment_by_name("fedlease/cluster")
     assert dep.work_pool_name == "fedlease"
     assert "orchestration.task_runner=ray" in dep.parameters["overrides"]

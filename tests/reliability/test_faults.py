@@ -151,3 +151,34 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypa
         _rounds(cfg, common, 2)
     loaded = _checkpoint(cfg).load()
     assert loaded is not None and loaded[1]["round"] == 1
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path: Path):
+    """Two concurrent runs sharing output_dir: the second fails at once naming the folder and the holder;
+    the first one's files are untouched; with the holder gone, the folder is free again."""
+    import subprocess
+    import sys
+    import time
+
+    from fedlease.pipeline import run_all
+    from fedlease.runlock import RunLocked
+
+    from ..conftest import REPO
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedit"], federation__rounds=1))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedlease.runlock import run_lock\n"
+                               f"with run_lock({cfg.output_dir!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (Path(cfg.output_dir) / "first.txt").write_text("the first run's work")
+        t0 = time.perf_counter()
+        with pytest.raises(RunLocked, match=rf"output_dir {cfg.output_dir}: in use by another run \(pid {holder.pid}\)"):
+            run_all(cfg)
+        assert time.perf_counter() - t0 < 10, "refused at once, not after waiting"
+        assert (Path(cfg.output_dir) / "first.txt").read_text() == "the first run's work"
+        assert not (Path(cfg.output_dir) / "data").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_all(cfg)["methods"]["fedit"]["rounds"] >= 1
