@@ -215,7 +215,10 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--quick", action="store_true", help="small budget (within ~5 minutes here)")
-    ap.add_argument("--label-skew", action="store_true", help="also the task + Dirichlet(0.5) label-skew table")
+    ap.add_argument("--label-skew", action="store_true", help="also the task + Dirichlet(alpha) label-skew table")
+    ap.add_argument("--skew-alpha", type=float, default=0.5, help="the label-skew table's Dirichlet alpha")
+    ap.add_argument("--skew-min-test", type=int, default=None,
+                    help="the label-skew table's data.partition.min_test_per_client (strong skew needs fewer)")
     ap.add_argument("--ablations", action="store_true", help="also the paper's ablations (FedLEASE variants)")
     ap.add_argument("--dp", action="store_true", help="also FedLEASE at epsilon = 1, 4, 8 (client-level DP)")
     ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
@@ -251,7 +254,9 @@ def main() -> None:
     headlines = [f"ari: {ari:.3f}", headline("fedlease_margin", margin, runs)]
     if args.label_skew:
         # the user's --set comes last, so it can change the skew (e.g. dirichlet_alpha=0.1)
-        skew_overrides = (QUICK if args.quick else []) + LABEL_SKEW + args.overrides
+        skew_overrides = ((QUICK if args.quick else []) + LABEL_SKEW + [f"data.partition.dirichlet_alpha={args.skew_alpha}"]
+                          + ([f"data.partition.min_test_per_client={args.skew_min_test}"] if args.skew_min_test else [])
+                          + args.overrides)
         alpha = load_config(args.params, skew_overrides).data.partition.dirichlet_alpha
         skew_runs = run_setting(args.params, skew_overrides, seeds, prefix + f"label_skew_a{alpha:g}")
         skew_table, _, skew_margin = table(skew_runs)
