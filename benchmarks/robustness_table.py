@@ -55,7 +55,8 @@ def row(setting: str, label: str, paper: list[dict], default: list[dict], tolera
         local_default, alloc_default = local_paper, f"M={chosen} ({'same as the paper rule' if same else 'differs: not run'})"
     best_default = max(local_default, others[best] if best else float("-inf"))
     return (f"| {label} | {len(paper)} | {fl_paper:.2f} | {fl_default:.2f} | {local_paper:.2f} / {local_default:.2f} | "
-            f"{best} {others[best]:.2f} | {fl_default - best_default:+.2f} | {_alloc(paper)} | {alloc_default} |")
+            f"{f'{best} {others[best]:.2f}' if best else '-'} | {fl_default - best_default:+.2f} | {_alloc(paper)} | "
+            f"{alloc_default} |")
 
 
 def main() -> None:
