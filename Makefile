@@ -1,6 +1,9 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 # Install order matters: torch==2.13.0 first (CPU wheel), then the pinned lock, so no CUDA build is pulled.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# a failing pip fails the install (pipefail); only grep's "no line left" is forgiven
+QUIET := { grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true; }
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,10 +26,10 @@ install: $(STAMP)
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q --no-deps -r requirements.lock -c constraints.txt 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -e '^WARNING: Location' -e 'BuildBackendWarning' || true
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q torch==2.13.0 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock -c constraints.txt 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
 	$(BIN)/python -c "import torch, transformers, peft, deepspeed, sklearn; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	$(BIN)/python -m compileall -q $(VENV)/lib > /dev/null 2>&1 || true
 	rm -f $(VENV)/.installed-*
