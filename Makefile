@@ -42,7 +42,7 @@ run: install up
 	@echo; $(BIN)/fedlease results --params $(PARAMS); echo
 	@eval "$$($(STACK) env)"; echo "Prefect UI: $${PREFECT_API_URL%/api}   MLflow UI: $$MLFLOW_TRACKING_URI   (make down stops them)"
 
-# The same pipeline in this process, without the stack (tracking to ./mlflow.db).
+# The same pipeline in this process, without the stack (tracking to the stack's store, infra/state/mlflow.db).
 run-local: install
 	$(BIN)/fedlease run --params $(PARAMS)
 

@@ -34,10 +34,25 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(cfg: Config) -> str:
+    """One store for every way of running, by this rule: `tracking.uri`; else $MLFLOW_TRACKING_URI; else,
+    in the project (where infra/stack.sh is), the local stack's MLflow server when it answers, and its
+    SQLite store (infra/state/mlflow.db, what that server serves) when it does not; else ./mlflow.db.
+    So `make run`, `dvc repro` and `fedlease run` all land in the UI users are pointed at."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if Path("infra/stack.sh").exists():
+        server = f"http://{os.environ.get('FEDLEASE_BIND_HOST', '127.0.0.1')}:{os.environ.get('MLFLOW_PORT', '5000')}"
+        try:
+            with urllib.request.urlopen(server + "/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return server
+        except OSError:
+            pass
+        state = Path(os.environ.get("FEDLEASE_STATE_DIR", "infra/state"))
+        state.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(state / 'mlflow.db').resolve()}"
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
@@ -94,6 +109,10 @@ class Tracker:
         if run_id and state.get("params_hash") == self._params_hash() and self._exists(run_id):
             return run_id
         exp = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+        if exp is not None and exp.artifact_location.startswith("mlflow-artifacts:") and self.uri.startswith("sqlite"):
+            raise TrackingError(f"experiment {self.cfg.tracking.experiment!r} in {self.uri} keeps its artifacts "
+                                "through the stack's MLflow server, which is not answering: start it (make up) "
+                                "or set tracking.uri")
         exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.cfg.tracking.experiment, artifact_location=_artifact_location(self.uri, self.cfg.tracking.experiment))
         run = self.client.create_run(exp_id, run_name=f"pipeline-seed{self.cfg.seed}-{self._params_hash()[:6]}",

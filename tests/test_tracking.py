@@ -121,3 +121,45 @@ def test_a_failing_stage_leaves_no_run_running(tmp_path: Path):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("f").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_one_store_rule(tmp_path: Path, monkeypatch):
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else in the project the stack's server when it answers and
+    its SQLite store when it does not, else ./mlflow.db."""
+    import http.server
+    import socket
+    import threading
+
+    from fedlease.tracking import tracking_uri
+
+    cfg = config_from_dict(tiny_params(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("FEDLEASE_STATE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "infra").mkdir()
+    (tmp_path / "infra" / "stack.sh").write_text("#!/bin/sh\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_PORT", str(port))
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'infra' / 'state' / 'mlflow.db'}", "stack down: its store"
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert tracking_uri(cfg) == f"http://127.0.0.1:{port}", "stack up: its server"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team.example:5000")
+        assert tracking_uri(cfg) == "http://team.example:5000"
+        other = config_from_dict({**tiny_params(tmp_path), "tracking": {"uri": "sqlite:///x.db"}})
+        assert tracking_uri(other) == "sqlite:///x.db"
+    finally:
+        server.shutdown()
