@@ -232,7 +232,9 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     atomic_write_json(paths.metrics, metrics)
     curves = [{"method": name, "round": rec.round, "score": rec.eval["mean"]}
               for name, hist in histories.items() for rec in hist if rec.eval]
-    atomic_write_json(paths.plots / "score_per_round.json", curves)
+    for name in histories:  # one file per method: DVC draws one line per file
+        atomic_write_json(paths.plots / "score_per_round" / f"{name}.json",
+                          [{"round": c["round"], "score": c["score"]} for c in curves if c["method"] == name])
     plot_accuracy_rounds(curves, paths.plots / "score_per_round.png")
     plot_communication(histories, paths.plots / "communication.png")
     for hist in histories.values():  # the router telemetry of the (first) mixture method

@@ -60,6 +60,7 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     assert plots.returncode == 0, plots.stderr
     html = (tmp_path / "plots_html" / "index.html").read_text()
     assert "score_per_round" in html and "silhouette" in html
+    assert {p.stem for p in (work / "outputs" / "plots" / "score_per_round").glob("*.json")} == {"fedlease", "fedit"}
     push = _run([sys.executable, "-m", "dvc", "push"], work)
     assert push.returncode == 0, push.stderr
     shutil.rmtree(work / "outputs" / "data")
