@@ -184,7 +184,7 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         tracker.log_artifacts(run_id, home / "final", "final_model")
         tracker.log_artifacts(run_id, home / "result.json", "")
         if strategy.primary:
-            register_model(tracker, run_id, "final_model")
+            register_model(tracker, run_id, home / "final", cfg.data.kind)
         results[name] = summary
     return results
 

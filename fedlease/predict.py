@@ -52,3 +52,20 @@ def predict(model_dir: Path, client_id: int, texts: list[str], text_pair: str | 
     preds = predict_labels(model, tokenizer, records, cfg.model.max_length, cfg.training.eval_batch_size)
     assert label_names is not None
     return [label_names[p] for p in preds]
+
+
+def predict_rows(model_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """One answer per row ({client, text[, text_pair]} or {client, prompt}), each from its client's model;
+    rows are batched by client (and pair text), in their order."""
+    out: list[str | None] = [None] * len(rows)
+    groups: dict[tuple[int, str | None], list[int]] = {}
+    for i, row in enumerate(rows):
+        if "client" not in row:
+            raise ArtifactError(f"row {i}: no 'client' column (columns: client, text[, text_pair] or prompt)")
+        pair = row.get("text_pair")
+        groups.setdefault((int(row["client"]), pair if isinstance(pair, str) and pair else None), []).append(i)
+    for (client, pair), idx in groups.items():
+        texts = [str(rows[i].get("text", rows[i].get("prompt", ""))) for i in idx]
+        for i, answer in zip(idx, predict(model_dir, client, texts, pair), strict=True):
+            out[i] = answer
+    return [o or "" for o in out]

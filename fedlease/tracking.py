@@ -305,39 +305,56 @@ def run_ui_path(cfg: Config, run_id: str) -> str:
     return f"/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
-def register_model(tracker: Tracker, run_id: str | None, artifact_path: str) -> str | None:
-    """Register `runs:/<run>/<artifact_path>` under tracking.registered_model and point the alias at it."""
+def register_model(tracker: Tracker, run_id: str | None, folder: Path, kind: str) -> str | None:
+    """Log the final-model `folder` as an MLflow pyfunc model (signature, input example) on the run,
+    register it under tracking.registered_model and point the alias at the new version."""
     if not tracker.enabled or run_id is None:
         return None
+    import pandas as pd
+    from mlflow.models import infer_signature
+
     name, alias = tracker.cfg.tracking.registered_model, tracker.cfg.tracking.alias
+    if kind == "classification":
+        example = pd.DataFrame({"client": [0, 1], "text": ["an utterly charming film", "wake me up at 7"],
+                                "text_pair": ["", ""]})
+    else:
+        example = pd.DataFrame({"client": [0, 1], "prompt": ["Turn the fact into a question: cats purr.",
+                                                              "Answer: what is 2 plus 2?"]})
+    signature = infer_signature(example, ["answer", "answer"])
+    code = Path(__file__).resolve().parent
+    requirements = [line.strip() for line in (code.parent / "requirements.lock").read_text().splitlines()
+                    if line.strip() and not line.startswith(("#", "-"))] if (code.parent / "requirements.lock").exists() else []
+    with tracker.mlflow.start_run(run_id=run_id, nested=True):
+        info = tracker.mlflow.pyfunc.log_model(
+            name="model", python_model=str(code / "mlflow_model.py"), artifacts={"model_dir": str(folder)},
+            code_paths=[str(code)], signature=signature, input_example=example,
+            pip_requirements=["torch==2.13.0", *requirements])
     client = tracker.client
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - not registered yet
-        client.create_registered_model(name, description="FedLEASE experts, routers and client heads")
-    run = client.get_run(run_id)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+        client.create_registered_model(name, description="FedLEASE: experts, routers and client heads (pyfunc)")
+    version = tracker.mlflow.register_model(info.model_uri, name)
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 
 def fetch_model(uri: str, dest: Path, tracking: str | None = None) -> Path:
-    """A local folder for `models:/name@alias`, `models:/name/version`, `runs:/...` or a plain path."""
+    """A local final-model folder for `models:/name@alias`, `models:/name/version`, `runs:/...` or a plain
+    path (a pyfunc model's folder is found inside it)."""
     if not uri.startswith(("models:/", "runs:/")):
         return Path(uri)
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     if tracking:
         mlflow.set_tracking_uri(tracking)
-    source = uri
-    if uri.startswith("models:/"):
-        client = MlflowClient()
-        ref = uri[len("models:/") :]
-        mv = (client.get_model_version_by_alias(*ref.split("@", 1)) if "@" in ref
-              else client.get_model_version(*ref.split("/", 1)))
-        source = mv.source
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    if (local / "MLmodel").exists():  # a pyfunc model: the final-model folder is its `model_dir` artifact
+        import yaml
+
+        flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+        return local / flavor["artifacts"]["model_dir"]["path"]
+    return local
 
 
 def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:

@@ -65,6 +65,19 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
     mv = client.get_model_version_by_alias("fl-test", "current")
     assert mv.run_id == children["fedlease"].info.run_id
 
+    # an MLflow Model: pyfunc with a signature, loads and answers per client; served on 127.0.0.1
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/fl-test@current")
+    assert [c.name for c in model.metadata.signature.inputs] == ["client", "text", "text_pair"]
+    rows = pd.DataFrame({"client": [0, 2], "text": ["the film was great and lovely overall", "we talked about the cat"],
+                         "text_pair": ["", "is it about an animal?"]})
+    answers = list(model.predict(rows))
+    assert answers[0] in ("0", "1") and answers[1] in ("animal", "city", "none")
+    _serve_and_ask(uri, "models:/fl-test@current", rows, answers, tmp_path)
+
     # a re-run continues the same parent run instead of creating another
     run_all(cfg)
     assert len([r for r in client.search_runs([exp.experiment_id])
@@ -90,6 +103,42 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
     new_parent = Tracker(other).parent_run_id()
     assert new_parent != parents[0].info.run_id
     assert client.get_run(new_parent).data.params["lora.alpha"] == "8.0"
+
+
+def _serve_and_ask(uri: str, model_uri: str, rows, expected: list[str], tmp_path: Path) -> None:
+    """`mlflow models serve` (this environment) on a free 127.0.0.1 port answers /invocations as the
+    loaded model does."""
+    import json
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
+                              start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": rows.to_dict(orient="split")}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert json.loads(resp.read())["predictions"] == expected
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
