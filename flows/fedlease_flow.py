@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Annotated, Any, Literal
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -24,6 +24,8 @@ from fedlease import pipeline  # noqa: E402
 from fedlease.config import Config, load_config  # noqa: E402
 from fedlease.isolation import run_client_call  # noqa: E402
 from fedlease.server import ClientMapper  # noqa: E402
+from fedlease.strategies import federated_names  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 
 @task(name="client", cache_policy=NO_CACHE, persist_result=False)
@@ -110,21 +112,41 @@ def run_name() -> str:
 
     params = flow_run.parameters or {}
     stem = os.path.splitext(os.path.basename(str(params.get("params", "params.yaml"))))[0]
-    overrides = list(params.get("overrides") or [])
+    overrides = typed_overrides(params.get("seed"), params.get("rounds"), params.get("strategies"), None)
+    overrides += list(params.get("overrides") or [])
     seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), None)
     rest = [o for o in overrides if not o.startswith("seed=")]
     gist = "-".join(o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.split("=", 1)[1] for o in rest[:3])
     return "-".join(p for p in (stem, gist, f"seed{seed}" if seed else "") if p)[:120] or "fedlease"
 
 
-@flow(name="fedlease", log_prints=True, flow_run_name=run_name)
-def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+Method = Literal[tuple(federated_names())]  # type: ignore[valid-type]  # the registry's methods, in the UI form
+
+
+def typed_overrides(seed: int | None, rounds: int | None, strategies: list[str] | None,
+                    output_dir: str | None) -> list[str]:
+    """The flow's typed parameters as params overrides (applied before the free-form `overrides`)."""
+    out = [f"seed={seed}"] if seed is not None else []
+    out += [f"federation.rounds={rounds}"] if rounds is not None else []
+    out += [f"strategies=[{','.join(strategies)}]"] if strategies else []
+    out += [f"output_dir={output_dir}"] if output_dir else []
+    return out
+
+
+@flow(name="fedlease", log_prints=True, flow_run_name=run_name, validate_parameters=True)
+def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None,
+                  seed: Annotated[int, Field(ge=0)] | None = None, rounds: Annotated[int, Field(gt=0)] | None = None,
+                  strategies: list[Method] | None = None, output_dir: str | None = None) -> dict[str, Any]:
     """The whole pipeline: the stages of `fedlease.pipeline.STAGES` the chosen methods need, in order.
-    On the flow run: a progress artifact (stages done), the results table and a link to the MLflow run."""
+
+    Typed parameters (validated by Prefect and its UI form) for the usual keys: seed, rounds, the methods
+    to compare (from the registry), the output folder; `overrides` takes any other params key as
+    `dotted.key=value`. On the flow run: a progress artifact, the results table, a link to the MLflow run."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from fedlease.runlock import run_lock
 
+    overrides = typed_overrides(seed, rounds, strategies, output_dir) + list(overrides or [])
     cfg = _cfg(params, overrides)
     stages = [stage for stage in pipeline.STAGES if stage.needed(cfg)]
     progress = create_progress_artifact(progress=0.0, key="fedlease-progress",
