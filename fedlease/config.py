@@ -57,7 +57,11 @@ class ArchiveSpec(_Strict):
 
 class PartitionConfig(_Strict):
     scheme: Literal["task", "dirichlet", "task_dirichlet", "iid"] = "task"
-    clients_per_task: PositiveInt = 2
+    clients_per_task: PositiveInt | dict[str, PositiveInt] = Field(
+        default=2, description="task schemes: clients per task, one number or per task name ({a: 6, b: 3, ...})")
+    size_skew: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="task scheme: clients' sizes vary as exp(size_skew * z), z ~ N(0, 1), around "
+                                 "train/test_per_client (0: every client the same size)")
     num_clients: PositiveInt | None = Field(
         default=None, description="dirichlet/iid: total clients (task: tasks x clients_per_task)"
     )
@@ -70,6 +74,12 @@ class PartitionConfig(_Strict):
         default=0, description="task_dirichlet: also score every client on a label-balanced test set of its task, "
                                "at most this many examples per label, drawn from the task's clients' test sets "
                                "(0: off)")
+
+    def clients_of(self, task: str) -> int:
+        """How many clients hold this task (task schemes)."""
+        if isinstance(self.clients_per_task, dict):
+            return self.clients_per_task[task]
+        return self.clients_per_task
 
 
 class DataConfig(_Strict):
@@ -359,12 +369,20 @@ class Config(_Strict):
         if part.scheme in ("dirichlet", "iid") and part.num_clients is None:
             raise ValueError("data.partition.num_clients: required for the dirichlet and iid schemes")
         if part.scheme in ("task", "task_dirichlet"):
-            need = part.clients_per_task * (part.train_per_client + part.test_per_client)
+            names = [t.name for t in self.data.tasks]
+            if isinstance(part.clients_per_task, dict):
+                unknown = sorted(set(part.clients_per_task) - set(names))
+                missing = sorted(set(names) - set(part.clients_per_task))
+                if unknown or missing:
+                    raise ValueError(f"data.partition.clients_per_task: names tasks {unknown} that are not in "
+                                     f"data.tasks, and misses {missing}")
             for i, task in enumerate(self.data.tasks):
+                clients = part.clients_of(task.name)
+                need = clients * (part.train_per_client + part.test_per_client)
                 if task.max_examples is not None and task.max_examples < need:
                     raise ValueError(
                         f"data.tasks.{i}.max_examples: {task.max_examples} examples cannot give "
-                        f"{part.clients_per_task} clients x ({part.train_per_client} train + "
+                        f"{clients} clients x ({part.train_per_client} train + "
                         f"{part.test_per_client} test) = {need}")
         cpr = self.federation.clients_per_round
         if isinstance(cpr, int) and cpr > self.num_clients:
@@ -377,7 +395,7 @@ class Config(_Strict):
     def num_clients(self) -> int:
         part = self.data.partition
         if part.scheme in ("task", "task_dirichlet"):
-            return len(self.data.tasks) * part.clients_per_task
+            return sum(part.clients_of(t.name) for t in self.data.tasks)
         assert part.num_clients is not None
         return part.num_clients
 

