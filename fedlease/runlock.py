@@ -28,9 +28,14 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     if key in _HELD:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / ".run.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        from fedlease.io import ArtifactError
+
+        raise ArtifactError(f"{folder}: cannot write ({exc.strerror or exc})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
