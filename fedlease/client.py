@@ -98,7 +98,9 @@ def train_phases(rt: ClientRuntime, strategy: Strategy, model: PeftModel, record
         phase_seed = seed + i  # phase 0 keeps the client's round seed
         torch.manual_seed(phase_seed)
         batches = iterate_batches(rt.tokenizer, records, cfg.data.kind, cfg.training.batch_size,
-                                  cfg.model.max_length, phase.epochs, phase_seed)
+                                  cfg.model.max_length, phase.epochs, seed if phase.part[1] > 1 else phase_seed)
+        if phase.part[1] > 1:  # phases sharing one budget: the same batch sequence, a part each
+            batches = share_of(list(batches), *phase.part)
         reserve = rt.reserve_batch(spec)
         weights = (class_weights(records, num_labels) if phase.class_balanced and cfg.data.kind == "classification"
                    else None)
@@ -108,6 +110,12 @@ def train_phases(rt: ClientRuntime, strategy: Strategy, model: PeftModel, record
     steps = sum(r.steps for r in results)
     return TrainResult(sum(r.loss * r.steps for r in results) / max(1, steps), steps,
                        sum(r.seconds for r in results), sum(r.setup_seconds for r in results))
+
+
+def share_of(items: list[Any], index: int, parts: int) -> list[Any]:
+    """The index-th of `parts` consecutive, near-equal slices of `items`."""
+    bounds = [round(len(items) * k / parts) for k in range(parts + 1)]
+    return items[bounds[index] : bounds[index + 1]]
 
 
 def class_weights(records: list[dict[str, Any]], num_labels: int) -> torch.Tensor:

@@ -186,7 +186,7 @@ def test_baselines_keep_their_invariants_and_equal_steps(tmp_path: Path):
             uploads.setdefault(label.split("-r")[0], []).extend(set(load_tensors(r.upload)) for r in results)
         return results
 
-    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "ffa_lora", "fedsa_lora", "ifca"]))
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "ffa_lora", "fedsa_lora", "ifca", "feddpa"]))
     metrics = run_all(cfg, spying)
     paths = RunPaths.of(cfg)
     init = runtime_for(cfg).common_init(ModelSpec(r=cfg.lora.r))

@@ -107,9 +107,18 @@ def test_feddpa_rounds_train_global_first_then_local_and_global(tmp_path: Path):
         moved = {k for k in before if not torch.equal(before[k], after[k])}
         assert any(k.startswith("lora.") for k in moved), "the global LoRA trains every round"
         assert any(k.startswith("dual.") and k.endswith((".A", ".B")) for k in moved) == local_moves
-        assert result.steps == 2 * 3  # 2 epochs of 3 batches of 8, in one phase or split 1 + 1
+        assert result.steps == 2 * 3  # 2 epochs of 3 batches of 8: in one phase, or 3 + 3 in two
     with pytest.raises(ValueError, match="hidden size"):
         bad = torch.zeros(1, 3, dtype=torch.long)
         for layer in dual_layers(model):
             layer.dpa_reference = torch.zeros(5, 7)
         store_reference(model, {"input_ids": bad, "attention_mask": torch.ones_like(bad)})
+
+
+def test_phases_sharing_a_budget_split_the_same_batches():
+    from fedlease.client import share_of
+
+    items = list(range(7))
+    parts = [share_of(items, i, 2) for i in range(2)]
+    assert parts[0] + parts[1] == items and abs(len(parts[0]) - len(parts[1])) <= 1
+    assert share_of(items, 0, 1) == items

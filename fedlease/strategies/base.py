@@ -77,6 +77,9 @@ class Phase:
     epochs: int
     setting: Callable[[nn.Module], AbstractContextManager[Any]] | None = None
     class_balanced: bool = False  # classification: weight the loss by the client's inverse label frequencies
+    #: (i, n): this phase trains the i-th of n consecutive parts of the epochs' batches (phases that share
+    #: one budget of local steps); (0, 1): all of them
+    part: tuple[int, int] = (0, 1)
 
 
 @dataclass(frozen=True)

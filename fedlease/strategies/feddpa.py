@@ -5,9 +5,8 @@ mix per instance by the input's similarity to the client's own training data (`f
 Round 1 trains the global LoRA alone (the code's round 0). From round 2 a client first trains its local
 LoRA with the global one frozen, mixed at a fixed local weight (`baselines.feddpa_train_local_weight`),
 then the global LoRA alone, and uploads the global LoRA. Its head (a classifier here, absent in the
-paper's generative setup) trains in both phases. The round's local epochs are split between the two
-phases (at least one each), so FedDPA trains as many steps as the other methods whenever
-`training.local_epochs` >= 2 (the table's steps column shows it). After training it stores the
+paper's generative setup) trains in both phases. The round's batches are split between the two phases,
+so FedDPA trains exactly the local steps of the other methods. After training it stores the
 representations of `baselines.feddpa_reference_instances` of its training examples for the
 instance-wise weight.
 """
@@ -34,14 +33,16 @@ class FedDPA(FedIT):
         return ModelSpec(r=self.cfg.lora.r, dual=True)
 
     def local_phases(self, round_: int) -> list[Phase]:
+        """Round 1: the global LoRA alone. Later rounds: the local LoRA (global frozen, fixed mix), then the
+        global LoRA alone, each on half of the round's batches, so FedDPA trains the same local steps as
+        every other method (the paper gives each phase the full local epochs)."""
         epochs = self.local_epochs(round_)
-        global_only = Phase(("lora", "head"), epochs, lambda model: fixed_weight(model, 0.0))
+        global_only = lambda model: fixed_weight(model, 0.0)  # noqa: E731
         if round_ == 1:
-            return [global_only]
-        local_epochs = max(1, epochs // 2)
+            return [Phase(("lora", "head"), epochs, global_only)]
         mix = self.cfg.baselines.feddpa_train_local_weight
-        return [Phase(("dual", "head"), local_epochs, lambda model: fixed_weight(model, mix)),
-                Phase(("lora", "head"), max(1, epochs - local_epochs), lambda model: fixed_weight(model, 0.0))]
+        return [Phase(("dual", "head"), epochs, lambda model: fixed_weight(model, mix), part=(0, 2)),
+                Phase(("lora", "head"), epochs, global_only, part=(1, 2))]
 
     def reference_examples(self) -> int:
         return self.cfg.baselines.feddpa_reference_instances
