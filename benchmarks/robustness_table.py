@@ -38,8 +38,9 @@ def _alloc(runs: list[dict]) -> str:
                      f"ARI {r['allocation']['ari_vs_task']:.2f}" for r in runs if "allocation" in r)
 
 
-def row(setting: str, label: str, paper: list[dict], default: list[dict], tolerance: float) -> str:
-    others = {m: _mean(paper, m) for m in paper[0]["methods"] if m not in ("fedlease", "local")}
+def row(setting: str, label: str, paper: list[dict], default: list[dict], tolerance: float,
+        excluded: tuple[str, ...] = ()) -> str:
+    others = {m: _mean(paper, m) for m in paper[0]["methods"] if m not in ("fedlease", "local", *excluded)}
     best = max(others, key=others.get) if others else None
     fl_paper, local_paper = _mean(paper, "fedlease"), _mean(paper, "local")
     if default:
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR,DEFAULT_DIR",
                     help="a setting's run folders under the paper rule and the shipped default (- for none)")
     ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--not-best", action="append", default=[],
+                    help="a method left out of 'best other' (e.g. one that trained more steps in these runs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     lines = ["| setting | seeds | FedLEASE, paper rule | FedLEASE, shipped default | local (paper / default warm-up) | "
@@ -76,11 +79,12 @@ def main() -> None:
         paper = _runs(paper_dir)
         default = _runs(default_dir) if default_dir != "-" else []
         versions |= {json.dumps({k: r["code_version"][k] for k in ("sources", "commit")}) for r in paper + default}
-        lines.append(row(label, label, paper, default, args.tolerance))
+        lines.append(row(label, label, paper, default, args.tolerance, tuple(args.not_best)))
     if len(versions) > 1:
         raise SystemExit(f"error: runs of different code versions: {sorted(versions)}")
     version = json.loads(next(iter(versions)))
-    lines += ["", f"Code: {describe(version)}; protocol equal compute; quick size (8-12 clients, 2 rounds)."]
+    lines += ["", f"Code: {describe(version)}; protocol equal compute; quick size (6-8 clients, 2 rounds)."
+              + (f" Left out of 'best other method': {', '.join(args.not_best)}." if args.not_best else "")]
     text = "\n".join(lines)
     print(text)
     if args.out:
