@@ -1,5 +1,5 @@
-"""The robustness table: FedLEASE under the paper's rule and under the shipped default, beside `local`
-and the best other method, for each setting, from finished benchmark run folders of one code version.
+"""The robustness table: FedLEASE under the paper's rule and under a candidate rule (its options on),
+beside `local` and the best other method, for each setting, from benchmark run folders of one code version.
 
     python benchmarks/robustness_table.py --setting "LABEL=PAPER_SETTING_DIR,DEFAULT_SETTING_DIR" ... [--out FILE]
 
@@ -55,23 +55,24 @@ def row(setting: str, label: str, paper: list[dict], default: list[dict], tolera
         fl_default = fl_paper if same else float("nan")
         local_default, alloc_default = local_paper, f"M={chosen} ({'same as the paper rule' if same else 'differs: not run'})"
     best_default = max(local_default, others[best] if best else float("-inf"))
+    best_paper = max(local_paper, others[best] if best else float("-inf"))
     return (f"| {label} | {len(paper)} | {fl_paper:.2f} | {fl_default:.2f} | {local_paper:.2f} / {local_default:.2f} | "
-            f"{f'{best} {others[best]:.2f}' if best else '-'} | {fl_default - best_default:+.2f} | {_alloc(paper)} | "
-            f"{alloc_default} |")
+            f"{f'{best} {others[best]:.2f}' if best else '-'} | {fl_paper - best_paper:+.2f} / "
+            f"{fl_default - best_default:+.2f} | {_alloc(paper)} | {alloc_default} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR,DEFAULT_DIR",
-                    help="a setting's run folders under the paper rule and the shipped default (- for none)")
+    ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR,CANDIDATE_DIR",
+                    help="a setting's run folders under the paper rule and the candidate rule (- for none)")
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--not-best", action="append", default=[],
                     help="a method left out of 'best other' (e.g. one that trained more steps in these runs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lines = ["| setting | seeds | FedLEASE, paper rule | FedLEASE, shipped default | local (paper / default warm-up) | "
-             "best other method (paper run) | default's margin over the best other | allocation, paper | "
-             "allocation, default |", "|" + "---|" * 9]
+    lines = ["| setting | seeds | FedLEASE, paper rule | FedLEASE, candidate rule | local (paper / candidate warm-up) | "
+             "best other federated method | margin over the best other, `local` included (paper / candidate) | "
+             "allocation, paper rule | allocation, candidate |", "|" + "---|" * 9]
     versions = set()
     for item in args.setting:
         label, folders = item.split("=", 1)
