@@ -157,6 +157,9 @@ class RouterConfig(_Strict):
     top_k: PositiveInt | None = Field(
         default=None, description="Ablation: plain top-k over M slots instead of the 2M-1 slot trick"
     )
+    own_prior: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="a fixed logit added to the own expert's slots: the router starts near the "
+                                 "warm-up model (own weight ~ M e^b / (M e^b + M - 1)) instead of M / (2M - 1)")
 
 
 class FedLeaseConfig(_Strict):

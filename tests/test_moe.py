@@ -185,3 +185,25 @@ def test_layer_keeps_the_reference_maths_with_dropout_on():
     b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"]])
     expected = layer.get_base_layer()(x) + mixture_delta(x, a, b, gates, 2.0)
     assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_own_prior_adds_a_fixed_logit_to_the_own_slots():
+    """M = 3, 2M-1 = 5 slots [own, own, own, e1, e2]: the layer routes on G x + [b, b, b, 0, 0]; with a router
+    at zero that gives the own expert 3 e^b / (3 e^b + 2) of the softmax (3/5 without the prior)."""
+    lora = LoraConfig(r=2, alpha=4, target_modules=["query"])
+    model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(renormalize=True, own_prior=2.0), seed=0)
+    state = get_state(model, "classifier", ("lora", "router", "foreign"))
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items()}, "classifier")
+    layer = lora_layers(model)["query"]
+    x = torch.randn(2, 3, 8)
+    st = get_state(model, None, ("lora", "router", "foreign"))
+    slots, keep = slot_map(3)
+    prior = torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0])
+    gates, _ = route(x @ st["router.query"].T + prior, slots, keep, True)
+    a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"]])
+    b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"]])
+    assert torch.allclose(layer(x), layer.get_base_layer()(x) + mixture_delta(x, a, b, gates, 2.0), atol=1e-5)
+    w = torch.softmax(torch.zeros(5) + prior, -1)
+    assert float(w[:3].sum()) == pytest.approx(3 * torch.e ** 2 / (3 * torch.e ** 2 + 2))
+    plain = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=0)
+    assert lora_layers(plain)["query"].moe_prior is None, "no prior: no extra kernel"

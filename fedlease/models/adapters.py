@@ -52,7 +52,7 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None
     else:
         router = router or RouterConfig()
         config = MixtureLoraConfig(**common, num_experts=num_experts, renormalize=router.renormalize,
-                                   top_k=router.top_k, router_init_std=router.init_std)
+                                   top_k=router.top_k, router_init_std=router.init_std, own_prior=router.own_prior)
         config._register_custom_module({nn.Linear: MixtureLoraLinear})
     try:
         wrapped = get_peft_model(model, config)

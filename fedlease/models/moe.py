@@ -45,6 +45,7 @@ class MixtureLoraConfig(PeftLoraConfig):
         default=None, metadata={"help": "Ablation: plain top-k over M slots, no 2M-1 trick"}
     )
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal init"})
+    own_prior: float = field(default=0.0, metadata={"help": "Fixed logit added to the own expert's slots"})
 
 
 def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, int]:
@@ -142,6 +143,8 @@ class MixtureVariant(InputDependentVariant):
         weight = module.get_base_layer().weight
         module.register_buffer("moe_slots", slots.to(weight.device), persistent=False)
         module.register_buffer("moe_slot_expert", slots.argmax(dim=1).to(weight.device), persistent=False)
+        # the own-expert prior: a fixed logit on the slots of expert 0 (None when 0: no extra kernel)
+        module.moe_prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
         module.moe_keep = keep
         module.moe_renormalize = config.renormalize
         module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))
@@ -178,6 +181,8 @@ class MixtureVariant(InputDependentVariant):
         else:
             logits = F.linear(x, router)
             h = F.linear(dropout(x), down[: m * r])
+        if module.moe_prior is not None:
+            logits = logits + module.moe_prior.to(logits.dtype)
         telemetry = module.moe_telemetry
         gates, selected = route_fused(logits, module.moe_slot_expert, module.moe_keep, module.moe_renormalize, m,
                                       want_selected=telemetry is not None)
