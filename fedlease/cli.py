@@ -138,7 +138,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         dists = ", ".join(f"E{e}: {d:.3f}" for e, d in enumerate(rec["mean_distances"]))
         placement = f" -> expert {rec['expert']} (mean B-distance {dists})"
     print(f"join: client {rec['client_id']} ({rec['task']}, {rec['strategy']}){placement}; "
-          f"accuracy after one round {rec['accuracy']:.4f}")
+          f"{rec['metric']} after one round {rec['score']:.4f}")
     return 0
 
 

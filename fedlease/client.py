@@ -49,9 +49,10 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
                  upload_path: str, num_clients: int) -> ClientTrainResult:
     """One local round: load, train what the strategy trains, write the upload and local state."""
     t0 = time.perf_counter()
-    faults.before_training(cfg, client_id, round_, strategy_name)
-    rt = runtime_for(cfg)
     strategy = strategy_for(cfg, strategy_name, num_clients)
+    if strategy.federated:  # injected faults hit the federated rounds, not the warm-up
+        faults.before_training(cfg, client_id, round_, strategy_name)
+    rt = runtime_for(cfg)
     data = load_client(cfg, client_id)
     seed = client_seed(cfg.seed, client_id, round_, strategy.name)
     head = rt.head_module()
@@ -75,7 +76,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         noised, update_norm = clip_and_noise({k: upload[k] - start[k] for k in upload}, cfg.privacy.clip_norm,
                                              noise_multiplier(cfg, strategy.rounds()), seed + 7)
         upload = {k: start[k] + noised[k] for k in upload}
-    upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
+    if strategy.federated:
+        upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
     bytes_up = write_upload(upload_path, upload)
     save_local_state(cfg, strategy, client_id, round_, local)
     del model, upload, local

@@ -388,6 +388,9 @@ class Config(_Strict):
                         f"{clients} clients x ({part.train_per_client} train + "
                         f"{part.test_per_client} test) = {need}")
         cpr = self.federation.clients_per_round
+        if isinstance(cpr, int) and cpr == 1:
+            raise ValueError("federation.clients_per_round: 1 is ambiguous; write 1.0 for every client, or a "
+                             "count > 1")
         if isinstance(cpr, int) and cpr > self.num_clients:
             raise ValueError(
                 f"federation.clients_per_round: {cpr} exceeds the {self.num_clients} clients of the partition"

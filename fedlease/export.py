@@ -6,14 +6,13 @@ predict --model-uri <folder>` rebuilds any client's model from it (`fedlease.pre
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from fedlease.config import Config
 from fedlease.data.stage import load_client, load_manifest
 from fedlease.engine.trainer import deepspeed_config
 from fedlease.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, save_tensors
-from fedlease.local_state import latest_local_state
+from fedlease.local_state import load_local_state
 from fedlease.paths import RunPaths
 from fedlease.strategies.base import ServerState, Strategy
 
@@ -37,9 +36,9 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
         (tmp / "clients").mkdir()
         for c in manifest["clients"]:
             cid = c["client_id"]
-            local = latest_local_state(cfg, strategy, cid, 10**9)
+            local = load_local_state(cfg, strategy, cid, 10**9)  # inherited warm-up state merged in
             if local is not None:
-                shutil.copyfile(local, tmp / "clients" / f"client_{cid:03d}.safetensors")
+                save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", local)
             label_names = load_client(cfg, cid).label_names
             atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
         atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))

@@ -94,7 +94,10 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     try:
         # clone: states built from one init (IFCA clusters, FedLEASE routers) share storage, which safetensors refuses
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:  # on disk before the rename, like every other artifact
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

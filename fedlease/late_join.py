@@ -20,14 +20,20 @@ from fedlease.exchange import write_download
 from fedlease.io import atomic_write_json, load_tensors, read_json
 from fedlease.paths import RunPaths
 from fedlease.pipeline import initial_context
+from fedlease.runlock import run_lock
 from fedlease.runtime import strategy_for
 from fedlease.server import Checkpoint
 from fedlease.strategies import primary_name, warmup_strategy
 
 
 def join_client(cfg: Config, data_file: str, task: str, strategy_name: str | None = None) -> dict[str, Any]:
-    """Add a client with its own data file to a finished (or running) run of `strategy_name` (default:
-    the primary method among the params' strategies). Returns its placement and accuracy."""
+    """Add a client with its own data file to a finished run of `strategy_name` (default: the primary
+    method among the params' strategies). Returns its placement and score."""
+    with run_lock(cfg.output_dir):  # one joiner at a time: client ids come from joined.json
+        return _join(cfg, data_file, task, strategy_name)
+
+
+def _join(cfg: Config, data_file: str, task: str, strategy_name: str | None) -> dict[str, Any]:
     name = strategy_name or primary_name(cfg.strategies)
     if name is None:
         raise ValueError("join: name a method with --strategy (none of the params' strategies is primary)")
@@ -62,7 +68,9 @@ def join_client(cfg: Config, data_file: str, task: str, strategy_name: str | Non
     train = client_train(cfg, name, cid, 1, str(work / "down.safetensors"), str(work / "up.safetensors"), n + 1)
     write_download(work / "eval.safetensors", strategy.eval_download(state, cid))
     metrics = client_evaluate(cfg, name, cid, 1, str(work / "eval.safetensors"), n + 1)
-    record = {"client_id": cid, "task": task, "strategy": name, **placement, "accuracy": metrics.get("accuracy"),
+    metric = "accuracy" if cfg.data.kind == "classification" else "rougeL"
+    record = {"client_id": cid, "task": task, "strategy": name, **placement, "metric": metric,
+              "score": metrics.get(metric), metric: metrics.get(metric),
               "bytes_up": train.bytes_up, "bytes_down": train.bytes_down}
     joined[str(cid)] = record
     atomic_write_json(late_root / "joined.json", joined)

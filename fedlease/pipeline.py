@@ -291,16 +291,22 @@ STAGES: tuple[Stage, ...] = (
 def run_stage(stage: Stage, cfg: Config, mapper: ClientMapper = sequential_mapper) -> Any:
     """Run one stage; if it raises, the run's MLflow runs still RUNNING are closed as FAILED (KILLED when
     interrupted) before the error goes on."""
-    try:
-        with run_lock(cfg.output_dir):
+    with run_lock(cfg.output_dir):  # outside the try: a refused run must not close the other run's MLflow runs
+        try:
             return stage.run(cfg, mapper)
-    except BaseException as exc:
-        if cfg.tracking.enabled:
-            try:
-                Tracker(cfg).close_open_runs("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            except Exception:  # noqa: BLE001 - the stage's own error is the one to report
-                pass
-        raise
+        except BaseException as exc:
+            _close_runs(cfg, exc)
+            raise
+
+
+def _close_runs(cfg: Config, exc: BaseException) -> None:
+    """Close this run's MLflow runs still open as FAILED (KILLED when interrupted); best effort."""
+    if not cfg.tracking.enabled:
+        return
+    try:
+        Tracker(cfg).close_open_runs("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    except Exception:  # noqa: BLE001 - the stage's own error is the one to report
+        pass
 
 
 def stage_named(name: str) -> Stage:

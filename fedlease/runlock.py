@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,9 @@ class RunLocked(RuntimeError):
     """Another run holds this output folder."""
 
 
-_HELD: dict[str, int] = {}  # folders this process holds (a stage inside run_all takes it again)
+#: folders this process holds -> (fd, owning thread): the owner may take it again (a stage inside run_all,
+#: a Prefect subflow); another thread of this process is refused like another process
+_HELD: dict[str, tuple[int, int]] = {}
 
 
 @contextlib.contextmanager
@@ -26,8 +29,11 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
     folder = Path(output_dir).resolve()
     key = str(folder)
     if key in _HELD:
-        yield
-        return
+        if _HELD[key][1] == threading.get_ident():
+            yield
+            return
+        raise RunLocked(f"output_dir {folder}: in use by another run in this process (pid {os.getpid()}); give this "
+                        "run its own output_dir (--set output_dir=...)")
     path = folder / ".run.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +51,7 @@ def run_lock(output_dir: str | Path) -> Iterator[None]:
                         "own output_dir (--set output_dir=...)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-    _HELD[key] = fd
+    _HELD[key] = (fd, threading.get_ident())
     try:
         yield
     finally:

@@ -61,11 +61,13 @@ def sequential_mapper(fn: Callable[..., Any], calls: list[dict[str, Any]], label
     return out
 
 
-def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path]) -> str:
+def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path], rounds_matter: bool = False) -> str:
     """What a checkpoint was made from: every param that changes results, the code version (sources
     hash and git commit: a run folder made by other code is not reused), plus the input files.
 
-    `federation.rounds` is left out so that a finished run can be extended; tracking,
+    `federation.rounds` is left out so that a finished run can be extended, unless `rounds_matter` (the
+    equal-compute extra rounds come after the nominal ones, and a DP target is spent over all of them:
+    such a run cannot be extended, it starts afresh); tracking,
     orchestration and the list of methods do not change a method's results. Defaults are left
     out so the dump is canonical: a new params key with a default does not void old checkpoints.
     """
@@ -77,7 +79,9 @@ def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path]) -> str:
                                                "faults": True,
                                                "federation": {"rounds"}, "output_dir": True})
     version = code_version()
-    h = hashlib.sha256(json.dumps([doc, strategy, version["sources"], version["commit"]], sort_keys=True).encode())
+    schedule = cfg.federation.rounds if rounds_matter else None
+    h = hashlib.sha256(json.dumps([doc, strategy, version["sources"], version["commit"], schedule],
+                                  sort_keys=True).encode())
     for path in inputs:
         h.update(path.read_bytes() if path.exists() else b"<missing>")
     return h.hexdigest()[:16]
@@ -143,7 +147,8 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
     depend on (a changed one restarts it)."""
     run_dir = strategy.home(RunPaths.of(cfg))
     ckpt = Checkpoint(run_dir / "checkpoint")
-    fp = fingerprint(cfg, strategy.name, inputs)
+    dp_target = cfg.privacy.enabled and cfg.privacy.target_epsilon is not None and strategy.federated
+    fp = fingerprint(cfg, strategy.name, inputs, rounds_matter=strategy.extra_rounds() > 0 or dp_target)
     loaded = ckpt.load()
     if loaded is not None and loaded[1].get("fingerprint") != fp:
         _progress(f"[{strategy.name}] params or inputs changed since the checkpoint: starting afresh")

@@ -134,7 +134,9 @@ class Tracker:
         import hashlib
         import json
 
-        doc = self.cfg.model_dump(mode="json", exclude={"tracking", "orchestration", "faults"})
+        doc = self.cfg.model_dump(mode="json", exclude={"tracking": True, "orchestration": True, "faults": True,
+                                                        "strategies": True, "output_dir": True, "profile": True,
+                                                        "federation": {"rounds"}})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
     def _exists(self, run_id: str) -> bool:
@@ -321,6 +323,11 @@ def register_model(tracker: Tracker, run_id: str | None, folder: Path, kind: str
         example = pd.DataFrame({"client": [0, 1], "prompt": ["Turn the fact into a question: cats purr.",
                                                               "Answer: what is 2 plus 2?"]})
     signature = infer_signature(example, ["answer", "answer"])
+    if kind == "classification":  # text_pair only for pair tasks: optional
+        from mlflow.types.schema import ColSpec, Schema
+
+        signature.inputs = Schema([ColSpec("long", "client"), ColSpec("string", "text"),
+                                   ColSpec("string", "text_pair", required=False)])
     code = Path(__file__).resolve().parent
     requirements = [line.strip() for line in (code.parent / "requirements.lock").read_text().splitlines()
                     if line.strip() and not line.startswith(("#", "-"))] if (code.parent / "requirements.lock").exists() else []

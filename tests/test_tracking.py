@@ -76,6 +76,7 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
                          "text_pair": ["", "is it about an animal?"]})
     answers = list(model.predict(rows))
     assert answers[0] in ("0", "1") and answers[1] in ("animal", "city", "none")
+    assert list(model.predict(rows[["client", "text"]].iloc[:1])) == answers[:1], "text_pair is optional"
     _serve_and_ask(uri, "models:/fl-test@current", rows, answers, tmp_path)
 
     # a re-run continues the same parent run instead of creating another

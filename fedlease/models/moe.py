@@ -144,7 +144,8 @@ class MixtureVariant(InputDependentVariant):
         module.register_buffer("moe_slots", slots.to(weight.device), persistent=False)
         module.register_buffer("moe_slot_expert", slots.argmax(dim=1).to(weight.device), persistent=False)
         # the own-expert prior: a fixed logit on the slots of expert 0 (None when 0: no extra kernel)
-        module.moe_prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
+        prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
+        module.register_buffer("moe_prior", prior, persistent=False)  # a None buffer: moved with the model when set
         module.moe_keep = keep
         module.moe_renormalize = config.renormalize
         module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))

@@ -182,3 +182,24 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path: Path):
         holder.kill()
         holder.wait()
     assert run_all(cfg)["methods"]["fedit"]["rounds"] >= 1
+    # another thread of the same process is refused too; the owning thread may take it again
+    import threading
+
+    from fedlease.runlock import run_lock
+
+    refused: list[BaseException] = []
+    with run_lock(cfg.output_dir), run_lock(cfg.output_dir):
+        worker = threading.Thread(target=lambda: _try_lock(cfg.output_dir, refused))
+        worker.start()
+        worker.join()
+    assert refused and "in use by another run in this process" in str(refused[0])
+
+
+def _try_lock(folder: str, errors: list[BaseException]) -> None:
+    from fedlease.runlock import run_lock
+
+    try:
+        with run_lock(folder):
+            pass
+    except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+        errors.append(exc)
