@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Annotated, Any, Literal
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -24,8 +24,6 @@ from fedlease import pipeline  # noqa: E402
 from fedlease.config import Config, load_config  # noqa: E402
 from fedlease.isolation import run_client_call  # noqa: E402
 from fedlease.server import ClientMapper  # noqa: E402
-from fedlease.strategies import federated_names  # noqa: E402
-from pydantic import Field  # noqa: E402
 
 
 @task(name="client", cache_policy=NO_CACHE, persist_result=False)
@@ -120,9 +118,6 @@ def run_name() -> str:
     return "-".join(p for p in (stem, gist, f"seed{seed}" if seed else "") if p)[:120] or "fedlease"
 
 
-Method = Literal[tuple(federated_names())]  # type: ignore[valid-type]  # the registry's methods, in the UI form
-
-
 def typed_overrides(seed: int | None, rounds: int | None, strategies: list[str] | None,
                     output_dir: str | None) -> list[str]:
     """The flow's typed parameters as params overrides (applied before the free-form `overrides`)."""
@@ -134,14 +129,15 @@ def typed_overrides(seed: int | None, rounds: int | None, strategies: list[str] 
 
 
 @flow(name="fedlease", log_prints=True, flow_run_name=run_name, validate_parameters=True)
-def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None,
-                  seed: Annotated[int, Field(ge=0)] | None = None, rounds: Annotated[int, Field(gt=0)] | None = None,
-                  strategies: list[Method] | None = None, output_dir: str | None = None) -> dict[str, Any]:
+def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = None, seed: int | None = None,
+                  rounds: int | None = None, strategies: list[str] | None = None,
+                  output_dir: str | None = None) -> dict[str, Any]:
     """The whole pipeline: the stages of `fedlease.pipeline.STAGES` the chosen methods need, in order.
 
-    Typed parameters (validated by Prefect and its UI form) for the usual keys: seed, rounds, the methods
-    to compare (from the registry), the output folder; `overrides` takes any other params key as
-    `dotted.key=value`. On the flow run: a progress artifact, the results table, a link to the MLflow run."""
+    Typed parameters (their types checked by Prefect and its UI form; their values by the params model,
+    which names the key) for the usual keys: seed, rounds, the methods to compare, the output folder;
+    `overrides` takes any other params key as `dotted.key=value`. Plain builtin types on purpose: a served
+    deployment rebuilds this signature from the source, where other names would not resolve. On the flow run: a progress artifact, the results table, a link to the MLflow run."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from fedlease.runlock import run_lock
