@@ -147,7 +147,7 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
     depend on (a changed one restarts it)."""
     run_dir = strategy.home(RunPaths.of(cfg))
     ckpt = Checkpoint(run_dir / "checkpoint")
-    dp_target = cfg.privacy.enabled and cfg.privacy.target_epsilon is not None and strategy.federated
+    dp_target = strategy.federated and cfg.privacy.enabled and cfg.privacy.target_epsilon is not None
     fp = fingerprint(cfg, strategy.name, inputs, rounds_matter=strategy.extra_rounds() > 0 or dp_target)
     loaded = ckpt.load()
     if loaded is not None and loaded[1].get("fingerprint") != fp:

@@ -147,7 +147,7 @@ class Strategy(ABC):
         """Rounds added under `federation.protocol: equal_compute` to a federated method that does not
         continue from FedLEASE's warm-up: its epochs, run as federated rounds (more communication, which
         favours the method). 0 under the paper's protocol."""
-        if self.cfg.federation.protocol != "equal_compute" or self.inherits_warmup or not self.federated:
+        if not self.federated or self.inherits_warmup or self.cfg.federation.protocol != "equal_compute":
             return 0
         return math.ceil(self.cfg.fedlease.warmup_epochs / self.cfg.training.local_epochs)
 
