@@ -67,7 +67,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
     doc = run_stage(stage_named("allocate"), _load(args))
     sil = ", ".join(f"k={k}: {v:.3f}" for k, v in doc["silhouette"].items())
-    capped = f" (the fedlease.m_max cap: the silhouette had no larger k to try)" if doc["capped"] else ""
+    capped = " (the fedlease.m_max cap: the silhouette had no larger k to try)" if doc["capped"] else ""
     print(f"allocate: M = {doc['num_experts']} experts{capped}, assignment {list(doc['assignment'].values())}, "
           f"ARI vs tasks {doc['ari_vs_task']:.3f} (silhouette {sil})")
     return 0

@@ -63,7 +63,7 @@ def write_adapter(folder: Path, cfg: Config, state: Tensors, what: str, num_labe
         cfg.model, Path(cfg.data.cache_dir))
     head = None
     if classification and any(k.startswith("head.") for k in state):
-        head = _head_name(cfg, num_labels)
+        head = _head_name(cfg)
     config = PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                             target_modules=list(cfg.lora.target_modules), bias="none",
                             # a head-less classifier adapter (an expert) has no task type: LoRA weights only
@@ -79,7 +79,8 @@ def write_adapter(folder: Path, cfg: Config, state: Tensors, what: str, num_labe
             labels=f", num_labels={num_labels}" if head and num_labels else ""))
 
 
-def _head_name(cfg: Config, num_labels: int | None) -> str:
+def _head_name(cfg: Config) -> str:
+    """The head's output Linear in the base model (where peft saves it: modules_to_save)."""
     from fedlease.runtime import runtime_for
     from fedlease.strategies.base import ModelSpec
 

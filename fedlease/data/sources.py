@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +100,7 @@ def _download_from_pip_index(spec: ArchiveSpec, dest: Path, timeout_s: int) -> N
     import html.parser
     import ssl
     import time
+    import urllib.parse
     import urllib.request
 
     from tqdm import tqdm
