@@ -28,6 +28,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+RecordColumn = Literal["text", "text_pair", "label", "prompt", "response"]
+
+
 class TaskSpec(_Strict):
     """One task: where its examples come from and how to read them."""
 
@@ -35,10 +38,14 @@ class TaskSpec(_Strict):
     source: Literal["bigbench", "rotten_tomatoes", "local", "hf"]
     path: str = Field(
         default="",
-        description="bigbench: task folder under benchmark_tasks; local: a .csv/.jsonl file; hf: dataset name",
+        description="bigbench: task folder under benchmark_tasks; local: a .csv/.jsonl file; hf: a hub dataset name or a `save_to_disk` folder",
     )
-    hf_config: str | None = None
-    hf_split: str = "train"
+    hf_config: str | None = Field(default=None, description="hf: the dataset's configuration (GLUE: sst2, qnli, ...)")
+    hf_split: str = Field(default="train", description="hf: the split to read (the pipeline makes its own "
+                                                         "train/test split from it)")
+    columns: dict[RecordColumn, str] = Field(
+        default_factory=dict, description="local/hf: the file's or dataset's column for each record field, e.g. "
+                                          "{text: question1, text_pair: question2} (fields not named keep their name)")
     pair_separator: str | None = Field(
         default=None, description="Split the input at this string into text and text_pair"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -29,7 +31,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     work = tmp_path / "repo"
     work.mkdir()
-    for name in ("dvc.yaml", "fedlease", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "fedlease", ".dvcignore", ".gitignore", "params_glue.yaml"):
         src = REPO / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     raw = tiny_params(tmp_path, strategies=["fedlease", "fedit"])
@@ -90,3 +92,16 @@ def test_dvc_repro_twice_and_param_change(tmp_path: Path):
     assert nlg.returncode == 0, nlg.stdout[-2000:] + nlg.stderr[-2000:]
     assert "Running stage 'data'" in nlg.stdout
     assert json.loads((work / "outputs" / "metrics.json").read_text())["methods"]["fedit"]["metric"] == "rougeL"
+    # the profile's own values are columns of `dvc exp show`, and a profile key is an experiment's param
+    nlg2 = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "profile=params_nlg.yaml", "-S",
+                 "params_nlg.yaml:federation.rounds=2", "-n", "nlg2"], work)
+    assert nlg2.returncode == 0, nlg2.stdout[-2000:] + nlg2.stderr[-2000:]
+    # a profile's sections are declared whole: a federation key re-runs every stage that reads that section
+    assert "Running stage 'federate'" in nlg2.stdout and "Running stage 'data'" not in nlg2.stdout
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(
+        _run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], work).stdout))}
+    assert rows["nlg"]["params_nlg.yaml:data.kind"] == "generation"
+    assert rows["nlg"]["params_nlg.yaml:federation.rounds"] == "1"
+    assert rows["nlg2"]["params_nlg.yaml:federation.rounds"] == "2"
+    profile_column = next(k for k in rows["nlg2"] if k in ("profile", "params.yaml:profile"))
+    assert rows["nlg2"][profile_column] == "params_nlg.yaml"

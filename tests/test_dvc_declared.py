@@ -46,9 +46,10 @@ print(json.dumps({"rc": rc, "seen": sorted(seen), "modules": mods}))
 
 
 def _declared(stage: dict) -> tuple[set[str], list[str]]:
+    """The params.yaml keys a stage declares (bare entries) and its code deps."""
     params = set()
     for p in stage.get("params", []):
-        params |= set(p) if isinstance(p, dict) else {p}
+        params |= set(p.get("params.yaml", [])) if isinstance(p, dict) else {p}
     deps = [d for d in stage.get("deps", []) if str(d).startswith("fedlease")]
     return params, deps
 
@@ -96,3 +97,25 @@ def test_every_stage_declares_the_params_and_modules_it_reads(tmp_path: Path):
             if not any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps):
                 problems.append(f"stage {name}: imports {rel}, not a dep in dvc.yaml")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def test_every_profile_file_declares_the_sections_it_sets():
+    """A profile (params_nlg.yaml, params_glue.yaml) selected with `-S profile=...` is what the stages read:
+    each stage declares, from each profile file, every section it declares from params.yaml that the
+    profile sets, so `dvc exp show` shows the profile's values and a change to them re-runs the stage."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    profiles = sorted(p.name for p in REPO.glob("params_*.yaml"))
+    assert {"params_nlg.yaml", "params_glue.yaml"} <= set(profiles)
+    problems = []
+    for name, stage in stages.items():
+        sections = {key.split(".")[0] for key in _declared(stage)[0]} - NOT_RESULTS
+        by_file = {f: set(keys) for p in stage.get("params", []) if isinstance(p, dict) for f, keys in p.items()}
+        for profile in profiles:
+            present = set(yaml.safe_load((REPO / profile).read_text())) - NOT_RESULTS
+            missing = sorted((sections & present) - by_file.get(profile, set()))
+            extra = sorted(by_file.get(profile, set()) - present)  # DVC fails on a declared key the file lacks
+            if missing:
+                problems.append(f"stage {name}: {profile} sets {missing}, not declared for that file")
+            if extra:
+                problems.append(f"stage {name}: declares {extra} from {profile}, which has no such section")
+    assert not problems, "\n".join(problems)

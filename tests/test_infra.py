@@ -47,3 +47,12 @@ def test_work_pool_and_deployment_register_on_a_prefect_server(tmp_path: Path):
             dep = client.read_deployment_by_name("fedlease/cluster")
     assert dep.work_pool_name == "fedlease"
     assert "orchestration.task_runner=ray" in dep.parameters["overrides"]
+
+
+def test_no_global_offline_switch_blocks_a_hub_model():
+    """The packaged assets load from local folders with `local_files_only`; a hub model or dataset named in
+    params must load when a network is there, so neither the Makefile nor the stack turns the hub off."""
+    for path in ("Makefile", "infra/stack.sh"):
+        text = (REPO / path).read_text()
+        for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            assert switch not in text, f"{path} sets {switch}"

@@ -306,9 +306,16 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def rows_to_task(spec: TaskSpec, rows: list[dict[str, Any]], origin: str, kind: str) -> TaskData:
-    """Validate and normalise rows with columns text[, text_pair], label or prompt, response."""
+    """Validate and normalise rows with columns text[, text_pair], label or prompt, response (after the
+    task's `columns` mapping renames its own column names to these)."""
     if not rows:
         raise DataError(f"{origin}: no rows")
+    if spec.columns:
+        missing = sorted(src for src in spec.columns.values() if src not in rows[0])
+        if missing:
+            raise DataError(f"{origin}: task {spec.name}: columns names {missing}, which the data lacks "
+                            f"(has {sorted(rows[0])})")
+        rows = [{**r, **{field: r[src] for field, src in spec.columns.items()}} for r in rows]
     needed = ("text", "label") if kind == "classification" else ("prompt", "response")
     for col in needed:
         if col not in rows[0]:
@@ -338,14 +345,26 @@ def read_local(spec: TaskSpec, kind: str) -> TaskData:
     return rows_to_task(spec, _read_rows(path), str(path), kind)
 
 
-def read_hf(spec: TaskSpec, kind: str) -> TaskData:  # pragma: no cover - needs network
-    """Hugging Face datasets by name (online only); columns as for local files."""
+def read_hf(spec: TaskSpec, kind: str) -> TaskData:
+    """A Hugging Face dataset: by hub name through `datasets` (its own cache, endpoint and offline
+    settings apply), or a folder written by `Dataset.save_to_disk` (no network)."""
+    import datasets
+
+    origin = f"hf:{spec.path}" + (f"/{spec.hf_config}" if spec.hf_config else "") + f"[{spec.hf_split}]"
     try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise DataError(f"task {spec.name}: source 'hf' needs `pip install datasets`") from None
-    ds = datasets.load_dataset(spec.path, spec.hf_config, split=spec.hf_split)
-    return rows_to_task(spec, [dict(r) for r in ds], f"hf:{spec.path}", kind)
+        if Path(spec.path).is_dir():
+            ds = datasets.load_from_disk(spec.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if spec.hf_split not in ds:
+                    raise DataError(f"{origin}: task {spec.name}: no split {spec.hf_split!r} (has {sorted(ds)})")
+                ds = ds[spec.hf_split]
+        else:
+            ds = datasets.load_dataset(spec.path, spec.hf_config, split=spec.hf_split)
+    except DataError:
+        raise
+    except Exception as exc:  # the library's own error (no network, unknown name or config): say which task
+        raise DataError(f"{origin}: task {spec.name}: cannot load ({type(exc).__name__}: {exc})") from None
+    return rows_to_task(spec, ds.to_list(), origin, kind)
 
 
 def load_tasks(tasks: list[TaskSpec], kind: str, cache_dir: Path, archives: dict[str, ArchiveSpec],
