@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
 
 def _client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, num_labels: int, download_path: str,
                   local_up_to: int) -> tuple[PeftModel, Any]:
-    download = read_download(Path(download_path))
+    download = read_download(download_path, rt.cfg.federation.exchange, who=f"client {client_id}")
     local = load_local_state(rt.cfg, strategy, client_id, local_up_to)
     return build_client_model(rt, strategy, client_id, num_labels, download, local), download
 
@@ -78,7 +77,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         upload = {k: start[k] + noised[k] for k in upload}
     if strategy.federated:
         upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
-    bytes_up = write_upload(upload_path, upload)
+    bytes_up = write_upload(upload_path, upload, cfg.federation.exchange)
     save_local_state(cfg, strategy, client_id, round_, local)
     del model, upload, local
     if cfg.training.release_memory:

@@ -244,6 +244,22 @@ class BaselinesConfig(_Strict):
                                   "on (None: the whole training set, as the paper)")
 
 
+class ExchangeConfig(_Strict):
+    """Where downloads and uploads travel between the server and the clients (any fsspec URL)."""
+
+    url: str | None = Field(
+        default=None, description="null: each round's folder under output_dir (one machine or a shared disk); "
+                                  "a path or an object-store URL (s3://bucket/prefix, credentials and endpoint "
+                                  "from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to fsspec for `url` (no secrets here: use the environment)")
+    wait_s: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="how long a reader waits for a file's manifest before calling it late")
+    poll_s: PositiveFloat = Field(default=0.5, description="how often a waiting reader looks again")
+    keep_rounds: bool = Field(default=False, description="keep each round's exchanged files (audit); "
+                                                         "false: removed once the round is checkpointed")
+
+
 class FederationConfig(_Strict):
     rounds: PositiveInt = 3
     protocol: Literal["equal_compute", "paper"] = Field(
@@ -256,6 +272,7 @@ class FederationConfig(_Strict):
     )
     eval_every: PositiveInt = 1
     min_clients_fraction: Fraction = 0.5
+    exchange: ExchangeConfig = ExchangeConfig()
 
 
 class TrackingConfig(_Strict):

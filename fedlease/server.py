@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedlease.config import Config
-from fedlease.exchange import validate_upload, write_download
+from fedlease.config import Config, ExchangeConfig
+from fedlease.exchange import LOCAL, join, remove_round, round_location, validate_upload, write_download
 from fedlease.io import atomic_write_json, load_tensors, read_json, save_tensors
 from fedlease.isolation import run_client_call
 from fedlease.paths import RunPaths
@@ -67,8 +67,8 @@ def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path], rounds_matte
 
     `federation.rounds` is left out so that a finished run can be extended, unless `rounds_matter` (the
     equal-compute extra rounds come after the nominal ones, and a DP target is spent over all of them:
-    such a run cannot be extended, it starts afresh); tracking,
-    orchestration and the list of methods do not change a method's results. Defaults are left
+    such a run cannot be extended, it starts afresh); tracking, orchestration, the exchange store
+    and the list of methods do not change a method's results. Defaults are left
     out so the dump is canonical: a new params key with a default does not void old checkpoints.
     """
     import hashlib
@@ -77,7 +77,7 @@ def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path], rounds_matte
 
     doc = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"tracking": True, "orchestration": True, "strategies": True,
                                                "faults": True,
-                                               "federation": {"rounds"}, "output_dir": True})
+                                               "federation": {"rounds", "exchange"}, "output_dir": True})
     version = code_version()
     schedule = cfg.federation.rounds if rounds_matter else None
     h = hashlib.sha256(json.dumps([doc, strategy, version["sources"], version["commit"], schedule],
@@ -164,15 +164,16 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
         state, history, start = initial(), [], 1
     for round_ in range(start, strategy.rounds() + 1):
         t0 = time.perf_counter()
-        rdir = run_dir / "rounds" / f"r{round_:04d}"
-        state, record = train_round(cfg, strategy, state, round_, rdir, clients)
+        xdir = round_location(cfg.federation.exchange, run_dir / "rounds" / f"r{round_:04d}", fp[:16],
+                              strategy.name, round_)
+        state, record = train_round(cfg, strategy, state, round_, xdir, clients)
         if strategy.evaluates() and (round_ % cfg.federation.eval_every == 0 or round_ == strategy.rounds()):
-            record.eval = evaluate_clients(cfg, strategy, state, rdir, round_, clients)
+            record.eval = evaluate_clients(cfg, strategy, state, xdir, round_, clients)
         record.seconds = time.perf_counter() - t0
         history.append(record)
         ckpt.save(state, {"round": round_, "history": history_to_json(history), "strategy": strategy.name,
                           "fingerprint": fp})
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_round(xdir, cfg.federation.exchange)
         _progress(round_line(strategy.name, record))
         if on_round is not None:
             on_round(record, history)
@@ -182,21 +183,21 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
     return RoundsResult(history, state)
 
 
-def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int, rdir: Path,
+def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int, xdir: str,
                 clients: Clients) -> tuple[ServerState, RoundRecord]:
-    """Sample, send, train, collect, validate and aggregate one round; fails (RoundFailed) when too
-    few sampled clients report."""
+    """Sample, send, train, collect, validate and aggregate one round (its files under the exchange
+    location `xdir`); fails (RoundFailed) when too few sampled clients report."""
     n = strategy.num_clients
     sampled = list(range(n)) if strategy.samples_every_client() else sample_clients(cfg, round_, n)
     calls = []
     for cid in sampled:
-        down = rdir / f"down_{cid:03d}.safetensors"
-        write_download(down, strategy.download(state, cid))
+        down = join(xdir, f"down_{cid:03d}.safetensors")
+        write_download(down, strategy.download(state, cid), cfg.federation.exchange)
         calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
-                      "download_path": str(down), "upload_path": str(rdir / f"up_{cid:03d}.safetensors"),
+                      "download_path": down, "upload_path": join(xdir, f"up_{cid:03d}.safetensors"),
                       "num_clients": n})
     results = clients.mapper(clients.train, calls, f"{strategy.name}-r{round_}-train")
-    updates, reports, dropped = collect_updates(sampled, results)
+    updates, reports, dropped = collect_updates(sampled, results, cfg.federation.exchange)
     needed = max(1, int(np.ceil(cfg.federation.min_clients_fraction * len(sampled))))
     if len(updates) < needed:
         raise RoundFailed(f"[{strategy.name}] round {round_}: only {len(updates)} of {len(sampled)} sampled "
@@ -219,17 +220,17 @@ def train_round(cfg: Config, strategy: Strategy, state: ServerState, round_: int
     return state, record
 
 
-def collect_updates(sampled: list[int], results: list[ClientTrainResult | BaseException]
-                    ) -> tuple[list[Update], list[ClientTrainResult], dict[int, str]]:
-    """The round's valid updates; a client whose call failed, whose upload has NaN/Inf, or whose shapes
-    differ from the majority of its group is dropped, with the reason."""
+def collect_updates(sampled: list[int], results: list[ClientTrainResult | BaseException],
+                    exchange: ExchangeConfig = LOCAL) -> tuple[list[Update], list[ClientTrainResult], dict[int, str]]:
+    """The round's valid updates; a client whose call failed, whose upload is missing, late or corrupt,
+    has NaN/Inf, or whose shapes differ from the majority of its group is dropped, with the reason."""
     updates, reports, dropped = [], [], {}
     for cid, res in zip(sampled, results, strict=True):
         if isinstance(res, BaseException):
             dropped[cid] = f"{type(res).__name__}: {res}"
             continue
         try:
-            tensors = validate_upload(Path(res.upload))
+            tensors = validate_upload(res.upload, exchange, who=f"client {cid}")
         except Exception as exc:  # noqa: BLE001
             dropped[cid] = str(exc)
             continue
@@ -254,16 +255,16 @@ def _shape_reference(updates: list[Update]) -> dict[int, dict[str, tuple[int, ..
     return {key: max(sigs, key=sigs.count) for key, sigs in groups.items()}
 
 
-def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, rdir: Path, round_: int,
+def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, xdir: str, round_: int,
                      clients: Clients) -> dict[str, Any]:
     """Every client (sampled this round or not) evaluates the aggregated model on its test split."""
     n = strategy.num_clients
     calls = []
     for cid in range(n):
-        down = rdir / f"eval_{cid:03d}.safetensors"
-        write_download(down, strategy.eval_download(state, cid))
+        down = join(xdir, f"eval_{cid:03d}.safetensors")
+        write_download(down, strategy.eval_download(state, cid), cfg.federation.exchange)
         calls.append({"cfg": cfg, "strategy_name": strategy.name, "client_id": cid, "round_": round_,
-                      "download_path": str(down), "num_clients": n})
+                      "download_path": down, "num_clients": n})
     results = clients.mapper(clients.evaluate, calls, f"{strategy.name}-r{round_}-eval")
     clients = {}
     for cid, res in zip(range(n), results, strict=True):
