@@ -70,13 +70,13 @@ def test_failed_and_nan_clients_are_dropped_and_survivors_aggregated(tmp_path: P
                 raise RuntimeError("disk on fire")
             res = fn(**call)
             if cid in (2, 4):  # a poisoned update; a wrong-shaped one
-                from fedlease.io import save_tensors
+                from fedlease.exchange import write_upload  # what such a client sends: a whole, signed file
 
                 t = load_tensors(res.upload)
                 key = sorted(t)[0]
                 t[key] = torch.full_like(t[key], float("nan")) if cid == 2 else torch.zeros(t[key].shape[0] + 1,
                                                                                             *t[key].shape[1:])
-                save_tensors(res.upload, t)
+                write_upload(res.upload, t)
             seen[cid] = load_tensors(res.upload)
             return res
 
