@@ -62,8 +62,20 @@ class ArchiveSpec(_Strict):
     sha256: str = Field(min_length=64, max_length=64)
 
 
+class ClientFileSpec(_Strict):
+    """One client that brings its own data (`partition.scheme: files`): its file, any size."""
+
+    path: str = Field(description="the client's examples, a .csv or .jsonl file (columns as for a local task)")
+    task: str | None = Field(default=None, description="its task, when known (ARI against tasks needs every "
+                                                       "client's; unknown: reported as 'unlabelled')")
+    test_path: str | None = Field(default=None, description="its own test file; null: a seeded "
+                                                            "partition.test_fraction of its examples")
+    columns: dict[RecordColumn, str] = Field(default_factory=dict, description="as for a task's columns")
+
+
 class PartitionConfig(_Strict):
-    scheme: Literal["task", "dirichlet", "task_dirichlet", "iid"] = "task"
+    scheme: Literal["task", "dirichlet", "task_dirichlet", "iid", "files"] = Field(
+        default="task", description="files: each client of data.clients from its own file (no pooling)")
     clients_per_task: PositiveInt | dict[str, PositiveInt] = Field(
         default=2, description="task schemes: clients per task, one number or per task name ({a: 6, b: 3, ...})")
     size_skew: Annotated[float, Field(ge=0)] = Field(
@@ -75,8 +87,11 @@ class PartitionConfig(_Strict):
     dirichlet_alpha: PositiveFloat = 0.5
     train_per_client: PositiveInt = 128
     test_per_client: PositiveInt = 64
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.25, description="files: the share of a client's own examples held out as its test set")
     min_test_per_client: PositiveInt = Field(
-        default=8, description="dirichlet schemes: fewest test examples a client may get (else a clear error)")
+        default=8, description="dirichlet and files schemes: fewest test examples a client may get (else a "
+                               "clear error)")
     balanced_test_per_label: NonNegInt = Field(
         default=0, description="task_dirichlet: also score every client on a label-balanced test set of its task, "
                                "at most this many examples per label, drawn from the task's clients' test sets "
@@ -91,7 +106,10 @@ class PartitionConfig(_Strict):
 
 class DataConfig(_Strict):
     kind: Literal["classification", "generation"] = "classification"
-    tasks: list[TaskSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(default_factory=list, description="the tasks the partition splits (every "
+                                                                    "scheme but files)")
+    clients: list[ClientFileSpec] = Field(default_factory=list, description="partition.scheme files: one entry "
+                                                                            "per client, in client-id order")
     partition: PartitionConfig = PartitionConfig()
     cache_dir: str = ".cache"
     bigbench: ArchiveSpec = ArchiveSpec(
@@ -108,6 +126,15 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_task_names(self) -> DataConfig:
+        if self.partition.scheme == "files":
+            if not self.clients:
+                raise ValueError("data.clients: partition.scheme files needs one entry per client")
+            if self.tasks:
+                raise ValueError("data.tasks: partition.scheme files reads data.clients; leave data.tasks empty")
+        elif not self.tasks:
+            raise ValueError(f"data.tasks: partition.scheme {self.partition.scheme} needs at least one task")
+        elif self.clients:
+            raise ValueError("data.clients: only read by partition.scheme files")
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -426,6 +453,8 @@ class Config(_Strict):
         part = self.data.partition
         if part.scheme in ("task", "task_dirichlet"):
             return sum(part.clients_of(t.name) for t in self.data.tasks)
+        if part.scheme == "files":
+            return len(self.data.clients)
         assert part.num_clients is not None
         return part.num_clients
 

@@ -121,7 +121,7 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     save_tensors(paths.allocation / "experts.safetensors", tensors)
     doc = alloc.to_json()
     doc["tasks"] = {str(c["client_id"]): c["task"] for c in manifest["clients"]}
-    doc["ari_vs_task"] = ari_vs_task(alloc.assignment, [c["task"] for c in manifest["clients"]])
+    doc["ari_vs_task"] = ari_vs_task(alloc.assignment, manifest)
     # the silhouette had no larger k to try: M may be the cap rather than the data's structure
     doc["capped"] = fl.clustering.fixed_m is None and alloc.num_experts == min(fl.m_max, n - 1)
     atomic_write_json(paths.cluster_map, doc)
@@ -135,17 +135,21 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     parent = tracker.parent_run_id()
     for k, score in sorted(alloc.silhouette.items()):
         tracker.log_metrics(parent, {"allocation.silhouette": score}, step=k)
+    known = {"allocation.ari_vs_task": doc["ari_vs_task"]} if doc["ari_vs_task"] is not None else {}
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
-                                 "allocation.ari_vs_task": doc["ari_vs_task"], "allocation.capped": float(doc["capped"])})
+                                 **known, "allocation.capped": float(doc["capped"])})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
     return doc
 
 
-def ari_vs_task(assignment: list[int], tasks: list[str]) -> float:
-    """Adjusted Rand index of a clustering of the clients against their true tasks (1: the tasks exactly)."""
+def ari_vs_task(assignment: list[int], manifest: dict[str, Any]) -> float | None:
+    """Adjusted Rand index of a clustering of the clients against their true tasks (1: the tasks exactly);
+    None when some client's task is not known (clients that bring their own files without one)."""
     from sklearn.metrics import adjusted_rand_score
 
-    return float(adjusted_rand_score(tasks, assignment))
+    if not manifest.get("tasks_known", True):
+        return None
+    return float(adjusted_rand_score([c["task"] for c in manifest["clients"]], assignment))
 
 
 def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
@@ -176,7 +180,7 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         assignment = strategy.assignment(out.state)
         if assignment is not None:
             summary["assignment"] = assignment
-            summary["ari_vs_task"] = ari_vs_task(assignment, [c["task"] for c in load_manifest(cfg)["clients"]])
+            summary["ari_vs_task"] = ari_vs_task(assignment, load_manifest(cfg))
         home = strategy.home(paths)
         atomic_write_json(home / "result.json", summary)
         export_final_model(cfg, strategy, out.state, home / "final")

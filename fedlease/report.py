@@ -143,8 +143,9 @@ def results_table(metrics: dict[str, Any]) -> str:
     alloc = metrics.get("allocation")
     if alloc:
         capped = " (the m_max cap)" if alloc.get("capped") else ""
-        rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, "
-                     f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}"]
+        ari = ("ARI vs true tasks: not known (some clients' tasks are unknown)" if alloc["ari_vs_task"] is None
+               else f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}")
+        rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, {ari}"]
         if "warmup_score" in alloc:
             rows += [f"The warm-up itself (each client's own LoRA, before round 1): {100 * alloc['warmup_score']:.2f}."]
     if "protocol" in metrics:

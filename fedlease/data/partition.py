@@ -4,7 +4,8 @@ Deterministic for a seed. Schemes:
 - task: each task goes to `clients_per_task` clients (the paper's task heterogeneity);
 - dirichlet: one pooled label space, each label spread over clients by Dir(alpha);
 - task_dirichlet: per task, its clients get Dir(alpha) label skew;
-- iid: pooled and shuffled, equal shares.
+- iid: pooled and shuffled, equal shares;
+- files: each client from its own file, any size (`client_from_file`).
 A client's test set is drawn from the same distribution as its train set.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlease.config import PartitionConfig
+from fedlease.config import ClientFileSpec, PartitionConfig
 from fedlease.data.sources import DataError, TaskData
 
 
@@ -218,3 +219,32 @@ def partition_stats(clients: list[ClientData]) -> dict[str, Any]:
             for c in clients
         ],
     }
+
+
+#: the task of a client whose task is not known (files scheme)
+UNLABELLED = "unlabelled"
+
+
+def client_from_file(client_id: int, spec: ClientFileSpec, train: TaskData, test: TaskData | None,
+                     cfg: PartitionConfig, seed: int) -> ClientData:
+    """A client that brings its own examples: its test set is its own test file, or a seeded
+    `test_fraction` of its examples. Labels are the union of its files' labels."""
+    task = spec.task or UNLABELLED
+    if test is None:
+        order = np.random.default_rng([seed, client_id]).permutation(len(train.records))
+        n_test = max(1, round(cfg.test_fraction * len(order)))
+        test_records = [train.records[i] for i in order[:n_test]]
+        train_records = [train.records[i] for i in order[n_test:]]
+        labels = train.label_names
+    else:
+        labels = train.label_names + [n for n in test.label_names if n not in train.label_names]
+        remap = {i: labels.index(name) for i, name in enumerate(train.label_names)}
+        train_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in train.records]
+        remap = {i: labels.index(name) for i, name in enumerate(test.label_names)}
+        test_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in test.records]
+    if len(test_records) < cfg.min_test_per_client:
+        raise DataError(f"data.clients.{client_id} ({spec.path}): {len(test_records)} test examples, fewer than "
+                        f"partition.min_test_per_client = {cfg.min_test_per_client}")
+    if len(train_records) < 2:
+        raise DataError(f"data.clients.{client_id} ({spec.path}): {len(train_records)} training examples (need 2)")
+    return ClientData(client_id, task, labels, _tag(train_records, task), _tag(test_records, task))

@@ -10,14 +10,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedlease.config import Config
-from fedlease.data.partition import ClientData, partition, partition_stats
+from fedlease.config import ClientFileSpec, Config
+from fedlease.data.partition import UNLABELLED, ClientData, client_from_file, partition, partition_stats
 from fedlease.data.sources import load_tasks
 from fedlease.io import atomic_dir, atomic_write_json, read_json
 from fedlease.paths import RunPaths
 
 
+def clients_from_files(cfg: Config) -> tuple[list[ClientData], dict[str, list[str]]]:
+    """partition.scheme files: every client from its own file(s)."""
+    from fedlease.config import TaskSpec
+    from fedlease.data.sources import read_local
+
+    clients, spaces = [], {}
+    for cid, spec in enumerate(cfg.data.clients):
+        name = spec.task or f"client_{cid:03d}"
+
+        def read(path: str, name: str = name, spec: ClientFileSpec = spec) -> Any:
+            return read_local(TaskSpec(name=name, source="local", path=path, columns=spec.columns), cfg.data.kind)
+
+        client = client_from_file(cid, spec, read(spec.path), read(spec.test_path) if spec.test_path else None,
+                                  cfg.data.partition, cfg.seed)
+        clients.append(client)
+        spaces.setdefault(client.task, client.label_names)
+    return clients, spaces
+
+
 def build_partitions(cfg: Config) -> tuple[list[ClientData], dict[str, list[str]]]:
+    if cfg.data.partition.scheme == "files":
+        return clients_from_files(cfg)
     cache = Path(cfg.data.cache_dir)
     archives = {"bigbench": cfg.data.bigbench, "rotten_tomatoes": cfg.data.rotten_tomatoes}
     tasks = load_tasks(cfg.data.tasks, cfg.data.kind, cache, archives, cfg.data.download_timeout_s)
@@ -43,6 +64,7 @@ def run_data_stage(cfg: Config) -> dict[str, Any]:
         "scheme": cfg.data.partition.scheme,
         "seed": cfg.seed,
         "tasks": label_spaces,
+        "tasks_known": all(c.task != UNLABELLED for c in clients),
         "clients": [{"client_id": c.client_id, "task": c.task, "num_labels": len(c.label_names),
                      "train": len(c.train), "test": len(c.test)} for c in clients],
     }
