@@ -65,12 +65,25 @@ class ArchiveSpec(_Strict):
 class ClientFileSpec(_Strict):
     """One client that brings its own data (`partition.scheme: files`): its file, any size."""
 
-    path: str = Field(description="the client's examples, a .csv or .jsonl file (columns as for a local task)")
+    path: str | None = Field(default=None, description="the client's examples, a .csv or .jsonl file (columns as "
+                                                       "for a local task); in silo mode only the silo knows it")
+    silo: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$",
+                             description="silo mode: the organisation that holds the client (its Prefect work "
+                                         "pool is silo-<silo>)")
+    name: str | None = Field(default=None, description="silo mode: the client's name in its silo's config")
     task: str | None = Field(default=None, description="its task, when known (ARI against tasks needs every "
                                                        "client's; unknown: reported as 'unlabelled')")
     test_path: str | None = Field(default=None, description="its own test file; null: a seeded "
                                                             "partition.test_fraction of its examples")
     columns: dict[RecordColumn, str] = Field(default_factory=dict, description="as for a task's columns")
+
+    @model_validator(mode="after")
+    def _located(self) -> ClientFileSpec:
+        if self.silo is None and self.path is None:
+            raise ValueError("a client needs its file (path) or, in silo mode, its silo and name")
+        if self.silo is not None and (self.name is None or self.path is not None):
+            raise ValueError("a silo client is named (name) and its file stays in the silo's config (no path)")
+        return self
 
 
 class PartitionConfig(_Strict):
@@ -337,7 +350,12 @@ class RayConfig(_Strict):
 
 
 class OrchestrationConfig(_Strict):
-    task_runner: Literal["sequential", "threads", "ray"] = "sequential"
+    task_runner: Literal["sequential", "threads", "ray", "silo"] = Field(
+        default="sequential", description="silo: every client call runs at its silo, as a run of the "
+                                          "fedlease-silo/silo-<silo> deployment picked up by that silo's worker")
+    silo_timeout_s: PositiveFloat = Field(
+        default=900.0, description="silo mode: how long one client call may take, queueing included, before "
+                                   "it is cancelled and retried (then dropped for the round)")
     ray: RayConfig = RayConfig()
     retries: NonNegInt = 1
     retry_delay_s: Annotated[float, Field(ge=0)] = 1.0
@@ -438,6 +456,16 @@ class Config(_Strict):
                         f"data.tasks.{i}.max_examples: {task.max_examples} examples cannot give "
                         f"{clients} clients x ({part.train_per_client} train + "
                         f"{part.test_per_client} test) = {need}")
+        if self.orchestration.task_runner == "silo":
+            where = [c.silo for c in self.data.clients]
+            if part.scheme != "files" or None in where:
+                raise ValueError("orchestration.task_runner: silo needs partition.scheme files with a silo and "
+                                 "name for every client of data.clients")
+            if self.federation.exchange.url is None:
+                raise ValueError("federation.exchange.url: silo mode needs a store every silo reaches "
+                                 "(s3://bucket/prefix, or a shared path)")
+        elif any(c.silo is not None for c in self.data.clients):
+            raise ValueError("data.clients: clients with a silo need orchestration.task_runner: silo")
         cpr = self.federation.clients_per_round
         if isinstance(cpr, int) and cpr == 1:
             raise ValueError("federation.clients_per_round: 1 is ambiguous; write 1.0 for every client, or a "

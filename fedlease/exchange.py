@@ -147,3 +147,28 @@ def remove_round(location: str, exchange: ExchangeConfig) -> None:
 
 def join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}"
+
+
+def write_json(location: str | Path, obj: Any, exchange: ExchangeConfig = LOCAL) -> None:
+    """A small JSON document (a client's result, a shared cluster map) through the same store."""
+    _put(location, json.dumps(obj).encode(), exchange)
+
+
+def read_json_from(location: str | Path, exchange: ExchangeConfig = LOCAL, what: str = "result") -> Any:
+    return json.loads(_get(location, exchange, what))
+
+
+def exists(location: str | Path, exchange: ExchangeConfig = LOCAL) -> bool:
+    """Whether a whole file is there (its manifest is)."""
+    fs, path = _fs(str(location), exchange)
+    return bool(fs.exists(path + MANIFEST_SUFFIX))
+
+
+def copy_in(location: str | Path, dest: Path, exchange: ExchangeConfig, what: str) -> None:
+    """Fetch a store file (checked) into a local file, atomically."""
+    atomic_write_bytes(dest, _get(location, exchange, what))
+
+
+def publish(src: Path, location: str | Path, exchange: ExchangeConfig) -> None:
+    """Put a local file into the store (whole file, then its manifest)."""
+    _put(location, src.read_bytes(), exchange)

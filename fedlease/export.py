@@ -31,17 +31,19 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
         atomic_write_json(tmp / "params.json", cfg.model_dump(mode="json"))
         manifest = load_manifest(cfg)
         atomic_write_json(tmp / "clients.json", {str(c["client_id"]): {"task": c["task"]} for c in manifest["clients"]})
-        # The simulation keeps every client's local state (its head) beside the model so any
-        # client's model can be rebuilt; in a real deployment each silo keeps its own.
+        atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
+        # The simulation keeps every client's local state (its head) beside the model so any client's
+        # model can be rebuilt; in silo mode the model holds experts and routers only: heads and local
+        # state stay at the silos, which export their own clients' models (`fedlease silo export`).
+        at_silos = cfg.orchestration.task_runner == "silo"
         (tmp / "clients").mkdir()
-        for c in manifest["clients"]:
+        for c in [] if at_silos else manifest["clients"]:
             cid = c["client_id"]
             local = load_local_state(cfg, strategy, cid, 10**9)  # inherited warm-up state merged in
             if local is not None:
                 save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", local)
             label_names = load_client(cfg, cid).label_names
             atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
-        atomic_write_text(tmp / "README.md", MODEL_README.format(strategy=strategy.name))
     export_peft_adapters(cfg, strategy, state, folder.parent / "peft")
 
 
@@ -56,7 +58,8 @@ def export_peft_adapters(cfg: Config, strategy: Strategy, state: ServerState, fo
 
     manifest = load_manifest(cfg)
     plain = ModelSpec(r=cfg.lora.r)
-    if all(strategy.spec(c["client_id"]) == plain for c in manifest["clients"]):
+    at_silos = cfg.orchestration.task_runner == "silo"  # a client's own model (its head) is exported there
+    if not at_silos and all(strategy.spec(c["client_id"]) == plain for c in manifest["clients"]):
         rt = runtime_for(cfg)
         for c in manifest["clients"]:
             cid = c["client_id"]

@@ -43,7 +43,7 @@ def num_clients(cfg: Config) -> int:
 def stage_data(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     """Read the tasks and write per-client partitions and stats."""
     tracker = Tracker(cfg)
-    manifest = run_data_stage(cfg)
+    manifest = run_data_stage(cfg, mapper)
     paths = RunPaths.of(cfg)
     parent = tracker.parent_run_id()
     for name in ("stats.json", "stats.png", "manifest.json"):
@@ -80,7 +80,12 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
         save_tensors(path, unprefixed(state.tensors, f"client{c}."))
         out.append(str(path))
     atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": history_to_json(result.history)})
-    export_warmup_adapters(cfg, strategy, n)
+    if cfg.orchestration.task_runner == "silo":  # each client's adapter back to its silo; heads are there
+        from fedlease.silo import publish_shared
+
+        publish_shared(cfg, n)
+    else:
+        export_warmup_adapters(cfg, strategy, n)
     parent = tracker.parent_run_id()
     for path in out:
         tracker.log_artifacts(parent, Path(path), "warmup_adapters")
@@ -139,6 +144,10 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
                                  **known, "allocation.capped": float(doc["capped"])})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
+    if cfg.orchestration.task_runner == "silo":  # the cluster map, for the clients' model layout
+        from fedlease.silo import publish_shared
+
+        publish_shared(cfg, n)
     return doc
 
 

@@ -28,7 +28,12 @@ from fedlease.server import ClientMapper  # noqa: E402
 
 @task(name="client", cache_policy=NO_CACHE, persist_result=False)
 def client_task(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
-    """One client's work for one stage and round (train or evaluate), from files to files."""
+    """One client's work for one stage and round (train or evaluate), from files to files: here, or at
+    the client's silo (silo mode, flows/silo_flow.py)."""
+    if call["cfg"].orchestration.task_runner == "silo":
+        from flows.silo_flow import run_at_silo
+
+        return run_at_silo(fn, call)
     return run_client_call(fn, call)
 
 
@@ -81,6 +86,8 @@ def _runner(cfg: Config) -> Any:
         if address == "auto":  # join the running cluster, never silently start a private one
             return RayTaskRunner(init_kwargs={"address": "auto"})
         return RayTaskRunner(address=address)
+    if cfg.orchestration.task_runner == "silo":  # the work runs at the silos: wait for every client at once
+        return ThreadPoolTaskRunner(max_workers=min(64, cfg.num_clients))
     workers = 1 if cfg.orchestration.task_runner == "sequential" else os.cpu_count() or 1
     return ThreadPoolTaskRunner(max_workers=workers)
 

@@ -52,21 +52,41 @@ def build_partitions(cfg: Config) -> tuple[list[ClientData], dict[str, list[str]
     return clients, {t.name: t.label_names for t in tasks}
 
 
-def run_data_stage(cfg: Config) -> dict[str, Any]:
-    """Write partitions + stats under <output_dir>/data; return the manifest."""
+def _prepared_at_silos(cfg: Config, mapper: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Silo mode: each silo splits its clients' files where they are; only counts come back."""
+    from fedlease.data.sources import DataError
+    from fedlease.silo import silo_prepare
+
+    results = mapper(silo_prepare, [{"cfg": cfg, "client_id": cid} for cid in range(cfg.num_clients)], "data")
+    failed = [f"client {cid} (silo {cfg.data.clients[cid].silo}): {res}"
+              for cid, res in enumerate(results) if isinstance(res, BaseException)]
+    if failed:
+        raise DataError("data stage: " + "; ".join(failed))
+    return [r["manifest"] for r in results], {"num_clients": len(results), "clients": [r["stats"] for r in results]}
+
+
+def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
+    """Write partitions + stats under <output_dir>/data; return the manifest. In silo mode (`mapper`
+    dispatches to the silos) the partitions stay at the silos and only the counts are written here."""
     from fedlease.plots import plot_partition_stats
 
     paths = RunPaths.of(cfg)
-    clients, label_spaces = build_partitions(cfg)
-    stats = partition_stats(clients)
+    if cfg.orchestration.task_runner == "silo":
+        entries, stats = _prepared_at_silos(cfg, mapper)
+        clients: list[ClientData] = []
+        label_spaces = {e["task"]: s["label_names"] for e, s in zip(entries, stats["clients"], strict=True)}
+    else:
+        clients, label_spaces = build_partitions(cfg)
+        stats = partition_stats(clients)
+        entries = [{"client_id": c.client_id, "task": c.task, "num_labels": len(c.label_names),
+                    "train": len(c.train), "test": len(c.test)} for c in clients]
     manifest = {
         "kind": cfg.data.kind,
         "scheme": cfg.data.partition.scheme,
         "seed": cfg.seed,
         "tasks": label_spaces,
-        "tasks_known": all(c.task != UNLABELLED for c in clients),
-        "clients": [{"client_id": c.client_id, "task": c.task, "num_labels": len(c.label_names),
-                     "train": len(c.train), "test": len(c.test)} for c in clients],
+        "tasks_known": all(e["task"] != UNLABELLED for e in entries),
+        "clients": entries,
     }
     with atomic_dir(paths.data) as tmp:
         for c in clients:

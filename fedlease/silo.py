@@ -1,0 +1,141 @@
+"""Silo mode, the silo's side: a client's data stays in its organisation.
+
+A silo is configured by its own file (`FEDLEASE_SILO_CONFIG`), which the coordinator never reads: its
+name, a work folder, and where each of its clients' data lie. Its Prefect worker runs the calls the
+coordinator sends (`flows/silo_flow.py`): prepare a client (read and split its files into the silo's
+work folder; only counts and label names go back), train one round, evaluate, export. Downloads,
+uploads and results travel through the exchange store; the client's data, its head and every other
+piece of local state stay in the silo's work folder.
+
+The coordinator shares what a client needs from the server besides its download (the cluster map, the
+client's own warm-up adapter) under `<exchange url>/<run>/shared/`, and each call fetches it first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from fedlease.config import ClientFileSpec, Config, ConfigError, TaskSpec, _Strict, config_from_dict
+from fedlease.exchange import copy_in, exists, join, publish, write_json
+from fedlease.io import atomic_write_json
+from fedlease.paths import RunPaths
+
+SILO_CONFIG_ENV = "FEDLEASE_SILO_CONFIG"
+
+
+class SiloError(RuntimeError):
+    """A silo's configuration does not match the call it received; the message names the silo."""
+
+
+class SiloConfig(_Strict):
+    """One organisation's side of silo mode (its own file; the coordinator never sees it)."""
+
+    name: str
+    workdir: str
+    clients: dict[str, ClientFileSpec]
+
+
+def load_silo_config(path: str | None = None) -> SiloConfig:
+    path = path or os.environ.get(SILO_CONFIG_ENV)
+    if not path:
+        raise SiloError(f"{SILO_CONFIG_ENV} is not set: a silo worker needs its silo config file")
+    try:
+        return SiloConfig.model_validate(yaml.safe_load(Path(path).read_text()))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise SiloError(f"{path}: not a valid silo config ({exc})") from None
+
+
+def shared_location(cfg: Config) -> str:
+    """Where the coordinator shares server files the clients read, per run (output_dir's name)."""
+    assert cfg.federation.exchange.url is not None
+    return join(cfg.federation.exchange.url, f"{Path(cfg.output_dir).name}/shared")
+
+
+def _shared_files(paths: RunPaths, client_id: int | None) -> list[tuple[str, Path]]:
+    files = [("cluster_map.json", paths.cluster_map)]
+    if client_id is not None:
+        files.append((f"warmup/client_{client_id:03d}.safetensors", paths.warmup_adapter(client_id)))
+    return files
+
+
+def publish_shared(cfg: Config, num_clients: int) -> None:
+    """Coordinator: put the server files clients read into the store (those that exist yet)."""
+    paths = RunPaths.of(cfg)
+    names = {name: path for cid in range(num_clients) for name, path in _shared_files(paths, cid)}
+    for name, path in names.items():
+        if path.exists():
+            publish(path, join(shared_location(cfg), name), cfg.federation.exchange)
+
+
+def _fetch_shared(cfg: Config, silo_cfg: Config, client_id: int) -> None:
+    for name, dest in _shared_files(RunPaths.of(silo_cfg), client_id):
+        location = join(shared_location(cfg), name)
+        if exists(location, cfg.federation.exchange):
+            copy_in(location, dest, cfg.federation.exchange, f"shared {name}")
+
+
+def silo_config_for(cfg: Config, silo: SiloConfig) -> Config:
+    """The run's config at the silo: outputs in the silo's work folder (one sub-folder per run)."""
+    return config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(Path(silo.workdir) /
+                                                                            Path(cfg.output_dir).name)})
+
+
+def prepare_client(cfg: Config, client_id: int, spec: ClientFileSpec, task: str | None) -> dict[str, Any]:
+    """Read and split one client's files into the silo's work folder; return only its counts."""
+    from fedlease.data.partition import client_from_file, partition_stats
+    from fedlease.data.sources import read_local
+
+    def read(path: str) -> Any:
+        return read_local(TaskSpec(name=task or f"client_{client_id:03d}", source="local", path=path,
+                                   columns=spec.columns), cfg.data.kind)
+
+    own = spec.model_copy(update={"task": task})
+    client = client_from_file(client_id, own, read(str(spec.path)), read(spec.test_path) if spec.test_path else None,
+                              cfg.data.partition, cfg.seed)
+    atomic_write_json(RunPaths.of(cfg).client_file(client_id), client.to_json())
+    stats = partition_stats([client])["clients"][0]
+    return {"manifest": {"client_id": client_id, "task": client.task, "num_labels": len(client.label_names),
+                         "train": len(client.train), "test": len(client.test)}, "stats": stats}
+
+
+def silo_prepare(cfg: Config, client_id: int) -> dict[str, Any]:
+    """The data stage's call for one client in silo mode: it names the work; it runs at the silo."""
+    raise SiloError(f"client {client_id}: preparing a silo client runs at its silo (orchestration.task_runner: "
+                    "silo dispatches it), never at the coordinator")
+
+
+def run_silo_call(kind: str, call: dict[str, Any], result_path: str, silo: SiloConfig | None = None) -> None:
+    """Run one call the coordinator sent (prepare, train, evaluate) and put its result in the store."""
+    from fedlease.client import client_evaluate, client_train
+
+    silo = silo or load_silo_config()
+    try:
+        cfg = config_from_dict(call["cfg"])
+    except ConfigError as exc:
+        raise SiloError(f"silo {silo.name}: the call's config is invalid ({exc})") from None
+    client_id = int(call["client_id"])
+    entry = cfg.data.clients[client_id]
+    if entry.silo != silo.name:
+        raise SiloError(f"silo {silo.name}: client {client_id} ({entry.name}) belongs to silo {entry.silo}")
+    if entry.name not in silo.clients:
+        raise SiloError(f"silo {silo.name}: no client {entry.name!r} in its config (has {sorted(silo.clients)})")
+    spec = silo.clients[entry.name]
+    local = silo_config_for(cfg, silo)
+    args = {k: v for k, v in call.items() if k != "cfg"}
+    if kind == "prepare":
+        result: Any = prepare_client(local, client_id, spec, entry.task or spec.task)
+    elif kind == "train":
+        _fetch_shared(cfg, local, client_id)
+        result = asdict(client_train(local, **args))
+    elif kind == "evaluate":
+        _fetch_shared(cfg, local, client_id)
+        result = client_evaluate(local, **args)
+    else:
+        raise SiloError(f"silo {silo.name}: unknown call kind {kind!r}")
+    write_json(result_path, result, cfg.federation.exchange)

@@ -1,0 +1,241 @@
+"""Silo mode across real process boundaries: a Prefect server, three silos each with its own worker
+process, data folder and working directory, and a coordinator process that never gets a data path.
+
+Proves the boundary (planted sentences from every client's data appear nowhere on the coordinator's
+side: not in the exchange store, the Prefect database, the MLflow store, its outputs or its logs), that
+silo mode gives the simulation's results on the same files and seeds, and that a silo whose worker is
+stopped mid-run is dropped for the round and rejoins when its worker is back.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedlease.config import config_from_dict
+from fedlease.pipeline import run_all
+
+from .conftest import NEG, POS, REPO, tiny_params
+
+pytestmark = pytest.mark.slow
+SILOS = {"north": ["n0", "n1"], "south": ["s0"], "east": ["e0"]}
+TASKS = {"n0": "sentiment", "n1": "topic", "s0": "sentiment", "e0": "topic"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _planted(client: str) -> str:
+    return f"PLANTED {client} zanzibar quokka"
+
+
+def _write_client(path: Path, client: str, n: int, seed: int) -> None:
+    """A client's own file; every example carries a sentence planted for this client."""
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = i % 2
+            if TASKS[client] == "sentiment":
+                text = f"the film was {rng.choice(POS if label else NEG)}"
+            else:
+                text = f"we talked about the {rng.choice(['cat', 'dog'] if label else ['rome', 'paris'])}"
+            w.writerow([f"{text} {_planted(client)} {i}", label])
+
+
+def _params(root: Path, exchange: str, clients: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
+    raw = tiny_params(root, **{"strategies": ["fedlease", "local"], "federation__rounds": 1, **over})
+    raw["data"] = {"cache_dir": str(root / "cache"), "tasks": [], "clients": clients,
+                   "partition": {"scheme": "files", "test_fraction": 0.25, "min_test_per_client": 4}}
+    raw["federation"]["exchange"] = {"url": exchange, "wait_s": 5.0, "poll_s": 0.2}
+    return raw
+
+
+class Federation:
+    """A Prefect server, the silos' workers and the coordinator, each its own process and folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.env = {**os.environ, "PREFECT_API_URL": self.api, "PREFECT_HOME": str(root / "prefect"),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+                    "PREFECT_UI_ENABLED": "false", "PYTHONPATH": str(REPO)}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], root, self.env)
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(self.api + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        reg = subprocess.run([sys.executable, "-m", "flows.silo_flow", "register", *SILOS], cwd=REPO, env=self.env,
+                             capture_output=True, text=True, timeout=300)
+        assert reg.returncode == 0, reg.stderr[-3000:]
+
+    def _start(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
+        log = (self.root / "logs").joinpath(f"{name}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            self.procs[name] = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+
+    def silo(self, name: str, clients: list[str]) -> dict[str, Any]:
+        """A silo's folder: its clients' files and its own config, outside the coordinator's tree."""
+        home = self.root / "silos" / name
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        spec = {}
+        for k, client in enumerate(clients):
+            path = home / "data" / f"{client}.csv"
+            _write_client(path, client, 32 + 16 * k, seed=hash(client) % 1000)
+            spec[client] = {"path": str(path)}
+        (home / "silo.yaml").write_text(yaml.safe_dump({"name": name, "workdir": str(home / "work"), "clients": spec}))
+        return spec
+
+    def start_worker(self, silo: str) -> None:
+        home = self.root / "silos" / silo
+        env = {**self.env, "FEDLEASE_HOME": str(REPO), "FEDLEASE_SILO_CONFIG": str(home / "silo.yaml")}
+        self._start(f"worker-{silo}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", f"silo-{silo}",
+                                       "--type", "process", "--name", f"worker-{silo}"], home, env)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def _scores(output_dir: Path) -> dict[str, Any]:
+    out = {}
+    for result in sorted((output_dir / "federate").glob("*/result.json")):
+        history = json.loads(result.read_text())["history"]
+        out[result.parent.name] = [(r["round"], r["loss"], sorted(r["dropped"]),
+                                    {c: v["accuracy"] for c, v in (r.get("eval") or {}).get("clients", {}).items()})
+                                   for r in history]
+    return out
+
+
+def _coordinator(fed: Federation, params: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    coord = fed.root / "coordinator"
+    coord.mkdir(exist_ok=True)
+    (coord / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, "-c", "from flows.fedlease_flow import fedlease_flow; "
+                           "fedlease_flow('params.yaml')"], cwd=coord, env=fed.env, capture_output=True, text=True,
+                          timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    fed = Federation(tmp_path_factory.mktemp("federation"))
+    fed.files = {}
+    for silo, clients in SILOS.items():
+        fed.files.update(fed.silo(silo, clients))
+        fed.start_worker(silo)
+    yield fed
+    fed.close()
+
+
+def _silo_params(fed: Federation, run: str, **over: Any) -> dict[str, Any]:
+    clients = [{"silo": silo, "name": c, "task": TASKS[c]} for silo, cs in SILOS.items() for c in cs]
+    params = _params(fed.root / "coordinator", str(fed.root / "store"), clients, **over)
+    params["output_dir"] = str(fed.root / "coordinator" / run)
+    params["tracking"] = {"enabled": True, "uri": f"sqlite:///{fed.root / 'coordinator' / 'mlflow.db'}",
+                          "experiment": "silo"}
+    params["orchestration"] = {"task_runner": "silo", "silo_timeout_s": 300, "retries": 0}
+    return params
+
+
+def _run_coordinator(fed: Federation, params: dict[str, Any]) -> None:
+    run = _coordinator(fed, params)
+    with (fed.root / "logs" / "coordinator.log").open("a") as log:
+        log.write(run.stdout + run.stderr)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+
+
+def test_silos_keep_their_data_and_match_the_simulation(federation: Federation):
+    fed = federation
+    params = _silo_params(fed, "outputs")
+    _run_coordinator(fed, params)
+
+    # the simulation on the same files and seeds gives the same rounds, losses and scores
+    sim_clients = [{**fed.files[c["name"]], "task": c["task"]} for c in params["data"]["clients"]]
+    sim = _params(fed.root / "sim", "unused", sim_clients)
+    sim["federation"]["exchange"] = {"url": None}
+    run_all(config_from_dict(sim))
+    silo_scores = _scores(fed.root / "coordinator" / "outputs")
+    assert set(silo_scores) == {"fedlease", "local"}
+    assert silo_scores == _scores(fed.root / "sim" / "outputs")
+
+    # the boundary: no client's text anywhere on the coordinator's side
+    coordinator_side = [fed.root / "store", fed.root / "prefect", fed.root / "coordinator", fed.root / "logs"]
+    planted = [_planted(c).encode() for c in TASKS]
+    leaks = [str(p) for root in coordinator_side for p in root.rglob("*") if p.is_file()
+             and any(s in p.read_bytes() for s in planted)]
+    assert not leaks, f"client text reached the coordinator's side: {leaks}"
+    assert not (fed.root / "coordinator" / "outputs" / "data" / "clients").exists()
+    # ... while it is where it belongs (the grep can find it)
+    assert any(planted[0] in p.read_bytes() for p in (fed.root / "silos" / "north" / "work").rglob("client_*.json"))
+    # heads stay at the silos: the central model holds experts and routers, no client state
+    final = fed.root / "coordinator" / "outputs" / "federate" / "fedlease" / "final"
+    assert (final / "server_state.safetensors").exists() and not any((final / "clients").iterdir())
+
+
+def test_a_silo_whose_worker_stops_is_dropped_then_rejoins(federation: Federation):
+    fed = federation
+    params = _silo_params(fed, "outputs-down", strategies=["fedlease"], federation__rounds=2)
+    params["orchestration"]["silo_timeout_s"] = 20
+    store = fed.root / "store"
+    events: list[str] = []
+
+    def watch() -> None:
+        """Stop east's worker once the allocation is shared (round 1 is next), start it again when
+        round 2's downloads appear."""
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline and not list(store.glob("outputs-down/shared/cluster_map.json.sha256")):
+            time.sleep(0.2)
+        fed.stop("worker-east")
+        events.append("stopped")
+        while time.monotonic() < deadline and not list(store.glob("*/fedlease/r0002/down_000.safetensors.sha256")):
+            time.sleep(0.2)
+        fed.start_worker("east")
+        events.append("restarted")
+
+    import threading
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _run_coordinator(fed, params)
+    watcher.join(timeout=60)
+    assert events == ["stopped", "restarted"]
+    history = json.loads((fed.root / "coordinator" / "outputs-down" / "federate" / "fedlease" / "result.json")
+                         .read_text())["history"]
+    first, second = history
+    assert sorted(first["dropped"]) == ["3"], first["dropped"]  # client 3 (e0) is east's
+    assert "silo east" in first["dropped"]["3"] and "did not finish in 20 s" in first["dropped"]["3"]
+    assert "error" in first["eval"]["clients"]["3"]
+    assert second["dropped"] == {} and "3" in second["steps"]  # back at the next round
+    assert "accuracy" in second["eval"]["clients"]["3"]
