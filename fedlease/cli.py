@@ -111,9 +111,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedlease.predict import predict
     from fedlease.tracking import fetch_model, tracking_uri
 
-    cfg = _load(args)
-    uri = args.model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
-    folder = fetch_model(uri, Path(tempfile.mkdtemp(prefix="fedlease-model-")), tracking_uri(cfg))
+    if args.model_uri and Path(args.model_uri).is_dir():  # a model folder needs no params (e.g. at a silo)
+        folder = Path(args.model_uri)
+    else:
+        cfg = _load(args)
+        uri = args.model_uri or f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+        folder = fetch_model(uri, Path(tempfile.mkdtemp(prefix="fedlease-model-")), tracking_uri(cfg))
     for text, pred in zip(args.text, predict(folder, args.client, args.text, args.pair), strict=True):
         print(f"client {args.client}: {pred}\t<- {text}")
     return 0
@@ -147,6 +150,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedlease.tracking import report_from_mlflow
 
     print(report_from_mlflow(_load(args), args.run_id))
+    return 0
+
+
+def cmd_silo_export(args: argparse.Namespace) -> int:
+    from fedlease.silo import export_at_silo, load_silo_config
+
+    silo = load_silo_config(args.config)
+    folder = export_at_silo(silo, args.store, args.run, args.method)
+    print(f"silo {silo.name}: {args.method} model with its clients' heads -> {folder}/ "
+          f"(fedlease predict --model-uri {folder} --client <id> TEXT)")
     return 0
 
 
@@ -193,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "report":
             p.add_argument("--run-id", default=None, help="pipeline (parent) run; default: the latest")
         p.set_defaults(func=func)
+    silo = sub.add_parser("silo", help="silo mode, at an organisation")
+    silo_sub = silo.add_subparsers(dest="silo_command", required=True)
+    export = silo_sub.add_parser("export", help="the final model with this silo's clients' heads, kept here")
+    export.add_argument("--config", default=None, help="the silo's config (default: $FEDLEASE_SILO_CONFIG)")
+    export.add_argument("--store", required=True, help="the federation's exchange store (federation.exchange.url)")
+    export.add_argument("--run", default="outputs", help="the coordinator's output_dir name (default: outputs)")
+    export.add_argument("--method", default="fedlease", help="which method's model (default: fedlease)")
+    export.set_defaults(func=cmd_silo_export)
     return parser
 
 
@@ -204,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlease.models.base import ModelError
     from fedlease.runlock import RunLocked
     from fedlease.server import RoundFailed
+    from fedlease.silo import SiloError
     from fedlease.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
@@ -212,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed, TrackingError, RunLocked) as exc:
+    except (DataError, ArtifactError, ModelError, TruncationError, RoundFailed, TrackingError, RunLocked,
+            SiloError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

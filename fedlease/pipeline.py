@@ -193,6 +193,10 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         home = strategy.home(paths)
         atomic_write_json(home / "result.json", summary)
         export_final_model(cfg, strategy, out.state, home / "final")
+        if cfg.orchestration.task_runner == "silo":  # each silo adds its clients' heads (fedlease silo export)
+            from fedlease.silo import publish_final
+
+            publish_final(cfg, name, home / "final")
         run_id = tracker.strategy_run_id(name)
         tracker.log_artifacts(run_id, home / "final", "final_model")
         tracker.log_artifacts(run_id, home / "result.json", "")

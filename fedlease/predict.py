@@ -31,7 +31,11 @@ def load_client_model(model_dir: Path, client_id: int) -> tuple[Any, Any, list[s
         allocation = Allocation.from_json(read_json(model_dir / "cluster_map.json"))
     strategy = make_strategy(meta["strategy"], cfg, len(clients), allocation)
     state = ServerState(load_tensors(model_dir / "server_state.safetensors"), meta["state_meta"])
-    label_names = read_json(model_dir / "clients" / f"client_{client_id:03d}.json").get("label_names")
+    own = model_dir / "clients" / f"client_{client_id:03d}.json"
+    if not own.exists():
+        raise ArtifactError(f"client {client_id}: its head and local state are not in {model_dir} (silo mode keeps "
+                            "them at the client's silo: `fedlease silo export` there writes its full model)")
+    label_names = read_json(own).get("label_names")
     local_file = model_dir / "clients" / f"client_{client_id:03d}.safetensors"
     local = load_tensors(local_file) if local_file.exists() else None
     rt = ClientRuntime(cfg)

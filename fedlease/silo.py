@@ -139,3 +139,49 @@ def run_silo_call(kind: str, call: dict[str, Any], result_path: str, silo: SiloC
     else:
         raise SiloError(f"silo {silo.name}: unknown call kind {kind!r}")
     write_json(result_path, result, cfg.federation.exchange)
+
+
+#: the files of a final-model folder every silo receives (no client's state among them)
+FINAL_FILES = ("server_state.safetensors", "meta.json", "params.json", "clients.json", "cluster_map.json",
+               "deepspeed_config.json", "README.md")
+
+
+def publish_final(cfg: Config, method: str, folder: Path) -> None:
+    """Coordinator: share a method's final model (experts, routers / shared LoRA) with the silos."""
+    for name in FINAL_FILES:
+        if (folder / name).exists():
+            publish(folder / name, join(shared_location(cfg), f"final/{method}/{name}"), cfg.federation.exchange)
+
+
+def export_at_silo(silo: SiloConfig, store: str, run: str, method: str,
+                   storage_options: dict[str, Any] | None = None) -> Path:
+    """Silo: the method's final model with this silo's clients' own state (heads) added, as a folder
+    `fedlease predict --model-uri` loads. Nothing of it leaves the silo."""
+    from fedlease.config import ExchangeConfig
+    from fedlease.data.stage import load_client
+    from fedlease.io import atomic_dir, read_json, save_tensors
+    from fedlease.local_state import load_local_state
+    from fedlease.runtime import strategy_for
+
+    exchange = ExchangeConfig(url=store, storage_options=storage_options or {})
+    shared = join(store, f"{run}/shared/final/{method}")
+    if not exists(join(shared, "meta.json"), exchange):
+        raise SiloError(f"silo {silo.name}: no final {method} model of run {run!r} in {store} (has the run finished?)")
+    folder = Path(silo.workdir) / run / "export" / method
+    with atomic_dir(folder) as tmp:
+        for name in FINAL_FILES:
+            if exists(join(shared, name), exchange):
+                copy_in(join(shared, name), tmp / name, exchange, f"silo {silo.name}: final model {name}")
+        cfg = config_from_dict(read_json(tmp / "params.json"))
+        local = silo_config_for(cfg, silo)
+        strategy = strategy_for(local, method, cfg.num_clients)
+        (tmp / "clients").mkdir()
+        for cid, entry in enumerate(cfg.data.clients):
+            if entry.silo != silo.name:
+                continue
+            state = load_local_state(local, strategy, cid, 10**9)
+            if state is not None:
+                save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", state)
+            atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json",
+                              {"task": entry.task, "label_names": load_client(local, cid).label_names})
+    return folder
