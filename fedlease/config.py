@@ -76,6 +76,8 @@ class ClientFileSpec(_Strict):
     test_path: str | None = Field(default=None, description="its own test file; null: a seeded "
                                                             "partition.test_fraction of its examples")
     columns: dict[RecordColumn, str] = Field(default_factory=dict, description="as for a task's columns")
+    label_names: list[str] | None = Field(default=None, description="the label space in head order (e.g. every "
+                                                                    "label of its task); null: the file's labels")
 
     @model_validator(mode="after")
     def _located(self) -> ClientFileSpec:

@@ -56,3 +56,15 @@ def test_no_global_offline_switch_blocks_a_hub_model():
         text = (REPO / path).read_text()
         for switch in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             assert switch not in text, f"{path} sets {switch}"
+
+
+def test_silo_examples_are_valid():
+    """The README's silo-mode files: the coordinator's params and a silo's own config."""
+    from fedlease.config import load_config
+    from fedlease.silo import load_silo_config
+
+    cfg = load_config(REPO / "infra/silo/params_silo.example.yaml")
+    assert cfg.orchestration.task_runner == "silo" and cfg.num_clients == 4
+    assert all(c.path is None for c in cfg.data.clients)  # the coordinator never names a data file
+    silo = load_silo_config(str(REPO / "infra/silo/silo.example.yaml"))
+    assert set(silo.clients) == {c.name for c in cfg.data.clients if c.silo == silo.name}

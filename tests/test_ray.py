@@ -51,7 +51,7 @@ def ray_head() -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=15)  # a hung client's worker can hold a graceful stop for a minute
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     assert subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env,

@@ -242,6 +242,14 @@ def client_from_file(client_id: int, spec: ClientFileSpec, train: TaskData, test
         train_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in train.records]
         remap = {i: labels.index(name) for i, name in enumerate(test.label_names)}
         test_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in test.records]
+    if spec.label_names is not None:  # a declared label space (its order is the head's): map onto it
+        unknown = sorted(set(labels) - set(spec.label_names))
+        if unknown:
+            raise DataError(f"data.clients.{client_id} ({spec.path}): labels {unknown} are not in its label_names")
+        remap = {i: spec.label_names.index(name) for i, name in enumerate(labels)}
+        train_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in train_records]
+        test_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in test_records]
+        labels = list(spec.label_names)
     if len(test_records) < cfg.min_test_per_client:
         raise DataError(f"data.clients.{client_id} ({spec.path}): {len(test_records)} test examples, fewer than "
                         f"partition.min_test_per_client = {cfg.min_test_per_client}")

@@ -1,0 +1,93 @@
+"""The silo side of silo mode, every method, in one process: each client call goes through what a silo's
+worker runs (`fedlease.silo.run_silo_call`, its own config and work folder, results through the
+exchange store), and the run equals the simulation on the same files. tests/test_silo.py does the same
+across real Prefect workers and processes for FedLEASE."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedlease.config import config_from_dict
+from fedlease.exchange import join, read_json_from
+from fedlease.pipeline import run_all
+from fedlease.records import ClientTrainResult
+from fedlease.silo import SiloConfig, SiloError, run_silo_call
+from fedlease.strategies import federated_names
+
+from .conftest import tiny_params, write_sentiment_csv, write_topic_csv
+
+KINDS = {"client_train": "train", "client_evaluate": "evaluate", "silo_prepare": "prepare"}
+
+
+def _scores(output_dir: Path) -> dict[str, Any]:
+    out = {}
+    for result in sorted((output_dir / "federate").glob("*/result.json")):
+        history = json.loads(result.read_text())["history"]
+        out[result.parent.name] = [(r["round"], r["loss"], {c: v["accuracy"] for c, v in r["eval"]["clients"].items()})
+                                   for r in history]
+    return out
+
+
+def _in_process_silos(silos: dict[str, SiloConfig]) -> Any:
+    """A mapper that runs each call as the client's silo would, with the call's parameters as JSON."""
+
+    def mapper(fn: Any, calls: list[dict[str, Any]], label: str) -> list[Any]:
+        out = []
+        for call in calls:
+            cfg = call["cfg"]
+            silo = silos[cfg.data.clients[call["client_id"]].silo]
+            kind = KINDS[fn.__name__]
+            result_path = join(str(cfg.federation.exchange.url), f"results/{uuid.uuid4().hex}.json")
+            wire = json.loads(json.dumps({**{k: v for k, v in call.items() if k != "cfg"},
+                                          "cfg": cfg.model_dump(mode="json")}))
+            run_silo_call(kind, wire, result_path, silo)
+            result = read_json_from(result_path, cfg.federation.exchange)
+            out.append(ClientTrainResult(**result) if kind == "train" else result)
+        return out
+
+    return mapper
+
+
+def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
+    data = tmp_path / "files"
+    data.mkdir()
+    files = {"a0": write_sentiment_csv(data / "a0.csv", 40, 1), "a1": write_topic_csv(data / "a1.csv", 44, 2),
+             "b0": write_sentiment_csv(data / "b0.csv", 36, 3), "b1": write_topic_csv(data / "b1.csv", 48, 4)}
+    tasks = {"a0": "sentiment", "a1": "topic", "b0": "sentiment", "b1": "topic"}
+    methods = federated_names()
+
+    def params(root: Path, clients: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
+        raw = tiny_params(root, strategies=methods, federation__rounds=1)
+        raw["data"] = {"cache_dir": str(tmp_path / "cache"), "tasks": [], "clients": clients,
+                       "partition": {"scheme": "files", "min_test_per_client": 4}}
+        raw.update(over)
+        return raw
+
+    sim = params(tmp_path / "sim", [{"path": str(files[c]), "task": tasks[c]} for c in files])
+    run_all(config_from_dict(sim))
+
+    silos = {s: SiloConfig(name=s, workdir=str(tmp_path / "silos" / s),
+                           clients={c: {"path": str(files[c])} for c in files if c.startswith(s)})
+             for s in ("a", "b")}
+    silo_params = params(tmp_path / "coord", [{"silo": c[0], "name": c, "task": tasks[c]} for c in files])
+    silo_params["orchestration"] = {"task_runner": "silo"}
+    silo_params["federation"]["exchange"] = {"url": str(tmp_path / "store")}
+    run_all(config_from_dict(silo_params), mapper=_in_process_silos(silos))
+
+    got, want = _scores(tmp_path / "coord" / "outputs"), _scores(tmp_path / "sim" / "outputs")
+    assert set(want) == set(methods) and got == want
+    assert not (tmp_path / "coord" / "outputs" / "data" / "clients").exists()
+    assert (tmp_path / "silos" / "b" / "outputs" / "data" / "clients" / "client_003.json").exists()
+
+    # a call for a client the silo does not hold, or belonging to another silo, is refused by name
+    call = {"cfg": config_from_dict(silo_params).model_dump(mode="json"), "client_id": 0}
+    with pytest.raises(SiloError, match="silo b: client 0 \\(a0\\) belongs to silo a"):
+        run_silo_call("prepare", call, str(tmp_path / "r.json"), silos["b"])
+    stray = SiloConfig(name="a", workdir=str(tmp_path / "stray"), clients={})
+    with pytest.raises(SiloError, match="silo a: no client 'a0' in its config"):
+        run_silo_call("prepare", call, str(tmp_path / "r.json"), stray)
