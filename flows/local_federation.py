@@ -97,11 +97,20 @@ class LocalFederation:
         proc = self.procs.pop(name)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
-    def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop every process at once: SIGTERM, a shared grace period, then SIGKILL."""
+        for proc in self.procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        self.procs.clear()
