@@ -62,8 +62,7 @@ def run_in_fresh_process(fn: ClientFn, call: dict[str, Any], timeout_s: float) -
 
 
 def _child(send: Connection, fn: ClientFn, call: dict[str, Any]) -> None:
-    # A port inherited from a parent that ran DeepSpeed itself is still bound there: pick a new one.
-    os.environ.pop("MASTER_PORT", None)
+    # (a port inherited from a parent that ran DeepSpeed itself: the engine picks its own, trainer.py)
     try:
         message: tuple[str, Any] = ("ok", fn(**call))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent

@@ -167,6 +167,9 @@ def remove_hooks_since(model: nn.Module, snapshot: HookSnapshot) -> int:
     return removed
 
 
+_OWN_PORT: str | None = None  # this process's rendezvous port, chosen once
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -180,7 +183,12 @@ def prepare_deepspeed_env(cache_dir: Path) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # a world of one rendezvouses with itself: on a port of its own, never one inherited from the
+        # process that started it (a parent's port is in use there; sibling processes would collide)
+        global _OWN_PORT
+        _OWN_PORT = _OWN_PORT or str(_free_port())
+        os.environ["MASTER_PORT"] = _OWN_PORT
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
 
