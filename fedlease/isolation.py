@@ -12,7 +12,6 @@ price is the start-up per call: importing torch and DeepSpeed and loading the ba
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
