@@ -83,8 +83,11 @@ class ClientFileSpec(_Strict):
     def _located(self) -> ClientFileSpec:
         if self.silo is None and self.path is None:
             raise ValueError("a client needs its file (path) or, in silo mode, its silo and name")
-        if self.silo is not None and (self.name is None or self.path is not None):
-            raise ValueError("a silo client is named (name) and its file stays in the silo's config (no path)")
+        silo_side = {"path": self.path, "test_path": self.test_path, "columns": self.columns or None,
+                     "label_names": self.label_names}
+        if self.silo is not None and (self.name is None or any(v is not None for v in silo_side.values())):
+            raise ValueError("a silo client is named (name); its files, columns and label names are set in the "
+                             f"silo's own config (not here: {sorted(k for k, v in silo_side.items() if v)})")
         return self
 
 
@@ -460,6 +463,10 @@ class Config(_Strict):
                         f"{part.test_per_client} test) = {need}")
         if self.orchestration.task_runner == "silo":
             where = [c.silo for c in self.data.clients]
+            named = [(c.silo, c.name) for c in self.data.clients]
+            if len(set(named)) < len(named):
+                raise ValueError(f"data.clients: a (silo, name) pair is listed twice: "
+                                 f"{sorted({p for p in named if named.count(p) > 1})}")
             if part.scheme != "files" or None in where:
                 raise ValueError("orchestration.task_runner: silo needs partition.scheme files with a silo and "
                                  "name for every client of data.clients")

@@ -43,6 +43,8 @@ def _put(location: str | Path, payload: bytes, exchange: ExchangeConfig) -> None
     manifest = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}).encode()
     from fsspec.implementations.local import LocalFileSystem
 
+    if fs.exists(path + MANIFEST_SUFFIX):  # a rewrite (a retried call): readers wait, never see a mismatch
+        fs.rm(path + MANIFEST_SUFFIX)
     if isinstance(fs, LocalFileSystem):
         atomic_write_bytes(path, payload)  # rename: never a half-written file, even without the manifest
         atomic_write_bytes(path + MANIFEST_SUFFIX, manifest)
@@ -57,7 +59,7 @@ def _get(location: str | Path, exchange: ExchangeConfig, what: str) -> bytes:
     deadline = time.monotonic() + exchange.wait_s
     while True:
         try:
-            manifest = json.loads(fs.cat_file(path + MANIFEST_SUFFIX))
+            raw = fs.cat_file(path + MANIFEST_SUFFIX)
             break
         except FileNotFoundError:
             if time.monotonic() >= deadline:
@@ -65,8 +67,12 @@ def _get(location: str | Path, exchange: ExchangeConfig, what: str) -> bytes:
                 waited = f" after waiting {exchange.wait_s:g} s" if exchange.wait_s > 0 else ""
                 raise ExchangeError(f"{what}: {location} {state} (no manifest{waited})") from None
             time.sleep(exchange.poll_s)
-        except (ValueError, UnicodeDecodeError):
-            raise ExchangeError(f"{what}: {location}{MANIFEST_SUFFIX} is not a manifest") from None
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        raise ExchangeError(f"{what}: {location}{MANIFEST_SUFFIX} is not a manifest")
     try:
         payload = fs.cat_file(path)
     except FileNotFoundError:
@@ -128,7 +134,8 @@ def validate_upload(location: str | Path, exchange: ExchangeConfig = LOCAL, who:
 def round_location(exchange: ExchangeConfig, local_round_dir: Path, run_key: str, strategy: str,
                    round_: int) -> str:
     """Where one round's files go: the local round folder, or under the store's URL by run and method
-    (`run_key` keeps runs with other params apart in a shared bucket)."""
+    (`run_key`: the output folder's name and the params' fingerprint, so neither two runs with other
+    params nor two runs into other output folders share a round folder in a shared bucket)."""
     if exchange.url is None:
         return str(local_round_dir)
     return f"{exchange.url.rstrip('/')}/{run_key}/{strategy}/r{round_:04d}"

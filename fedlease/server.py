@@ -164,7 +164,8 @@ def run_rounds(cfg: Config, strategy: Strategy, initial: Callable[[], ServerStat
         state, history, start = initial(), [], 1
     for round_ in range(start, strategy.rounds() + 1):
         t0 = time.perf_counter()
-        xdir = round_location(cfg.federation.exchange, run_dir / "rounds" / f"r{round_:04d}", fp[:16],
+        xdir = round_location(cfg.federation.exchange, run_dir / "rounds" / f"r{round_:04d}",
+                              f"{Path(cfg.output_dir).name}-{fp[:16]}",
                               strategy.name, round_)
         state, record = train_round(cfg, strategy, state, round_, xdir, clients)
         if strategy.evaluates() and (round_ % cfg.federation.eval_every == 0 or round_ == strategy.rounds()):

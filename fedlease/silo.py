@@ -39,6 +39,7 @@ class SiloConfig(_Strict):
     name: str
     workdir: str
     clients: dict[str, ClientFileSpec]
+    storage_options: dict[str, Any] = {}  # for `fedlease silo export` (calls take the run's own)
 
 
 def load_silo_config(path: str | None = None) -> SiloConfig:
@@ -81,9 +82,13 @@ def _fetch_shared(cfg: Config, silo_cfg: Config, client_id: int) -> None:
 
 
 def silo_config_for(cfg: Config, silo: SiloConfig) -> Config:
-    """The run's config at the silo: outputs in the silo's work folder (one sub-folder per run)."""
-    return config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(Path(silo.workdir) /
-                                                                            Path(cfg.output_dir).name)})
+    """The run's config at the silo: outputs in the silo's work folder, one sub-folder per run and
+    results-relevant params (as the coordinator's checkpoints: the same params resume, other params
+    never see this run's local state)."""
+    from fedlease.server import fingerprint
+
+    run = f"{Path(cfg.output_dir).name}-{fingerprint(cfg, 'silo', ())[:12]}"
+    return config_from_dict({**cfg.model_dump(mode="json"), "output_dir": str(Path(silo.workdir) / run)})
 
 
 def prepare_client(cfg: Config, client_id: int, spec: ClientFileSpec, task: str | None) -> dict[str, Any]:
@@ -108,6 +113,23 @@ def silo_prepare(cfg: Config, client_id: int) -> dict[str, Any]:
     """The data stage's call for one client in silo mode: it names the work; it runs at the silo."""
     raise SiloError(f"client {client_id}: preparing a silo client runs at its silo (orchestration.task_runner: "
                     "silo dispatches it), never at the coordinator")
+
+
+def run_silo_call_logged(kind: str, call: dict[str, Any], result_path: str) -> None:
+    """`run_silo_call` for the silo's worker: a failure's details (which may name the silo's files or quote
+    its data) go to the silo's own log, and the coordinator gets only which call failed and how."""
+    import traceback
+
+    silo = load_silo_config()
+    try:
+        run_silo_call(kind, call, result_path, silo)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, its details kept here
+        log = Path(silo.workdir) / "logs" / "calls.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as f:
+            f.write(f"--- {kind} client {call.get('client_id')}\n{traceback.format_exc()}\n")
+        raise SiloError(f"silo {silo.name}: client {call.get('client_id')}'s {kind} call failed with "
+                        f"{type(exc).__name__} (details in the silo's log)") from None
 
 
 def run_silo_call(kind: str, call: dict[str, Any], result_path: str, silo: SiloConfig | None = None) -> None:
@@ -153,8 +175,7 @@ def publish_final(cfg: Config, method: str, folder: Path) -> None:
             publish(folder / name, join(shared_location(cfg), f"final/{method}/{name}"), cfg.federation.exchange)
 
 
-def export_at_silo(silo: SiloConfig, store: str, run: str, method: str,
-                   storage_options: dict[str, Any] | None = None) -> Path:
+def export_at_silo(silo: SiloConfig, store: str, run: str, method: str) -> Path:
     """Silo: the method's final model with this silo's clients' own state (heads) added, as a folder
     `fedlease predict --model-uri` loads. Nothing of it leaves the silo."""
     from fedlease.config import ExchangeConfig
@@ -163,17 +184,21 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str,
     from fedlease.local_state import load_local_state
     from fedlease.runtime import strategy_for
 
-    exchange = ExchangeConfig(url=store, storage_options=storage_options or {})
+    exchange = ExchangeConfig(url=store, storage_options=silo.storage_options)
     shared = join(store, f"{run}/shared/final/{method}")
     if not exists(join(shared, "meta.json"), exchange):
         raise SiloError(f"silo {silo.name}: no final {method} model of run {run!r} in {store} (has the run finished?)")
-    folder = Path(silo.workdir) / run / "export" / method
+    fetched = Path(silo.workdir) / "export-incoming" / run / method
+    for name in FINAL_FILES:
+        if exists(join(shared, name), exchange):
+            copy_in(join(shared, name), fetched / name, exchange, f"silo {silo.name}: final model {name}")
+    cfg = config_from_dict(read_json(fetched / "params.json"))
+    local = silo_config_for(cfg, silo)
+    folder = Path(local.output_dir) / "export" / method
     with atomic_dir(folder) as tmp:
         for name in FINAL_FILES:
-            if exists(join(shared, name), exchange):
-                copy_in(join(shared, name), tmp / name, exchange, f"silo {silo.name}: final model {name}")
-        cfg = config_from_dict(read_json(tmp / "params.json"))
-        local = silo_config_for(cfg, silo)
+            if (fetched / name).exists():
+                (tmp / name).write_bytes((fetched / name).read_bytes())
         strategy = strategy_for(local, method, cfg.num_clients)
         (tmp / "clients").mkdir()
         for cid, entry in enumerate(cfg.data.clients):
@@ -182,6 +207,7 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str,
             state = load_local_state(local, strategy, cid, 10**9)
             if state is not None:
                 save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", state)
+            client = load_client(local, cid)
             atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json",
-                              {"task": entry.task, "label_names": load_client(local, cid).label_names})
+                              {"task": client.task, "label_names": client.label_names})
     return folder

@@ -5,7 +5,7 @@ environment, next to its data; `register` (below) creates the pools and one depl
 `fedlease-silo` flow. The coordinator's flow (`orchestration.task_runner: silo`) starts that
 deployment for every client call (`run_deployment`), waits for it, and reads the call's small result
 from the exchange store. A call that does not finish in `orchestration.silo_timeout_s` (the worker is
-down or slow) is cancelled, so it cannot run late, and fails: Prefect's task retries run it again,
+down or slow) is cancelled (a running one: its worker stops it), and fails: Prefect's task retries run it again,
 then the round drops the client by `federation.min_clients_fraction`; the next round asks again.
 
     python -m flows.silo_flow register hospital-a hospital-b     # coordinator, once per federation
@@ -33,19 +33,21 @@ class SiloUnavailable(RuntimeError):
     """A silo did not run a call in time (its worker is down or slow) or the call failed there."""
 
 
-@flow(name=SILO_FLOW, persist_result=False, log_prints=True, validate_parameters=True)
+@flow(name=SILO_FLOW, persist_result=False, log_prints=False, validate_parameters=True)
 def silo_call(kind: str, call: dict[str, Any], result_path: str) -> None:
-    """One client call (prepare, train, evaluate), run by the silo's worker next to the silo's data."""
-    from fedlease.silo import run_silo_call
+    """One client call (prepare, train, evaluate), run by the silo's worker next to the silo's data.
+    What reaches the Prefect server is the state; a failure's details (which may name the silo's
+    files or quote its data) stay in the silo's own log."""
+    from fedlease.silo import run_silo_call_logged
 
-    run_silo_call(kind, call, result_path)
+    run_silo_call_logged(kind, call, result_path)
 
 
 def run_at_silo(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
     """Coordinator: run one client call at the client's silo and return its result."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.states import Cancelled
+    from prefect.states import Cancelled, Cancelling
 
     from fedlease.exchange import join, read_json_from
     from fedlease.records import ClientTrainResult
@@ -62,9 +64,12 @@ def run_at_silo(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
                          flow_run_name=f"{kind}-client-{client_id:03d}")
     state = run.state
     if state is None or not state.is_completed():
-        if state is None or not state.is_final():  # never picked up or still running: it must not run late
+        if state is None or not state.is_final():
+            # never picked up: cancelled, it cannot start late; running: Cancelling, its worker kills it
+            # (a worker that cannot be reached cannot; its late upload is for a round already aggregated)
+            stop = Cancelling if state is not None and state.is_running() else Cancelled
             with get_client(sync_client=True) as client:
-                client.set_flow_run_state(run.id, Cancelled(message="timed out at the coordinator"), force=True)
+                client.set_flow_run_state(run.id, stop(message="timed out at the coordinator"), force=True)
             raise SiloUnavailable(f"silo {silo}: client {client_id}'s {kind} call did not finish in "
                                   f"{cfg.orchestration.silo_timeout_s:g} s (is the silo-{silo} worker up?)")
         raise SiloUnavailable(f"silo {silo}: client {client_id}'s {kind} call ended {state.name}: {state.message}")

@@ -98,8 +98,9 @@ def test_mlflow_ui_shows_runs_metrics_and_the_compare_view(tmp_path: Path):
                               "mlflow_compare.png", profile))
         for run in children:  # both runs, by their descriptive names, side by side
             assert run.info.run_name in compare, f"{run.info.run_name} is not in the compare view"
-        ranks = " ".join(children[i].data.params["lora.r"] for i in range(2))
-        assert f"lora.r {ranks}" in compare, "the differing param is not shown with both values"
+        ranks = [run.data.params["lora.r"] for run in children]
+        assert sorted(ranks) == ["2", "3"] and children[0].info.run_name != children[1].info.run_name
+        assert f"lora.r {' '.join(ranks)}" in compare, "the differing param is not shown with both values"
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

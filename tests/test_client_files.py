@@ -85,3 +85,18 @@ def test_bad_client_files_are_named(tmp_path: Path):
     raw["data"]["clients"][3]["columns"] = {"text": "nope"}
     with pytest.raises(DataError, match=r"task topic: columns names \['nope'\]"):
         run_data_stage(config_from_dict(raw))
+
+
+def test_a_declared_label_space_orders_the_head(tmp_path: Path):
+    """label_names: the client's file holds one label of three; the head follows the declared order."""
+    path = tmp_path / "one_label.csv"
+    path.write_text("text,label\n" + "".join(f"row {i},city\n" for i in range(20)))
+    raw = _files_params(tmp_path, with_tasks=True)
+    raw["data"]["clients"][0] = {"path": str(path), "task": "topic", "label_names": ["animal", "city", "none"]}
+    run_data_stage(config_from_dict(raw))
+    client = json.loads((tmp_path / "outputs" / "data" / "clients" / "client_000.json").read_text())
+    assert client["label_names"] == ["animal", "city", "none"]
+    assert {r["label"] for r in client["train"] + client["test"]} == {1}
+    raw["data"]["clients"][0]["label_names"] = ["animal", "none"]
+    with pytest.raises(DataError, match=r"data.clients.0 \(.*one_label.csv\): labels \['city'\] are not in"):
+        run_data_stage(config_from_dict(raw))

@@ -3,7 +3,6 @@ faithful baselines' invariants, allocation in the near-orthogonal regime measure
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -163,7 +162,7 @@ def test_ifca_cluster_models_are_distinct_functions(tmp_path: Path):
 def test_baselines_keep_their_invariants_and_equal_steps(tmp_path: Path):
     """FFA-LoRA: A never changes and never crosses the wire; FedSA-LoRA: B never leaves the client; IFCA
     chooses on the whole training set and reports its clusters' ARI; every method the same local steps."""
-    from fedlease.io import load_tensors, read_json
+    from fedlease.io import load_tensors
     from fedlease.paths import RunPaths
     from fedlease.pipeline import run_all
     from fedlease.runtime import runtime_for

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fedlease.config import ExchangeConfig, config_from_dict
-from fedlease.exchange import (ExchangeError, read_download, validate_upload, write_download, write_upload)
+from fedlease.exchange import (ExchangeError, read_download, remove_round, validate_upload, write_download,
+                               write_upload)
 from fedlease.pipeline import run_all
 from fedlease.records import ClientTrainResult
 from fedlease.server import collect_updates
@@ -52,9 +53,23 @@ def test_round_trip_and_every_failure_names_the_client(tmp_path: Path):
         validate_upload(up, who="client 3")
     with pytest.raises(ExchangeError, match=r"client 3: upload: .* late \(no manifest after waiting 0.2 s\)"):
         validate_upload(up, ExchangeConfig(wait_s=0.2, poll_s=0.05), who="client 3")
-    (tmp_path / "up_003.safetensors.sha256").write_text("not json")
-    with pytest.raises(ExchangeError, match="is not a manifest"):
-        validate_upload(up, who="client 3")
+    for bad in ("not json", "[1, 2]"):
+        (tmp_path / "up_003.safetensors.sha256").write_text(bad)
+        with pytest.raises(ExchangeError, match="is not a manifest"):
+            validate_upload(up, who="client 3")
+
+
+def test_a_reader_waits_for_an_upload_that_arrives_late(tmp_path: Path):
+    import threading
+
+    up = tmp_path / "up_000.safetensors"
+    writer = threading.Timer(0.3, write_upload, args=(up, _tensors(5)))
+    writer.start()
+    got = validate_upload(up, ExchangeConfig(wait_s=10.0, poll_s=0.05), who="client 0")
+    writer.join()
+    assert all(torch.equal(got[k], v) for k, v in _tensors(5).items())
+    write_upload(up, _tensors(6))  # a rewrite (a retried call) replaces file and manifest together
+    assert torch.equal(validate_upload(up)["layer.lora_B"], _tensors(6)["layer.lora_B"])
 
 
 def test_a_corrupt_or_missing_upload_drops_that_client_with_the_reason(tmp_path: Path):
@@ -133,3 +148,10 @@ def test_an_s3_store_gives_the_same_run_and_only_tensors_travel(tmp_path: Path, 
     exchange = ExchangeConfig(url="s3://fedlease-exchange/runs")
     with pytest.raises(ExchangeError, match=r"client 1: upload: s3://.*up_001.safetensors is corrupt"):
         validate_upload(f"s3://{up}", exchange, who="client 1")
+    # a finished round's files are removed from the bucket unless keep_rounds
+    round_dir = str(Path(up).parent)
+    remove_round(f"s3://{round_dir}", ExchangeConfig(url="s3://fedlease-exchange/runs", keep_rounds=True))
+    assert s3_store.find(round_dir)
+    remove_round(f"s3://{round_dir}", exchange)
+    s3_store.invalidate_cache()
+    assert not s3_store.find(round_dir)

@@ -75,7 +75,8 @@ def test_glue_profile_runs_offline_on_saved_datasets(tmp_path: Path):
             assert example["text_pair"].startswith(f"{config} train {second[0]} "), (name, example)
         else:
             assert example["text_pair"] is None
-        # the label follows the text (ClassLabel ints read as they are)
+        # the dataset's ClassLabel names, not its ids, and the label follows the text
+        assert by_task[name]["label_names"] == ["no", "yes"]
         assert example["label"] == (1 if " yes " in example["text"] else 0)
     assert set(metrics["methods"]) >= {"fedlease", "local"}
 

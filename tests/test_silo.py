@@ -122,6 +122,8 @@ def test_silos_keep_their_data_and_match_the_simulation(federation: LocalFederat
              and any(s in p.read_bytes() for s in planted)]
     assert not leaks, f"client text reached the coordinator's side: {leaks}"
     assert not (fed.root / "coordinator" / "outputs" / "data" / "clients").exists()
+    assert not list((fed.root / "coordinator" / "outputs").glob("*/*/clients"))  # no client's local state
+    assert list((fed.root / "silos" / "north" / "work").glob("outputs-*/warmup/clients/client_000"))
     # ... while it is where it belongs (the grep can find it)
     assert any(planted[0] in p.read_bytes() for p in (fed.root / "silos" / "north" / "work").rglob("client_*.json"))
     # heads stay at the silos: the central model holds experts and routers, no client state
@@ -137,7 +139,7 @@ def test_silos_keep_their_data_and_match_the_simulation(federation: LocalFederat
     export = cli("silo", "export", "--config", "silo.yaml", "--store", str(fed.root / "store"), "--run", "outputs",
                  cwd=north)
     assert export.returncode == 0, export.stderr[-3000:]
-    folder = north / "work" / "outputs" / "export" / "fedlease"
+    (folder,) = (north / "work").glob("outputs-*/export/fedlease")  # the run's folder: name + params
     assert sorted(p.name for p in (folder / "clients").iterdir()) == [
         "client_000.json", "client_000.safetensors", "client_001.json", "client_001.safetensors"]
     from fedlease.io import load_tensors

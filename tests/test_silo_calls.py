@@ -62,7 +62,7 @@ def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
     methods = federated_names()
 
     def params(root: Path, clients: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
-        raw = tiny_params(root, strategies=methods, federation__rounds=1)
+        raw = tiny_params(root, strategies=methods, federation__rounds=2)  # local state carried over a round
         raw["data"] = {"cache_dir": str(tmp_path / "cache"), "tasks": [], "clients": clients,
                        "partition": {"scheme": "files", "min_test_per_client": 4}}
         raw.update(over)
@@ -81,8 +81,10 @@ def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
 
     got, want = _scores(tmp_path / "coord" / "outputs"), _scores(tmp_path / "sim" / "outputs")
     assert set(want) == set(methods) and got == want
-    assert not (tmp_path / "coord" / "outputs" / "data" / "clients").exists()
-    assert (tmp_path / "silos" / "b" / "outputs" / "data" / "clients" / "client_003.json").exists()
+    coord = tmp_path / "coord" / "outputs"
+    assert not (coord / "data" / "clients").exists() and not list(coord.glob("*/*/clients"))
+    assert list((tmp_path / "silos" / "b").glob("outputs-*/data/clients/client_003.json"))
+    assert list((tmp_path / "silos" / "b").glob("outputs-*/federate/fedsa_lora/clients/client_003/round_0002*"))
 
     # a call for a client the silo does not hold, or belonging to another silo, is refused by name
     call = {"cfg": config_from_dict(silo_params).model_dump(mode="json"), "client_id": 0}

@@ -311,10 +311,12 @@ def rows_to_task(spec: TaskSpec, rows: list[dict[str, Any]], origin: str, kind: 
     if not rows:
         raise DataError(f"{origin}: no rows")
     if spec.columns:
-        missing = sorted(src for src in spec.columns.values() if src not in rows[0])
-        if missing:
-            raise DataError(f"{origin}: task {spec.name}: columns names {missing}, which the data lacks "
-                            f"(has {sorted(rows[0])})")
+        for n, row in enumerate(rows):
+            missing = sorted(src for src in spec.columns.values() if src not in row)
+            if missing:
+                where = "" if n == 0 else f"row {n + 1}: "
+                raise DataError(f"{origin}: {where}task {spec.name}: columns names {missing}, which the data "
+                                f"lacks (has {sorted(row)})")
         rows = [{**r, **{field: r[src] for field, src in spec.columns.items()}} for r in rows]
     needed = ("text", "label") if kind == "classification" else ("prompt", "response")
     for col in needed:
@@ -364,7 +366,13 @@ def read_hf(spec: TaskSpec, kind: str) -> TaskData:
         raise
     except Exception as exc:  # the library's own error (no network, unknown name or config): say which task
         raise DataError(f"{origin}: task {spec.name}: cannot load ({type(exc).__name__}: {exc})") from None
-    return rows_to_task(spec, ds.to_list(), origin, kind)
+    rows = ds.to_list()
+    label_column = spec.columns.get("label", "label")
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):  # the dataset's label names, not their ids
+        rows = [{**r, label_column: feature.int2str(r[label_column]) if r[label_column] >= 0 else None}
+                for r in rows]
+    return rows_to_task(spec, rows, origin, kind)
 
 
 def load_tasks(tasks: list[TaskSpec], kind: str, cache_dir: Path, archives: dict[str, ArchiveSpec],

@@ -74,7 +74,9 @@ def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
     if cfg.orchestration.task_runner == "silo":
         entries, stats = _prepared_at_silos(cfg, mapper)
         clients: list[ClientData] = []
-        label_spaces = {e["task"]: s["label_names"] for e, s in zip(entries, stats["clients"], strict=True)}
+        label_spaces = {}
+        for e, st in zip(entries, stats["clients"], strict=True):  # the first client's, as in the simulation
+            label_spaces.setdefault(e["task"], st["label_names"])
     else:
         clients, label_spaces = build_partitions(cfg)
         stats = partition_stats(clients)
