@@ -20,7 +20,7 @@ import torch
 
 from fedlease.comm import nbytes
 from fedlease.config import ExchangeConfig
-from fedlease.io import ArtifactError, atomic_write_bytes
+from fedlease.io import ArtifactError, atomic_write_bytes, tensors_to_bytes
 from fedlease.strategies.base import Download, Tensors
 
 MANIFEST_SUFFIX = ".sha256"
@@ -84,12 +84,6 @@ def _get(location: str | Path, exchange: ExchangeConfig, what: str) -> bytes:
     return payload
 
 
-def _encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
 def _decode(payload: bytes, location: str | Path, what: str) -> tuple[Tensors, dict[str, str]]:
     from safetensors.torch import load
 
@@ -104,7 +98,7 @@ def _decode(payload: bytes, location: str | Path, what: str) -> tuple[Tensors, d
 
 def write_download(location: str | Path, download: Download, exchange: ExchangeConfig = LOCAL) -> int:
     """Write what the server sends one client; returns its size in bytes."""
-    _put(location, _encode(download.tensors, {"meta": json.dumps(download.meta)}), exchange)
+    _put(location, tensors_to_bytes(download.tensors, {"meta": json.dumps(download.meta)}, str(location)), exchange)
     return nbytes(download.tensors)
 
 
@@ -116,7 +110,7 @@ def read_download(location: str | Path, exchange: ExchangeConfig = LOCAL, who: s
 
 def write_upload(location: str | Path, upload: Tensors, exchange: ExchangeConfig = LOCAL) -> int:
     """Write what a client sends back; returns its size in bytes."""
-    _put(location, _encode(upload), exchange)
+    _put(location, tensors_to_bytes(upload, None, str(location)), exchange)
     return nbytes(upload)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 class ArtifactError(OSError):
@@ -82,26 +82,19 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save as safetensors atomically (never pickle)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot write ({exc.strerror or exc})") from None
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     what: str = "tensors") -> bytes:
+    """The safetensors encoding (never pickle) of a state, for a file or the exchange store."""
     try:
         # clone: states built from one init (IFCA clusters, FedLEASE routers) share storage, which safetensors refuses
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:  # on disk before the rename, like every other artifact
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise ArtifactError(f"{path}: cannot write ({exc})") from None
+        return save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{what}: cannot encode ({exc})") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save as safetensors atomically (write, fsync, rename)."""
+    atomic_write_bytes(path, tensors_to_bytes(tensors, metadata, str(path)))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

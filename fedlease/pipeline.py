@@ -81,9 +81,9 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
         out.append(str(path))
     atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": history_to_json(result.history)})
     if cfg.orchestration.task_runner == "silo":  # each client's adapter back to its silo; heads are there
-        from fedlease.silo import publish_shared
+        from fedlease.silo import publish_warmup
 
-        publish_shared(cfg, n)
+        publish_warmup(cfg, n)
     else:
         export_warmup_adapters(cfg, strategy, n)
     parent = tracker.parent_run_id()
@@ -145,9 +145,9 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
                                  **known, "allocation.capped": float(doc["capped"])})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
     if cfg.orchestration.task_runner == "silo":  # the cluster map, for the clients' model layout
-        from fedlease.silo import publish_shared
+        from fedlease.silo import publish_allocation
 
-        publish_shared(cfg, n)
+        publish_allocation(cfg)
     return doc
 
 

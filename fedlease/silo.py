@@ -14,14 +14,14 @@ client's own warm-up adapter) under `<exchange url>/<run>/shared/`, and each cal
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from fedlease.config import ClientFileSpec, Config, ConfigError, TaskSpec, _Strict, config_from_dict
+from fedlease.config import ClientFileSpec, Config, ConfigError, _Strict, config_from_dict
 from fedlease.exchange import copy_in, exists, join, publish, write_json
 from fedlease.io import atomic_write_json
 from fedlease.paths import RunPaths
@@ -52,30 +52,48 @@ def load_silo_config(path: str | None = None) -> SiloConfig:
         raise SiloError(f"{path}: not a valid silo config ({exc})") from None
 
 
-def shared_location(cfg: Config) -> str:
-    """Where the coordinator shares server files the clients read, per run (output_dir's name)."""
+def run_location(cfg: Config) -> str:
+    """The run's folder in the store (its output folder's name): shared server files, call results."""
     assert cfg.federation.exchange.url is not None
-    return join(cfg.federation.exchange.url, f"{Path(cfg.output_dir).name}/shared")
+    return join(cfg.federation.exchange.url, Path(cfg.output_dir).name)
 
 
-def _shared_files(paths: RunPaths, client_id: int | None) -> list[tuple[str, Path]]:
-    files = [("cluster_map.json", paths.cluster_map)]
-    if client_id is not None:
-        files.append((f"warmup/client_{client_id:03d}.safetensors", paths.warmup_adapter(client_id)))
-    return files
+def _shared(run_folder: str) -> str:
+    return join(run_folder, "shared")
 
 
-def publish_shared(cfg: Config, num_clients: int) -> None:
-    """Coordinator: put the server files clients read into the store (those that exist yet)."""
+def shared_location(cfg: Config) -> str:
+    """Where the coordinator shares server files the clients read."""
+    return _shared(run_location(cfg))
+
+
+def _cluster_map_file(paths: RunPaths) -> tuple[str, Path]:
+    return "cluster_map.json", paths.cluster_map
+
+
+def _warmup_file(paths: RunPaths, client_id: int) -> tuple[str, Path]:
+    return f"warmup/client_{client_id:03d}.safetensors", paths.warmup_adapter(client_id)
+
+
+def _publish(cfg: Config, files: list[tuple[str, Path]]) -> None:
+    for name, path in files:
+        publish(path, join(shared_location(cfg), name), cfg.federation.exchange)
+
+
+def publish_warmup(cfg: Config, num_clients: int) -> None:
+    """Coordinator, after the warm-up: each client's adapter, for its silo (`local` continues from it)."""
     paths = RunPaths.of(cfg)
-    names = {name: path for cid in range(num_clients) for name, path in _shared_files(paths, cid)}
-    for name, path in names.items():
-        if path.exists():
-            publish(path, join(shared_location(cfg), name), cfg.federation.exchange)
+    _publish(cfg, [_warmup_file(paths, cid) for cid in range(num_clients)])
+
+
+def publish_allocation(cfg: Config) -> None:
+    """Coordinator, after the allocation: the cluster map (a client's model layout: its experts)."""
+    _publish(cfg, [_cluster_map_file(RunPaths.of(cfg))])
 
 
 def _fetch_shared(cfg: Config, silo_cfg: Config, client_id: int) -> None:
-    for name, dest in _shared_files(RunPaths.of(silo_cfg), client_id):
+    paths = RunPaths.of(silo_cfg)
+    for name, dest in (_cluster_map_file(paths), _warmup_file(paths, client_id)):
         location = join(shared_location(cfg), name)
         if exists(location, cfg.federation.exchange):
             copy_in(location, dest, cfg.federation.exchange, f"shared {name}")
@@ -93,20 +111,53 @@ def silo_config_for(cfg: Config, silo: SiloConfig) -> Config:
 
 def prepare_client(cfg: Config, client_id: int, spec: ClientFileSpec, task: str | None) -> dict[str, Any]:
     """Read and split one client's files into the silo's work folder; return only its counts."""
-    from fedlease.data.partition import client_from_file, partition_stats
-    from fedlease.data.sources import read_local
+    from fedlease.data.partition import partition_stats
+    from fedlease.data.stage import client_of_files, manifest_entry
 
-    def read(path: str) -> Any:
-        return read_local(TaskSpec(name=task or f"client_{client_id:03d}", source="local", path=path,
-                                   columns=spec.columns), cfg.data.kind)
-
-    own = spec.model_copy(update={"task": task})
-    client = client_from_file(client_id, own, read(str(spec.path)), read(spec.test_path) if spec.test_path else None,
-                              cfg.data.partition, cfg.seed)
+    client = client_of_files(cfg, client_id, spec, task)
     atomic_write_json(RunPaths.of(cfg).client_file(client_id), client.to_json())
-    stats = partition_stats([client])["clients"][0]
-    return {"manifest": {"client_id": client_id, "task": client.task, "num_labels": len(client.label_names),
-                         "train": len(client.train), "test": len(client.test)}, "stats": stats}
+    return {"manifest": manifest_entry(client), "stats": partition_stats([client])["clients"][0]}
+
+
+#: the client functions a coordinator dispatches, by the kind of call a silo runs
+KINDS = {"client_train": "train", "client_evaluate": "evaluate", "silo_prepare": "prepare"}
+
+
+@dataclass(frozen=True)
+class SiloCall:
+    """One client call as the coordinator sends it: to which silo, the parameters of the silo's run (the
+    call as JSON), and where its result will be in the store."""
+
+    silo: str
+    kind: str
+    client_id: int
+    parameters: dict[str, Any]
+
+    @property
+    def result_path(self) -> str:
+        return str(self.parameters["result_path"])
+
+
+def silo_call_for(fn: Any, call: dict[str, Any]) -> SiloCall:
+    """The coordinator's side of dispatching `fn(**call)` to the client's silo."""
+    import uuid
+
+    cfg: Config = call["cfg"]
+    client_id = int(call["client_id"])
+    kind = KINDS[fn.__name__]
+    params = {"kind": kind, "result_path": join(run_location(cfg), f"results/{uuid.uuid4().hex}.json"),
+              "call": {**{k: v for k, v in call.items() if k != "cfg"}, "cfg": cfg.model_dump(mode="json")}}
+    return SiloCall(str(cfg.data.clients[client_id].silo), kind, client_id, params)
+
+
+def silo_call_result(cfg: Config, sent: SiloCall) -> Any:
+    """The call's result, read (checked) from the store: a ClientTrainResult for training."""
+    from fedlease.exchange import read_json_from
+    from fedlease.records import ClientTrainResult
+
+    result = read_json_from(sent.result_path, cfg.federation.exchange,
+                            f"client {sent.client_id} (silo {sent.silo}): {sent.kind} result")
+    return ClientTrainResult(**result) if sent.kind == "train" else result
 
 
 def silo_prepare(cfg: Config, client_id: int) -> dict[str, Any]:
@@ -185,7 +236,7 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str) -> Path:
     from fedlease.runtime import strategy_for
 
     exchange = ExchangeConfig(url=store, storage_options=silo.storage_options)
-    shared = join(store, f"{run}/shared/final/{method}")
+    shared = join(_shared(join(store, run)), f"final/{method}")
     if not exists(join(shared, "meta.json"), exchange):
         raise SiloError(f"silo {silo.name}: no final {method} model of run {run!r} in {store} (has the run finished?)")
     fetched = Path(silo.workdir) / "export-incoming" / run / method

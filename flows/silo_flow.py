@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -26,7 +24,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from prefect import flow  # noqa: E402
 
 SILO_FLOW = "fedlease-silo"
-KINDS = {"client_train": "train", "client_evaluate": "evaluate", "silo_prepare": "prepare"}
 
 
 class SiloUnavailable(RuntimeError):
@@ -49,19 +46,13 @@ def run_at_silo(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
     from prefect.deployments import run_deployment
     from prefect.states import Cancelled, Cancelling
 
-    from fedlease.exchange import join, read_json_from
-    from fedlease.records import ClientTrainResult
+    from fedlease.silo import silo_call_for, silo_call_result
 
     cfg = call["cfg"]
-    client_id = int(call["client_id"])
-    silo = cfg.data.clients[client_id].silo
-    kind = KINDS[fn.__name__]
-    exchange = cfg.federation.exchange
-    result_path = join(exchange.url, f"{Path(cfg.output_dir).name}/results/{uuid.uuid4().hex}.json")
-    params = {"kind": kind, "result_path": result_path,
-              "call": {**{k: v for k, v in call.items() if k != "cfg"}, "cfg": cfg.model_dump(mode="json")}}
-    run = run_deployment(f"{SILO_FLOW}/silo-{silo}", parameters=params, timeout=cfg.orchestration.silo_timeout_s,
-                         flow_run_name=f"{kind}-client-{client_id:03d}")
+    sent = silo_call_for(fn, call)
+    silo, kind, client_id = sent.silo, sent.kind, sent.client_id
+    run = run_deployment(f"{SILO_FLOW}/silo-{silo}", parameters=sent.parameters,
+                         timeout=cfg.orchestration.silo_timeout_s, flow_run_name=f"{kind}-client-{client_id:03d}")
     state = run.state
     if state is None or not state.is_completed():
         if state is None or not state.is_final():
@@ -73,8 +64,7 @@ def run_at_silo(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
             raise SiloUnavailable(f"silo {silo}: client {client_id}'s {kind} call did not finish in "
                                   f"{cfg.orchestration.silo_timeout_s:g} s (is the silo-{silo} worker up?)")
         raise SiloUnavailable(f"silo {silo}: client {client_id}'s {kind} call ended {state.name}: {state.message}")
-    result = read_json_from(result_path, exchange, f"client {client_id} (silo {silo}): {kind} result")
-    return ClientTrainResult(**result) if kind == "train" else result
+    return silo_call_result(cfg, sent)
 
 
 def register(silos: list[str]) -> None:

@@ -22,7 +22,8 @@ ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat"]
 CITIES = ["paris", "rome", "berlin", "madrid", "vienna", "prague"]
 
 
-def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
+def write_sentiment_csv(path: Path, n: int, seed: int, suffix: str = "") -> Path:
+    """Film-review sentences, 2 labels; `suffix` is appended to every text (a sentence planted to grep for)."""
     rng = random.Random(seed)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -30,11 +31,12 @@ def write_sentiment_csv(path: Path, n: int, seed: int) -> Path:
         for i in range(n):
             label = i % 2
             word = rng.choice(POS if label else NEG)
-            w.writerow([f"the film was {word} and {rng.choice(POS if label else NEG)} overall", label])
+            w.writerow([f"the film was {word} and {rng.choice(POS if label else NEG)} overall{suffix}", label])
     return path
 
 
-def write_topic_csv(path: Path, n: int, seed: int) -> Path:
+def write_topic_csv(path: Path, n: int, seed: int, suffix: str = "") -> Path:
+    """Sentence pairs about a topic, 3 labels; `suffix` as for write_sentiment_csv."""
     rng = random.Random(seed)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -42,7 +44,7 @@ def write_topic_csv(path: Path, n: int, seed: int) -> Path:
         for i in range(n):
             label = ["animal", "city", "none"][i % 3]
             pool = ANIMALS if label == "animal" else CITIES if label == "city" else ["table", "chair", "lamp"]
-            w.writerow([f"we talked about the {rng.choice(pool)}", f"is it about an {label}?", label])
+            w.writerow([f"we talked about the {rng.choice(pool)}{suffix}", f"is it about an {label}?", label])
     return path
 
 

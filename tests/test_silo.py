@@ -9,9 +9,7 @@ stopped mid-run is dropped for the round and rejoins when its worker is back.
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from fedlease.config import config_from_dict
 from fedlease.pipeline import run_all
 from flows.local_federation import LocalFederation
 
-from .conftest import NEG, POS, tiny_params
+from .conftest import tiny_params, write_sentiment_csv, write_topic_csv
 
 pytestmark = pytest.mark.slow
 SILOS = {"north": ["n0", "n1"], "south": ["s0"], "east": ["e0"]}
@@ -37,17 +35,8 @@ def _planted(client: str) -> str:
 
 def _write_client(path: Path, client: str, n: int, seed: int) -> None:
     """A client's own file; every example carries a sentence planted for this client."""
-    rng = random.Random(seed)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for i in range(n):
-            label = i % 2
-            if TASKS[client] == "sentiment":
-                text = f"the film was {rng.choice(POS if label else NEG)}"
-            else:
-                text = f"we talked about the {rng.choice(['cat', 'dog'] if label else ['rome', 'paris'])}"
-            w.writerow([f"{text} {_planted(client)} {i}", label])
+    write = write_sentiment_csv if TASKS[client] == "sentiment" else write_topic_csv
+    write(path, n, seed, suffix=f" {_planted(client)}")
 
 
 def _params(root: Path, exchange: str, clients: list[dict[str, Any]], **over: Any) -> dict[str, Any]:

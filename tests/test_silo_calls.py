@@ -6,23 +6,17 @@ across real Prefect workers and processes for FedLEASE."""
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedlease.config import config_from_dict
-from fedlease.exchange import join, read_json_from
 from fedlease.pipeline import run_all
-from fedlease.records import ClientTrainResult
-from fedlease.silo import SiloConfig, SiloError, run_silo_call
+from fedlease.silo import SiloConfig, SiloError, run_silo_call, silo_call_for, silo_call_result
 from fedlease.strategies import federated_names
 
 from .conftest import tiny_params, write_sentiment_csv, write_topic_csv
-
-KINDS = {"client_train": "train", "client_evaluate": "evaluate", "silo_prepare": "prepare"}
-
 
 def _scores(output_dir: Path) -> dict[str, Any]:
     out = {}
@@ -34,20 +28,16 @@ def _scores(output_dir: Path) -> dict[str, Any]:
 
 
 def _in_process_silos(silos: dict[str, SiloConfig]) -> Any:
-    """A mapper that runs each call as the client's silo would, with the call's parameters as JSON."""
+    """A mapper that sends each call as the coordinator does (its parameters through JSON) and runs it as
+    the client's silo would."""
 
     def mapper(fn: Any, calls: list[dict[str, Any]], label: str) -> list[Any]:
         out = []
         for call in calls:
-            cfg = call["cfg"]
-            silo = silos[cfg.data.clients[call["client_id"]].silo]
-            kind = KINDS[fn.__name__]
-            result_path = join(str(cfg.federation.exchange.url), f"results/{uuid.uuid4().hex}.json")
-            wire = json.loads(json.dumps({**{k: v for k, v in call.items() if k != "cfg"},
-                                          "cfg": cfg.model_dump(mode="json")}))
-            run_silo_call(kind, wire, result_path, silo)
-            result = read_json_from(result_path, cfg.federation.exchange)
-            out.append(ClientTrainResult(**result) if kind == "train" else result)
+            sent = silo_call_for(fn, call)
+            wire = json.loads(json.dumps(sent.parameters))
+            run_silo_call(wire["kind"], wire["call"], wire["result_path"], silos[sent.silo])
+            out.append(silo_call_result(call["cfg"], sent))
         return out
 
     return mapper

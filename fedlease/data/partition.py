@@ -238,17 +238,14 @@ def client_from_file(client_id: int, spec: ClientFileSpec, train: TaskData, test
         labels = train.label_names
     else:
         labels = train.label_names + [n for n in test.label_names if n not in train.label_names]
-        remap = {i: labels.index(name) for i, name in enumerate(train.label_names)}
-        train_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in train.records]
-        remap = {i: labels.index(name) for i, name in enumerate(test.label_names)}
-        test_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in test.records]
+        train_records = _relabel(train.records, train.label_names, labels)
+        test_records = _relabel(test.records, test.label_names, labels)
     if spec.label_names is not None:  # a declared label space (its order is the head's): map onto it
         unknown = sorted(set(labels) - set(spec.label_names))
         if unknown:
             raise DataError(f"data.clients.{client_id} ({spec.path}): labels {unknown} are not in its label_names")
-        remap = {i: spec.label_names.index(name) for i, name in enumerate(labels)}
-        train_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in train_records]
-        test_records = [{**r, "label": remap[r["label"]]} if "label" in r else r for r in test_records]
+        train_records = _relabel(train_records, labels, spec.label_names)
+        test_records = _relabel(test_records, labels, spec.label_names)
         labels = list(spec.label_names)
     if len(test_records) < cfg.min_test_per_client:
         raise DataError(f"data.clients.{client_id} ({spec.path}): {len(test_records)} test examples, fewer than "
@@ -256,3 +253,9 @@ def client_from_file(client_id: int, spec: ClientFileSpec, train: TaskData, test
     if len(train_records) < 2:
         raise DataError(f"data.clients.{client_id} ({spec.path}): {len(train_records)} training examples (need 2)")
     return ClientData(client_id, task, labels, _tag(train_records, task), _tag(test_records, task))
+
+
+def _relabel(records: list[dict[str, Any]], names: list[str], onto: list[str]) -> list[dict[str, Any]]:
+    """Label ids over `names` as ids over `onto` (which holds every one of them)."""
+    remap = {i: onto.index(name) for i, name in enumerate(names)}
+    return [{**r, "label": remap[r["label"]]} if "label" in r else r for r in records]

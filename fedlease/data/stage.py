@@ -17,21 +17,33 @@ from fedlease.io import atomic_dir, atomic_write_json, read_json
 from fedlease.paths import RunPaths
 
 
-def clients_from_files(cfg: Config) -> tuple[list[ClientData], dict[str, list[str]]]:
-    """partition.scheme files: every client from its own file(s)."""
+def client_of_files(cfg: Config, client_id: int, spec: ClientFileSpec, task: str | None = None) -> ClientData:
+    """One client from its own file(s) (its test file or a seeded share; columns and label space as its
+    spec says); `task` overrides the spec's. The simulation's files scheme and a silo both read this way."""
     from fedlease.config import TaskSpec
     from fedlease.data.sources import read_local
 
-    clients, spaces = [], {}
-    for cid, spec in enumerate(cfg.data.clients):
-        name = spec.task or f"client_{cid:03d}"
+    own = spec if task is None else spec.model_copy(update={"task": task})
 
-        def read(path: str, name: str = name, spec: ClientFileSpec = spec) -> Any:
-            return read_local(TaskSpec(name=name, source="local", path=path, columns=spec.columns), cfg.data.kind)
+    def read(path: str) -> Any:
+        return read_local(TaskSpec(name=own.task or f"client_{client_id:03d}", source="local", path=path,
+                                   columns=spec.columns), cfg.data.kind)
 
-        client = client_from_file(cid, spec, read(spec.path), read(spec.test_path) if spec.test_path else None,
-                                  cfg.data.partition, cfg.seed)
-        clients.append(client)
+    return client_from_file(client_id, own, read(str(spec.path)), read(spec.test_path) if spec.test_path else None,
+                            cfg.data.partition, cfg.seed)
+
+
+def manifest_entry(client: ClientData) -> dict[str, Any]:
+    """What the manifest (the server side) knows of a client: its task and counts."""
+    return {"client_id": client.client_id, "task": client.task, "num_labels": len(client.label_names),
+            "train": len(client.train), "test": len(client.test)}
+
+
+def clients_from_files(cfg: Config) -> tuple[list[ClientData], dict[str, list[str]]]:
+    """partition.scheme files: every client from its own file(s)."""
+    clients = [client_of_files(cfg, cid, spec) for cid, spec in enumerate(cfg.data.clients)]
+    spaces: dict[str, list[str]] = {}
+    for client in clients:
         spaces.setdefault(client.task, client.label_names)
     return clients, spaces
 
@@ -80,8 +92,7 @@ def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
     else:
         clients, label_spaces = build_partitions(cfg)
         stats = partition_stats(clients)
-        entries = [{"client_id": c.client_id, "task": c.task, "num_labels": len(c.label_names),
-                    "train": len(c.train), "test": len(c.test)} for c in clients]
+        entries = [manifest_entry(c) for c in clients]
     manifest = {
         "kind": cfg.data.kind,
         "scheme": cfg.data.partition.scheme,
