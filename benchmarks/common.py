@@ -32,7 +32,8 @@ METADATA_OPS = {
     "aten::empty_strided", "aten::detach", "aten::alias", "aten::_reshape_alias", "aten::expand", "aten::permute",
     "aten::t", "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select",
     "aten::lift_fresh", "aten::_local_scalar_dense", "aten::result_type", "aten::reshape", "aten::narrow",
-    "aten::flatten", "aten::unflatten", "aten::empty_like", "aten::new_empty",
+    "aten::flatten", "aten::unflatten", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided", "aten::split",
+    "aten::split_with_sizes", "aten::chunk", "aten::unbind",
 }
 
 
@@ -41,7 +42,21 @@ def kernel_ops(events: list) -> int:
     composite op such as linear counts as the matmul it runs)."""
 
     def compute(e) -> bool:  # noqa: ANN001
-        return e.name.startswith("aten::") and e.name not in METADATA_OPS
+        return e.name.startswith("aten::") and e.name not in METADATA_OPS and not noop_cast(e)
+
+    def noop_cast(e) -> bool:  # noqa: ANN001
+        """`aten::to` to the dtype/device a tensor already has returns it as is: a copying one has an
+        `aten::_to_copy` under it (counted there), so a `to` without one launches nothing. Counting it also
+        hid the op it sits under (scatter_add_, gather) as a non-leaf."""
+        if e.name != "aten::to":
+            return False
+        stack = list(e.cpu_children)
+        while stack:
+            child = stack.pop()
+            if child.name == "aten::_to_copy":
+                return False
+            stack += child.cpu_children
+        return True
 
     def leaf(e) -> bool:  # noqa: ANN001
         stack = list(e.cpu_children)

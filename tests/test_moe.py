@@ -164,9 +164,27 @@ def test_fused_routing_equals_the_reference_routing():
             logits = torch.randn(5, 7, slots.shape[0]) * 3
             for renormalize in (True, False):
                 ref, ref_sel = route(logits, slots, keep, renormalize)
-                got, sel = route_fused(logits, slots.argmax(dim=1), keep, renormalize, m, want_selected=True)
+                got, sel = route_fused(logits, slots, keep, renormalize, want_selected=True)
                 assert torch.allclose(got, ref, atol=1e-6), (m, top_k, renormalize)
                 assert torch.equal(sel, ref_sel)
+                scaled, _ = route_fused(logits, slots * 2.5, keep, renormalize)
+                assert torch.allclose(scaled, 2.5 * ref, atol=1e-6), "the slot map carries the LoRA scaling"
+
+
+def test_fused_routing_keeps_every_slot_tied_at_the_threshold():
+    """M = 2, slots [own, own, foreign], keep 2: logits [2, 1, 1] tie at the threshold (the second largest,
+    1), so all three slots stay in the softmax: own gets (e^2 + e) / (e^2 + 2e), foreign e / (e^2 + 2e)."""
+    from fedlease.models.moe import route_fused
+
+    slots, keep = slot_map(2)
+    logits = torch.tensor([2.0, 1.0, 1.0], requires_grad=True)
+    gates, sel = route_fused(logits, slots, keep, True, want_selected=True)
+    e = torch.e
+    z = e**2 + 2 * e
+    assert torch.allclose(gates, torch.tensor([(e**2 + e) / z, e / z]), atol=1e-6)
+    assert sel.tolist() == [True, True]
+    gates[1].backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 def test_layer_keeps_the_reference_maths_with_dropout_on():

@@ -14,9 +14,10 @@ that map to one expert add up. The experts are computed as one stacked LoRA of
 rank M*r (two matmuls), never a loop over experts with masks:
     y = W0 x + (alpha/r) * B_stack (g(x) (x) 1_r  *  A_stack x)
 The layer runs this in few kernels (GPU launch count, not FLOPs, is the mixture's cost there): the
-router's logits come out of the experts' down-projection matmul, routing is one top-k, one softmax and
-one scatter-add (`route_fused`, equal to `route` within float rounding), the foreign experts' B is
-stored in the up-projection's layout.
+router's logits come out of the experts' down-projection matmul, routing is one top-k threshold, one
+masked softmax and one slot-to-expert matmul that also applies the LoRA scaling (`route_fused`, equal to
+`route` within float rounding), the foreign experts' B is stored in the up-projection's layout and the
+residual add is fused into the up-projection (addmm).
 
 Local expert order is [own, foreign ascending by global id]; `expert_order`
 maps it back to global expert ids.
@@ -83,22 +84,30 @@ def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: boo
     return w @ slots, (mask @ slots) > 0
 
 
-def route_fused(logits: torch.Tensor, slot_expert: torch.Tensor, keep: int, renormalize: bool, num_experts: int,
+def route_fused(logits: torch.Tensor, slot_gates: torch.Tensor, keep: int, renormalize: bool,
                 want_selected: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`route` in fewer kernels (what the layer runs): top-`keep` on the logits themselves (softmax is
-    monotone), the kept weights' softmax (= softmax, mask, renormalise), and one scatter-add from slots to
-    experts. `slot_expert` (S,) is each slot's expert. Equal to `route` within float rounding (tested)."""
+    """`route` in fewer kernels (what the layer runs). The kept slots are those at or above the
+    `keep`-th largest logit (softmax is monotone; a tie at the threshold keeps every tied slot, where
+    `route` keeps an arbitrary one of them); the dropped ones are pushed to the bottom of the dtype before the
+    softmax (= softmax, mask, renormalise; their weight is exactly 0, and the add has no backward kernel) and
+    one matmul with `slot_gates` (S, M) maps slots to experts. The layer folds the
+    LoRA scaling into `slot_gates`, so the gates come out scaled at no extra kernel. No gradient flows
+    through the threshold. Equal to `route` within float rounding (tested)."""
+    dropped = None
     if keep < logits.shape[-1]:
-        top, idx = logits.topk(keep, dim=-1)
-        w = torch.softmax(top, dim=-1) if renormalize else torch.softmax(logits, dim=-1).gather(-1, idx)
+        threshold = logits.detach().topk(keep, dim=-1).values[..., -1:]
+        dropped = logits < threshold
+        if renormalize:  # a dropped slot's logit pushed to the dtype's bottom: exp gives exactly 0, one add
+            w = torch.softmax(torch.add(logits, dropped, alpha=-torch.finfo(logits.dtype).max), dim=-1)
+        else:
+            w = torch.softmax(logits, dim=-1) * ~dropped
     else:
         w = torch.softmax(logits, dim=-1)
-        idx = slot_expert.new_tensor(range(logits.shape[-1])).expand(w.shape)
-    experts = slot_expert[idx]
-    gates = w.new_zeros(*w.shape[:-1], num_experts).scatter_add_(-1, experts, w)
+    gates = w @ slot_gates.to(w.dtype)
     selected = None
     if want_selected:
-        selected = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, experts, True)
+        kept = torch.ones_like(w) if dropped is None else (~dropped).to(w.dtype)
+        selected = (kept @ (slot_gates != 0).to(w.dtype)) > 0
     return gates, selected
 
 
@@ -141,8 +150,9 @@ class MixtureVariant(InputDependentVariant):
         r = module.r[adapter_name]
         slots, keep = slot_map(m, config.top_k)
         weight = module.get_base_layer().weight
-        module.register_buffer("moe_slots", slots.to(weight.device), persistent=False)
-        module.register_buffer("moe_slot_expert", slots.argmax(dim=1).to(weight.device), persistent=False)
+        # slot -> expert map times the LoRA scaling: the routing matmul gives scaled gates (no extra kernel)
+        module.register_buffer("moe_slot_gates", (slots * float(module.scaling[adapter_name])).to(weight.device),
+                               persistent=False)
         # the own-expert prior: a fixed logit on the slots of expert 0 (None when 0: no extra kernel)
         prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
         module.register_buffer("moe_prior", prior, persistent=False)  # a None buffer: moved with the model when set
@@ -151,8 +161,6 @@ class MixtureVariant(InputDependentVariant):
         module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))
         # stored as the up-projection reads it, (d_out, (M-1) r); `foreign_b_view` shows it as (M-1, d_out, r)
         module.register_buffer("moe_foreign_B", torch.zeros(module.out_features, (m - 1) * r, device=weight.device))
-        module.register_buffer("moe_scale", torch.tensor(float(module.scaling[adapter_name]), device=weight.device),
-                               persistent=False)
         if not hasattr(module, "lora_router"):
             module.lora_router = nn.ModuleDict()
         router = nn.Linear(module.in_features, slots.shape[0], bias=False, device=weight.device)
@@ -185,12 +193,15 @@ class MixtureVariant(InputDependentVariant):
         if module.moe_prior is not None:
             logits = logits + module.moe_prior.to(logits.dtype)
         telemetry = module.moe_telemetry
-        gates, selected = route_fused(logits, module.moe_slot_expert, module.moe_keep, module.moe_renormalize, m,
-                                      want_selected=telemetry is not None)
+        gates, selected = route_fused(logits, module.moe_slot_gates, module.moe_keep, module.moe_renormalize,
+                                      want_selected=telemetry is not None)  # scaled by alpha / r
         if telemetry is not None:
-            telemetry.update(gates.detach(), selected)
-        h = (h.unflatten(-1, (m, r)) * (gates * module.moe_scale).unsqueeze(-1)).flatten(-2)
-        return result + F.linear(h, torch.cat([own_b, foreign_b], dim=1))
+            telemetry.update(gates.detach() / module.scaling[active_adapter], selected)
+        h = (h.unflatten(-1, (m, r)) * gates.unsqueeze(-1)).flatten(-2)
+        # result + h B^T as one addmm (the add fused into the matmul)
+        up = torch.cat([own_b, foreign_b], dim=1)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
+        return out.view(result.shape)
 
     def supports_lora_conversion(self) -> bool:
         return False
