@@ -28,6 +28,7 @@ from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
 from fedlease.models.dual import recorded_weights
+from fedlease.ranks import in_rank_group, rank_and_world, run_on_ranks
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
 from fedlease.strategies.base import ModelSpec, Strategy, Tensors
@@ -46,7 +47,14 @@ def _client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, num_lab
 
 def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, download_path: str,
                  upload_path: str, num_clients: int) -> ClientTrainResult:
-    """One local round: load, train what the strategy trains, write the upload and local state."""
+    """One local round: load, train what the strategy trains, write the upload and local state. With
+    `training.deepspeed.ranks_per_client` > 1, the round runs as a group of that many processes (one per
+    device, fedlease/ranks.py) and rank 0 writes the files."""
+    ranks = cfg.training.deepspeed.ranks_per_client
+    if ranks > 1 and not in_rank_group():
+        call = dict(cfg=cfg, strategy_name=strategy_name, client_id=client_id, round_=round_,
+                    download_path=download_path, upload_path=upload_path, num_clients=num_clients)
+        return run_on_ranks(client_train, call, ranks, cfg.orchestration.task_timeout_s, f"client {client_id}")
     t0 = time.perf_counter()
     strategy = strategy_for(cfg, strategy_name, num_clients)
     if strategy.federated:  # injected faults hit the federated rounds, not the warm-up
@@ -77,8 +85,10 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         upload = {k: start[k] + noised[k] for k in upload}
     if strategy.federated:
         upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
-    bytes_up = write_upload(upload_path, upload, cfg.federation.exchange)
-    save_local_state(cfg, strategy, client_id, round_, local)
+    if rank_and_world()[0] == 0:  # in a rank group the ranks hold the same model: rank 0 writes it
+        write_upload(upload_path, upload, cfg.federation.exchange)
+        save_local_state(cfg, strategy, client_id, round_, local)
+    bytes_up = nbytes(upload)
     del model, upload, local
     if cfg.training.release_memory:
         release_memory()

@@ -235,6 +235,10 @@ class DeepSpeedConfig(_Strict):
     config_file: str | None = Field(
         default=None, description="a DeepSpeed JSON merged over the generated config (its keys win; the batch "
                                   "sizes stay the params')")
+    ranks_per_client: PositiveInt = Field(
+        default=1, description="devices one client trains on (a data-parallel DeepSpeed group of this many "
+                               "processes on the client's host, one GPU each; on a CPU, processes): each takes "
+                               "its share of every batch, so batch size and steps stay the params'")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedConfig:
@@ -271,6 +275,17 @@ class TrainingConfig(_Strict):
                     "first client-round instead of at the longest-text client later; no effect on results",
     )
     max_new_tokens: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _ranks_fit(self) -> TrainingConfig:
+        ranks = self.deepspeed.ranks_per_client
+        if ranks > 1 and self.engine != "deepspeed":
+            raise ValueError(f"deepspeed.ranks_per_client: {ranks} needs engine: deepspeed (the torch engine "
+                             "trains a client on one device)")
+        if self.batch_size % ranks:
+            raise ValueError(f"deepspeed.ranks_per_client: {ranks} ranks cannot share batch_size "
+                             f"{self.batch_size} evenly; choose a batch size divisible by it")
+        return self
 
 
 class BaselinesConfig(_Strict):

@@ -12,8 +12,12 @@ price is the start-up per call: importing torch and DeepSpeed and loading the ba
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.process
+import os
+import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 ClientFn = Callable[..., dict[str, Any]]
@@ -34,34 +38,67 @@ def run_client_call(fn: ClientFn, call: dict[str, Any]) -> dict[str, Any]:
 def run_in_fresh_process(fn: ClientFn, call: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Run `fn(**call)` in a spawned process (spawn, never fork: CUDA cannot be forked); its exception
     is raised here; past `timeout_s` the process is killed and TimeoutError raised."""
+    who = f"client {call.get('client_id', '?')}"
+    return await_processes([start_process(fn, call, who)], timeout_s)[0]
+
+
+@dataclass
+class StartedCall:
+    """A client call running in its own process, and the pipe its result comes back on."""
+
+    who: str
+    proc: multiprocessing.process.BaseProcess
+    receive: Connection
+
+
+def start_process(fn: ClientFn, call: dict[str, Any], who: str, env: dict[str, str] | None = None) -> StartedCall:
+    """Start `fn(**call)` in a spawned process, with `env` set in it before `fn` runs."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    who = f"client {call.get('client_id', '?')}"
-    proc = ctx.Process(target=_child, args=(send, fn, call), name=f"fedlease-{who.replace(' ', '-')}", daemon=True)
+    proc = ctx.Process(target=_child, args=(send, fn, call, env or {}), name=f"fedlease-{who.replace(' ', '-')}",
+                       daemon=True)
     proc.start()
     send.close()  # the child holds the only writer: its exit shows here as EOF
+    return StartedCall(who, proc, receive)
+
+
+def await_processes(started: list[StartedCall], timeout_s: float) -> list[Any]:
+    """Every started call's result, in order. The first failure (an exception, a process that died, the
+    timeout) kills the others and is raised, naming the call; nothing is left running either way."""
+    results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    pending = {s.receive: i for i, s in enumerate(started)}
     try:
-        if not receive.poll(timeout_s):
-            raise TimeoutError(f"{who}: no result after {timeout_s:g} s (orchestration.task_timeout_s); "
-                               "its process was killed")
-        try:
-            status, payload = receive.recv()
-        except EOFError:
-            proc.join()
-            raise ClientProcessDied(f"{who}: its process ended (exit code {proc.exitcode}) without a result"
-                                    ) from None
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                who = ", ".join(started[i].who for i in pending.values())
+                raise TimeoutError(f"{who}: no result after {timeout_s:g} s (orchestration.task_timeout_s); "
+                                   "its process was killed")
+            for conn in ready:
+                i = pending.pop(conn)  # type: ignore[call-overload]
+                call = started[i]
+                try:
+                    status, payload = call.receive.recv()
+                except EOFError:
+                    call.proc.join()
+                    raise ClientProcessDied(f"{call.who}: its process ended (exit code {call.proc.exitcode}) "
+                                            "without a result") from None
+                if status == "error":
+                    raise payload
+                results[i] = payload
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        receive.close()
-    if status == "error":
-        raise payload
-    return payload
+        for call in started:
+            if call.proc.is_alive() and call.receive in pending:
+                call.proc.kill()
+            call.proc.join()
+            call.receive.close()
+    return [results[i] for i in range(len(started))]
 
 
-def _child(send: Connection, fn: ClientFn, call: dict[str, Any]) -> None:
+def _child(send: Connection, fn: ClientFn, call: dict[str, Any], env: dict[str, str]) -> None:
     # (a port inherited from a parent that ran DeepSpeed itself: the engine picks its own, trainer.py)
+    os.environ.update(env)
     try:
         message: tuple[str, Any] = ("ok", fn(**call))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent

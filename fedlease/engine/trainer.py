@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import nn
 
 from fedlease.config import TrainingConfig
 from fedlease.engine.batching import Batch
+from fedlease.ranks import free_port, rank_and_world, rank_share
 
 
 @dataclass
@@ -170,12 +170,6 @@ def remove_hooks_since(model: nn.Module, snapshot: HookSnapshot) -> int:
 _OWN_PORT: str | None = None  # this process's rendezvous port, chosen once
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def prepare_deepspeed_env(cache_dir: Path) -> None:
     """Single-process DeepSpeed without a launcher; JIT extensions cached in the project."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -187,10 +181,12 @@ def prepare_deepspeed_env(cache_dir: Path) -> None:
         # a world of one rendezvouses with itself: on a port of its own, never one inherited from the
         # process that started it (a parent's port is in use there; sibling processes would collide)
         global _OWN_PORT
-        _OWN_PORT = _OWN_PORT or str(_free_port())
+        _OWN_PORT = _OWN_PORT or str(free_port())
         os.environ["MASTER_PORT"] = _OWN_PORT
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
+    if torch.cuda.is_available():  # a client's rank group: one GPU per rank (fedlease/ranks.py)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def resolve_precision(cfg: TrainingConfig) -> str:
@@ -211,8 +207,8 @@ def autocast_for(cfg: TrainingConfig) -> contextlib.AbstractContextManager[Any]:
 def deepspeed_config(cfg: TrainingConfig) -> dict[str, Any]:
     """The DeepSpeed config generated from params.yaml (saved with each run)."""
     ds = cfg.deepspeed
-    conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
+    conf: dict[str, Any] = {  # with several ranks per client each takes its share of a batch's rows
+        "train_micro_batch_size_per_gpu": cfg.batch_size // ds.ranks_per_client,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "train_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
         "zero_optimization": {"stage": ds.zero_stage},
@@ -261,8 +257,9 @@ class DeepSpeedEngine:
 
     def __init__(self, cfg: TrainingConfig, cache_dir: Path) -> None:
         if cfg.deepspeed.zero_stage == 3:
-            raise ValueError("training.deepspeed.zero_stage: 3 shards the frozen base model across ranks, "
-                             "which a one-process client cannot use; choose 0-2")
+            raise ValueError("training.deepspeed.zero_stage: 3 partitions the parameters themselves across ranks, "
+                             "which the client's state exchange does not gather; choose 0-2 (ZeRO-1/2 shard the "
+                             "optimizer state and gradients across ranks_per_client)")
         prepare_deepspeed_env(cache_dir)
         import deepspeed  # noqa: PLC0415 - imported once per worker process, after the env is set
 
@@ -300,12 +297,16 @@ class DeepSpeedEngine:
                 reserve_memory(engine.module, params, reserve, kind, self.cfg.reserve_steps)
             setup = time.perf_counter() - t0
             dev = engine.device
+            rank, world = rank_and_world()
             for batch in batches:
                 tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
+                factor = 1.0
+                if world > 1:
+                    tensors, factor = rank_share(tensors, rank, world)
                 loss = compute_loss(engine, tensors, kind, class_weights)
-                engine.backward(loss)
+                engine.backward(loss * factor if factor != 1.0 else loss)
                 engine.step()
-                losses.append(float(loss.detach()))
+                losses.append(batch_loss(loss, factor, world))
             t1 = time.perf_counter()
         finally:  # also when a step fails: the worker goes on to other clients with this model
             if engine is not None:
@@ -317,6 +318,15 @@ class DeepSpeedEngine:
             model.eval()
         setup += time.perf_counter() - t1
         return TrainResult(sum(losses) / max(1, len(losses)), len(losses), time.perf_counter() - t0, setup)
+
+
+def batch_loss(loss: torch.Tensor, factor: float, world: int) -> float:
+    """The whole batch's mean loss: a rank group sums each rank's loss x factor / world (one all-reduce)."""
+    if world == 1:
+        return float(loss.detach())
+    share = loss.detach() * (factor / world)
+    torch.distributed.all_reduce(share)
+    return float(share)
 
 
 def make_engine(cfg: TrainingConfig, cache_dir: Path) -> TorchEngine | DeepSpeedEngine:
