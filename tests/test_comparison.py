@@ -158,6 +158,18 @@ def test_ifca_cluster_models_are_distinct_functions(tmp_path: Path):
     assert min(float((a - b).norm()) for i, a in enumerate(deltas) for b in deltas[i + 1:]) > 0.1 * max(norms)
 
 
+def test_every_shipped_profile_draws_ifca_models_apart():
+    """The README's IFCA draws each cluster's B at the size of a warmed-up B (0.02): a profile that set it
+    back to ~1e-3 (as params.yaml and the benchmark profile once did) would publish IFCA with K near-identical
+    models, whose first choice is noise."""
+    from fedlease.config import load_config
+
+    profiles = [REPO / "params.yaml", *sorted(REPO.glob("params_*.yaml")), *sorted(REPO.glob("benchmarks/params_*.yaml"))]
+    assert len(profiles) >= 6
+    for profile in profiles:
+        assert load_config(profile).baselines.ifca_init_std >= 0.01, profile.name
+
+
 @pytest.mark.slow
 def test_baselines_keep_their_invariants_and_equal_steps(tmp_path: Path):
     """FFA-LoRA: A never changes and never crosses the wire; FedSA-LoRA: B never leaves the client; IFCA
