@@ -54,7 +54,7 @@ status:
 	@$(STACK) status
 
 test: install browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests   # the slowest 15 listed: the suite has a 20-minute budget
 
 # Debian's Chromium for the MLflow UI browser test (installed when missing and run as root).
 browser:

@@ -7,7 +7,8 @@ ends with `ari: <v>`, `fedlease_margin: <points over the best other method>` (an
 --label-skew; `nlg_margin:` with --nlg), each naming the protocol and the seeds it averages.
 
     python benchmarks/quality.py [--params FILE] [--set key.path=value ...] [--seeds 0,1,2] [--quick]
-                                 [--label-skew] [--ablations] [--dp] [--out benchmarks/results/quality.md]
+                                 [--label-skew] [--ablations [--ablation-seeds 0]] [--dp]
+                                 [--out benchmarks/results/quality.md]
     python benchmarks/quality.py --nlg [--quick] [--seeds 0]    # the NLG table (ROUGE-L), its own section
 
 The NLG run and the classification run each replace only their own section of the output file.
@@ -40,7 +41,7 @@ LABEL_SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.dirichlet_
 NLG_PARAMS = str(Path(__file__).resolve().parents[1] / "params_nlg.yaml")
 # `local` (no federation, continuing from FedLEASE's warm-up) is the equal-compute floor: it tells a
 # collaboration gain from the extra epochs FedLEASE's warm-up gives it
-NLG_METHODS = ["strategies=[fedlease,local,fedit,fedsa_lora,ifca]"]
+NLG_METHODS = ["strategies=[fedlease,local,fedit,ffa_lora,fedsa_lora,ifca,feddpa]"]
 NLG_QUICK = ["data.partition.train_per_client=8", "data.partition.test_per_client=8", "federation.rounds=1",
              "fedlease.warmup_epochs=1", "training.max_new_tokens=12", "training.eval_batch_size=8"]
 NLG_HEADING = "## NLG: federated instruction tuning"
@@ -61,6 +62,7 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
         t0 = time.perf_counter()
         metrics = run_all(cfg)
         metrics["call_seconds"] = time.perf_counter() - t0
+        metrics["seed"] = seed
         metrics["seconds"] = compute_seconds(metrics)
         out.append(metrics)
         print(f"[{tag}] seed {seed}: " + ", ".join(f"{m} {100 * v['mean']:.2f}" for m, v in metrics["methods"].items())
@@ -70,13 +72,25 @@ def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -
 
 
 def one_code_version(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The code version every run was made with; a clear error when they differ (a table mixes no code
-    versions: rerun the stale folders, or give --runs a fresh folder)."""
-    versions = {json.dumps({k: r.get("code_version", {}).get(k) for k in ("sources", "commit")}, sort_keys=True)
-                for r in runs}
+    """The code version every run and every method's rounds were made with; a clear error when they differ
+    (a table mixes no code versions: rerun the stale folders, or give --runs a fresh folder). Within one
+    invocation the rounds' checkpoint fingerprints already force this (a folder from other code is redone);
+    the per-method stamp also catches results assembled from stages run by other code (e.g. `dvc repro`)."""
+    stamps = [r.get("code_version") or {} for r in runs]
+    stamps += [m.get("code_version") or {} for r in runs for m in r["methods"].values()]
+    versions = {json.dumps({k: v.get(k) for k in ("sources", "commit")}, sort_keys=True) for v in stamps}
     if len(versions) != 1:
         raise SystemExit(f"error: the runs of this table were made by different code versions: {sorted(versions)}")
     return runs[0].get("code_version", {})
+
+
+def no_failed_evaluations(runs: list[dict[str, Any]]) -> None:
+    """A client whose evaluation failed is out of its method's means, which could move the method up or
+    down: a published table has none."""
+    failed = {(r.get("seed"), name): m["failed_evaluations"] for r in runs for name, m in r["methods"].items()
+              if m.get("failed_evaluations")}
+    if failed:
+        raise SystemExit(f"error: client evaluations failed (seed, method -> clients): {failed}; see the run's log")
 
 
 def protocol_line(cfg: Any) -> str:
@@ -141,6 +155,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     from fedlease.report import balanced_table, instance_weight_lines
     from fedlease.strategies import primary_name, strategy_class
 
+    no_failed_evaluations(runs)
     methods = list(runs[0]["methods"])
     lines = [method_table(runs), *instance_weight_lines(runs)]
     balanced = balanced_table(runs)
@@ -208,6 +223,13 @@ def upsert_section(path: Path, heading: str, text: str) -> str:
     return old[:start] + text + (old[end + 1:] if end >= 0 else "")
 
 
+def write_doc(out: str, doc: list[str]) -> None:
+    """The classification document, keeping the NLG run's section."""
+    old = Path(out).read_text() if Path(out).exists() else ""
+    kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""
+    atomic_write_text(out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
+
+
 def main() -> None:
     global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,6 +242,8 @@ def main() -> None:
     ap.add_argument("--skew-min-test", type=int, default=None,
                     help="the label-skew table's data.partition.min_test_per_client (strong skew needs fewer)")
     ap.add_argument("--ablations", action="store_true", help="also the paper's ablations (FedLEASE variants)")
+    ap.add_argument("--ablation-seeds", default=None,
+                    help="the ablations' seeds (default: the first of --seeds; each variant is a full FedLEASE run)")
     ap.add_argument("--dp", action="store_true", help="also FedLEASE at epsilon = 1, 4, 8 (client-level DP)")
     ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
     ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
@@ -263,13 +287,17 @@ def main() -> None:
         doc += [f"## Task + label heterogeneity (Dirichlet alpha = {alpha:g} within each task)", "",
                 "Each client's own test set follows its label skew, so the majority floor is high; the second "
                 "table scores every client on a label-balanced test set of its task (the task's whole label "
-                "space).", "", skew_table, ""]
+                "space). The margin and `skew_margin` are on the clients' own (skewed) test sets.", "",
+                skew_table, ""]
         headlines.append(headline("skew_margin", skew_margin, skew_runs))
-    if args.ablations:
-        m = max(r["allocation"]["num_experts"] for r in runs if "allocation" in r)
-        doc += ["## Ablations (FedLEASE variants, same budgets)", "",
-                ablations(args.params, overrides, seeds, cfg.num_clients, m, prefix), "",
-                f"Full FedLEASE on the same setting: {mean_std([r['methods']['fedlease']['mean'] for r in runs])}.", ""]
+    if args.ablations:  # hours more: what is done so far lands in the file first
+        write_doc(args.out, doc + ["(ablations running)", ""])
+        ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]
+        same = [r for r, seed in zip(runs, seeds) if seed in ablation_seeds]
+        m = max(r["allocation"]["num_experts"] for r in same if "allocation" in r)
+        doc += [f"## Ablations (FedLEASE variants, same budgets; seeds {ablation_seeds})", "",
+                ablations(args.params, overrides, ablation_seeds, cfg.num_clients, m, prefix), "",
+                f"Full FedLEASE on the same seeds: {mean_std([r['methods']['fedlease']['mean'] for r in same])}.", ""]
     if args.dp:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs], prefix), ""]
@@ -278,9 +306,7 @@ def main() -> None:
             f"Compute time of the main table (warm-up + rounds of every method, per seed): "
             f"{_seconds_list(runs)}; this invocation took "
             f"{time.perf_counter() - t0:.0f} s in all."]
-    old = Path(args.out).read_text() if Path(args.out).exists() else ""
-    kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""  # the NLG run's section stays
-    atomic_write_text(args.out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
+    write_doc(args.out, doc)
     print("\n".join(doc))
     print("\n".join(headlines))
 

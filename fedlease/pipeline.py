@@ -21,6 +21,7 @@ from fedlease.data.stage import load_manifest, run_data_stage
 from fedlease.export import export_final_model
 from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_array, save_tensors
 from fedlease.paths import RunPaths
+from fedlease.provenance import code_version
 from fedlease.records import RoundRecord, history_from_json, history_to_json
 from fedlease.report import results_rows, results_table, summarise_method
 from fedlease.runlock import run_lock
@@ -185,6 +186,8 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
             "strategy": name, "history": history_to_json(out.history),
             "wall_seconds": sum(r.seconds for r in out.history), "call_seconds": time.perf_counter() - t0,
             "trainable_params": trainable_params(cfg, strategy),
+            # the version whose fingerprint the rounds' checkpoint matched: the code that made them
+            "code_version": code_version(),
         }
         assignment = strategy.assignment(out.state)
         if assignment is not None:
@@ -235,8 +238,6 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     methods = {name: summarise_method(histories[name], res, n, warm if s.inherits_warmup else None,
                                       warmup_traffic=s.needs_allocation)
                for (name, res), s in zip(results.items(), strategies.values(), strict=True)}
-    from fedlease.provenance import code_version
-
     metrics: dict[str, Any] = {"methods": methods, "protocol": cfg.federation.protocol, "code_version": code_version()}
     if paths.cluster_map.exists():
         alloc = read_json(paths.cluster_map)

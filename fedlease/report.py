@@ -34,7 +34,8 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
         "bytes_up_per_client_round": float(sum(ups) / max(1, rounds)),
         "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
         "wall_seconds": result["wall_seconds"], "trainable_params": result["trainable_params"],
-        "ari_vs_task": result.get("ari_vs_task"),
+        "ari_vs_task": result.get("ari_vs_task"), "code_version": result.get("code_version"),
+        "failed_evaluations": last_eval.get("failed_clients", []),
         "instance_weight": _instance_weights(last_eval),
         "per_round": [{"round": r.round, "mean": r.eval["mean"]} for r in history if r.eval],
     }

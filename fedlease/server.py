@@ -282,7 +282,9 @@ def summarise_eval(clients: dict[str, dict[str, Any]], kind: str) -> dict[str, A
     majority-class floor and, where clients have one, accuracy on their task's label-balanced test set."""
     metric = "accuracy" if kind == "classification" else "rougeL"
     ok = {k: v for k, v in clients.items() if metric in v}
-    out: dict[str, Any] = {"metric": metric, **_means(ok, metric), "clients": clients}
+    # clients whose evaluation failed are out of every mean: say how many, so a table can refuse them
+    out: dict[str, Any] = {"metric": metric, **_means(ok, metric), "clients": clients,
+                           "failed_clients": sorted(set(clients) - set(ok), key=int)}
     if kind == "classification" and ok:
         out["mean_macro_f1"] = float(np.mean([v["macro_f1"] for v in ok.values()]))
         out["majority"] = _means(ok, "majority_accuracy")

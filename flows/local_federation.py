@@ -94,10 +94,12 @@ class LocalFederation:
             log.write(run.stdout + run.stderr)
         return run
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, hard: bool = False) -> None:
+        """Stop a process and its group: SIGTERM (a graceful Prefect worker can still submit a run it has
+        just picked up while it shuts down), or with `hard` SIGKILL at once, as a machine that goes down."""
         proc = self.procs.pop(name)
         with contextlib.suppress(ProcessLookupError):  # already ended
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

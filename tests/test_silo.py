@@ -162,7 +162,7 @@ def test_a_silo_whose_worker_stops_is_dropped_then_rejoins(federation: LocalFede
         deadline = time.monotonic() + 1200
         while time.monotonic() < deadline and not manifest.exists():
             time.sleep(0.1)
-        fed.stop("worker-east")
+        fed.stop("worker-east", hard=True)  # at once: a graceful stop may still take round 1's call
         events.append("stopped")
         while time.monotonic() < deadline and not list(fed.root.glob("store/*/fedit/r0002/down_000.safetensors.sha256")):
             time.sleep(0.2)
