@@ -127,6 +127,8 @@ def ablations(params: str, overrides: list[str], seeds: list[int], num_clients: 
     for name, extra in variants.items():
         tag = prefix + "ablation-" + "".join(ch if ch.isalnum() else "_" for ch in name)
         runs = run_setting(params, [*overrides, *extra, "strategies=[fedlease]"], seeds, tag)
+        no_failed_evaluations(runs)
+        one_code_version(runs)
         lines.append(f"| {name} | {mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
     return "\n".join(lines)
 
@@ -138,6 +140,8 @@ def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[fl
     for eps in (1, 4, 8):
         extra = ["privacy.enabled=true", f"privacy.target_epsilon={eps}", "strategies=[fedlease]"]
         runs = run_setting(params, [*overrides, *extra], seeds, f"{prefix}dp-eps{eps}")
+        no_failed_evaluations(runs)
+        one_code_version(runs)
         cfg = load_config(params, [*overrides, *extra])
         from fedlease.privacy import epsilon_after, noise_multiplier
 
@@ -253,6 +257,8 @@ def main() -> None:
     args = ap.parse_args()
     RUNS = Path(args.runs)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.ablation_seeds and not {int(s) for s in args.ablation_seeds.split(",")} <= set(seeds):
+        ap.error("--ablation-seeds must be among --seeds (the ablations are read beside full FedLEASE on them)")
     if args.out is None:
         args.out = str(HERE / "results" / ("quality_quick.md" if args.quick else "quality.md"))
     if args.nlg:
@@ -293,7 +299,7 @@ def main() -> None:
     if args.ablations:  # hours more: what is done so far lands in the file first
         write_doc(args.out, doc + ["(ablations running)", ""])
         ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]
-        same = [r for r, seed in zip(runs, seeds) if seed in ablation_seeds]
+        same = [r for r in runs if r["seed"] in ablation_seeds]
         m = max(r["allocation"]["num_experts"] for r in same if "allocation" in r)
         doc += [f"## Ablations (FedLEASE variants, same budgets; seeds {ablation_seeds})", "",
                 ablations(args.params, overrides, ablation_seeds, cfg.num_clients, m, prefix), "",

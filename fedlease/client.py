@@ -28,7 +28,7 @@ from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
 from fedlease.models.dual import recorded_weights
-from fedlease.ranks import in_rank_group, rank_and_world, run_on_ranks
+from fedlease.ranks import claim_device, in_rank_group, rank_and_world, run_on_ranks
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
 from fedlease.strategies.base import ModelSpec, Strategy, Tensors
@@ -55,6 +55,7 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         call = dict(cfg=cfg, strategy_name=strategy_name, client_id=client_id, round_=round_,
                     download_path=download_path, upload_path=upload_path, num_clients=num_clients)
         return run_on_ranks(client_train, call, ranks, cfg.orchestration.task_timeout_s, f"client {client_id}")
+    claim_device()
     t0 = time.perf_counter()
     strategy = strategy_for(cfg, strategy_name, num_clients)
     if strategy.federated:  # injected faults hit the federated rounds, not the warm-up

@@ -490,6 +490,11 @@ class Config(_Strict):
                                  "(s3://bucket/prefix, or a shared path)")
         elif any(c.silo is not None for c in self.data.clients):
             raise ValueError("data.clients: clients with a silo need orchestration.task_runner: silo")
+        ranks = self.training.deepspeed.ranks_per_client
+        if ranks > 1 and self.orchestration.task_runner == "threads":
+            raise ValueError(f"training.deepspeed.ranks_per_client: {ranks} devices per client with "
+                             "orchestration.task_runner: threads would put concurrent clients' groups on the same "
+                             "devices; use sequential (one client at a time per host), ray or silo")
         cpr = self.federation.clients_per_round
         if isinstance(cpr, int) and cpr == 1:
             raise ValueError("federation.clients_per_round: 1 is ambiguous; write 1.0 for every client, or a "

@@ -39,7 +39,10 @@ def run_in_fresh_process(fn: ClientFn, call: dict[str, Any], timeout_s: float) -
     """Run `fn(**call)` in a spawned process (spawn, never fork: CUDA cannot be forked); its exception
     is raised here; past `timeout_s` the process is killed and TimeoutError raised."""
     who = f"client {call.get('client_id', '?')}"
-    return await_processes([start_process(fn, call, who)], timeout_s)[0]
+    # a daemonic process may not start children: a call that spawns its rank group (fedlease/ranks.py) runs
+    # in a non-daemonic one (await_processes still kills it on failure)
+    spawns = call["cfg"].training.deepspeed.ranks_per_client > 1
+    return await_processes([start_process(fn, call, who, daemon=not spawns)], timeout_s)[0]
 
 
 @dataclass
@@ -51,12 +54,13 @@ class StartedCall:
     receive: Connection
 
 
-def start_process(fn: ClientFn, call: dict[str, Any], who: str, env: dict[str, str] | None = None) -> StartedCall:
+def start_process(fn: ClientFn, call: dict[str, Any], who: str, env: dict[str, str] | None = None,
+                  daemon: bool = True) -> StartedCall:
     """Start `fn(**call)` in a spawned process, with `env` set in it before `fn` runs."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, fn, call, env or {}), name=f"fedlease-{who.replace(' ', '-')}",
-                       daemon=True)
+                       daemon=daemon)
     proc.start()
     send.close()  # the child holds the only writer: its exit shows here as EOF
     return StartedCall(who, proc, receive)
@@ -85,13 +89,17 @@ def await_processes(started: list[StartedCall], timeout_s: float) -> list[Any]:
                     raise ClientProcessDied(f"{call.who}: its process ended (exit code {call.proc.exitcode}) "
                                             "without a result") from None
                 if status == "error":
+                    payload.add_note(f"(in {call.who})")  # a group's failure names its process
                     raise payload
                 results[i] = payload
     finally:
         for call in started:
-            if call.proc.is_alive() and call.receive in pending:
+            if call.receive in pending:
                 call.proc.kill()
-            call.proc.join()
+            call.proc.join(timeout=30)  # one that reported but hangs in its teardown is killed too
+            if call.proc.is_alive():
+                call.proc.kill()
+                call.proc.join()
             call.receive.close()
     return [results[i] for i in range(len(started))]
 

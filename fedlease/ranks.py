@@ -35,16 +35,28 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def rank_share(tensors: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], float]:
+def rank_share(tensors: dict[str, torch.Tensor], rank: int, world: int, row_weights: torch.Tensor | None = None
+               ) -> tuple[dict[str, torch.Tensor], float]:
     """This rank's contiguous share of a batch's rows and the factor its mean loss is scaled by, so that
-    DeepSpeed's average over the ranks equals the whole batch's mean gradient: rows_r * world / rows.
-    A batch with fewer rows than ranks (an epoch's last) goes whole to every rank (factor 1). Pure."""
+    DeepSpeed's average over the ranks equals the whole batch's mean gradient: the share's part of the
+    loss's denominator x world. `row_weights`: each row's part of that denominator (its number of scored
+    tokens for a token-mean loss, its class weight for a class-weighted mean; None: 1 per row). A batch
+    with fewer rows than ranks (an epoch's last) goes whole to every rank (factor 1). Pure."""
     rows = next(iter(tensors.values())).shape[0]
     if rows < world:
         return tensors, 1.0
     index = torch.arange(rows).tensor_split(world)[rank]
     start, stop = int(index[0]), int(index[-1]) + 1
-    return {k: v[start:stop] for k, v in tensors.items()}, (stop - start) * world / rows
+    weights = torch.ones(rows) if row_weights is None else row_weights.double().cpu()
+    total = float(weights.sum())
+    factor = float(weights[start:stop].sum()) * world / total if total > 0 else 1.0
+    return {k: v[start:stop] for k, v in tensors.items()}, factor
+
+
+def claim_device() -> None:
+    """A rank process takes its own GPU before anything touches CUDA (else every rank starts on GPU 0)."""
+    if in_rank_group() and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def free_port() -> int:

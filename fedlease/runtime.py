@@ -101,8 +101,8 @@ class ClientRuntime:
         if not self.cfg.training.reserve_steps or spec in self._reserved:
             return None
         self._reserved.add(spec)
-        return worst_case_batch(self.tokenizer, self.cfg.data.kind, self.cfg.training.batch_size,
-                                self.cfg.model.max_length)
+        rows = self.cfg.training.batch_size // self.cfg.training.deepspeed.ranks_per_client  # a rank's share
+        return worst_case_batch(self.tokenizer, self.cfg.data.kind, rows, self.cfg.model.max_length)
 
     def engine_config(self) -> dict[str, Any] | None:
         """The generated DeepSpeed config, if this runtime built a DeepSpeed engine."""

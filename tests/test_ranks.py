@@ -29,9 +29,85 @@ def test_rank_share_weights_each_share_to_the_whole_batch_mean():
     assert whole["x"].tolist() == [0.0] and f == 1.0
 
 
+def test_rank_share_follows_the_loss_denominator_of_token_and_class_weighted_means():
+    """A token-mean loss (generation) and a class-weighted mean: each share's factor is its part of the
+    denominator x world, so (sum over ranks of factor x share mean) / world is the whole batch's loss."""
+    from fedlease.engine.trainer import loss_row_weights
+
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100], [-100, 1, 2, 3], [-100, -100, -100, 4]])
+    token_loss = torch.tensor([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 4.0, 0.0], [0.0, 0.5, 0.5, 3.0], [0.0, 0.0, 0.0, 9.0]])
+    scored = labels != -100
+    whole = token_loss[scored].mean()
+    weights = loss_row_weights({"labels": labels}, "generation")
+    assert weights.tolist() == [2, 1, 3, 1]
+    combined = 0.0
+    for rank in range(2):
+        share, factor = rank_share({"labels": labels, "loss": token_loss}, rank, 2, weights)
+        combined += factor * share["loss"][share["labels"] != -100].mean() / 2
+    assert float(combined) == pytest.approx(float(whole))
+    # class-weighted: rows' losses l, weights w[label]: the loss is sum(w l) / sum(w)
+    labels, losses, class_weights = torch.tensor([0, 1, 1, 2, 0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), \
+        torch.tensor([0.5, 2.0, 1.0])
+    w = loss_row_weights({"labels": labels}, "classification", class_weights)
+    whole = (w * losses).sum() / w.sum()
+    combined = 0.0
+    for rank in range(2):
+        share, factor = rank_share({"labels": labels, "loss": losses}, rank, 2, w)
+        sw = class_weights[share["labels"]]
+        combined += factor * (sw * share["loss"]).sum() / sw.sum() / 2
+    assert float(combined) == pytest.approx(float(whole))
+
+
+def test_two_ranks_on_threads_are_refused_naming_the_keys(tmp_path: Path):
+    from tests.conftest import tiny_params
+
+    from fedlease.config import ConfigError, config_from_dict
+
+    raw = tiny_params(tmp_path, training__engine="deepspeed", training__deepspeed={"ranks_per_client": 2},
+                      orchestration={"task_runner": "threads"})
+    with pytest.raises(ConfigError, match="ranks_per_client: 2 .*task_runner: threads"):
+        config_from_dict(raw)
+    raw["training"]["batch_size"] = 7
+    raw["orchestration"] = {"task_runner": "sequential"}
+    with pytest.raises(ConfigError, match="cannot share batch_size 7"):
+        config_from_dict(raw)
+
+
+def _spawn_one() -> dict[str, Any]:
+    """(In a spawned process.) Starts a process of its own, as a client call starting its rank group does."""
+    return {"child": await_processes([start_process(_fail_if, {"fail": False}, "grandchild")], 60)[0]}
+
+
+def _fail_if(fail: bool) -> dict[str, Any]:
+    if fail:
+        raise RuntimeError("rank went wrong")
+    return {"ok": True}
+
+
+def test_a_fresh_process_call_may_start_its_rank_group_and_a_failure_names_its_process(tmp_path: Path):
+    """`orchestration.fresh_process` with ranks_per_client > 1: the call's process starts the rank processes
+    (a daemonic one may not have children); a failing process's error says which one it was."""
+    from tests.conftest import tiny_params
+
+    from fedlease.config import config_from_dict
+    from fedlease.isolation import run_in_fresh_process
+
+    cfg = config_from_dict(tiny_params(tmp_path, training__engine="deepspeed",
+                                       training__deepspeed={"ranks_per_client": 2}))
+    assert run_in_fresh_process(_spawn_with_cfg, {"cfg": cfg}, 120) == {"child": {"ok": True}}
+    with pytest.raises(RuntimeError, match="rank went wrong") as err:
+        await_processes([start_process(_fail_if, {"fail": True}, "client 3 rank 1")], 60)
+    assert "(in client 3 rank 1)" in err.value.__notes__
+
+
+def _spawn_with_cfg(cfg: Any) -> dict[str, Any]:
+    return _spawn_one()
+
+
 def _train_tiny(world: int) -> dict[str, Any]:
-    """(In a spawned process.) A dropout-free tiny BERT trained by the DeepSpeed engine on fixed batches
-    of 10, 3 and 1 rows; the rows each forward saw, the losses, the final weights."""
+    """(In a spawned process.) A dropout-free tiny BERT trained by the DeepSpeed engine (class-weighted
+    loss, clipping at 1.0) on fixed batches of 10, 3, 1 and 10 rows; the rows each forward saw, the mean
+    loss, the final weights."""
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedlease.config import TrainingConfig
@@ -54,10 +130,12 @@ def _train_tiny(world: int) -> dict[str, Any]:
     batches = [Batch({"input_ids": torch.randint(1, 50, (n, 6), generator=gen),
                       "attention_mask": torch.ones(n, 6, dtype=torch.long),
                       "labels": torch.randint(0, 3, (n,), generator=gen)}, n) for n in (10, 3, 1, 10)]
-    cfg = TrainingConfig(engine="deepspeed", batch_size=10, reserve_steps=0, gradient_clipping=0.0,
+    cfg = TrainingConfig(engine="deepspeed", batch_size=10, reserve_steps=0,
                          deepspeed={"zero_stage": 2, "ranks_per_client": world})
     engine = trainer.DeepSpeedEngine(cfg, ROOT / ".cache")
-    result = engine.train(model, list(model.parameters()), batches, "classification")
+    # a class-weighted loss: a share's factor must follow the weights of its rows, not their count
+    result = engine.train(model, list(model.parameters()), batches, "classification",
+                          class_weights=torch.tensor([0.5, 2.0, 1.0]))
     return {"rows": seen, "loss": result.loss, "steps": result.steps,
             "weights": {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}}  # no shared fds
 

@@ -52,6 +52,18 @@ def compute_loss(model: nn.Module, tensors: dict[str, torch.Tensor], kind: str,
                            ignore_index=-100)
 
 
+def loss_row_weights(tensors: dict[str, torch.Tensor], kind: str, class_weights: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Each row's part of `compute_loss`'s denominator: 1 (mean cross-entropy), its label's class weight
+    (class-weighted mean), its number of scored tokens (generation: a mean over response tokens)."""
+    labels = tensors["labels"]
+    if kind == "classification":
+        if class_weights is None:
+            return torch.ones(labels.shape[0])
+        return class_weights.to(labels.device)[labels]
+    return (labels[:, 1:] != -100).sum(1)
+
+
 def response_logits_start(labels: torch.Tensor) -> int:
     """First position whose logits predict a scored token: one before the batch's earliest response token
     (the token at position 0 has nothing before it and is never scored)."""
@@ -185,8 +197,6 @@ def prepare_deepspeed_env(cache_dir: Path) -> None:
         os.environ["MASTER_PORT"] = _OWN_PORT
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
-    if torch.cuda.is_available():  # a client's rank group: one GPU per rank (fedlease/ranks.py)
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 def resolve_precision(cfg: TrainingConfig) -> str:
@@ -302,7 +312,8 @@ class DeepSpeedEngine:
                 tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
                 factor = 1.0
                 if world > 1:
-                    tensors, factor = rank_share(tensors, rank, world)
+                    weights = loss_row_weights(tensors, kind, class_weights)
+                    tensors, factor = rank_share(tensors, rank, world, weights)
                 loss = compute_loss(engine, tensors, kind, class_weights)
                 engine.backward(loss * factor if factor != 1.0 else loss)
                 engine.step()

@@ -151,8 +151,8 @@ class MixtureVariant(InputDependentVariant):
         slots, keep = slot_map(m, config.top_k)
         weight = module.get_base_layer().weight
         # slot -> expert map times the LoRA scaling: the routing matmul gives scaled gates (no extra kernel)
-        module.register_buffer("moe_slot_gates", (slots * float(module.scaling[adapter_name])).to(weight.device),
-                               persistent=False)
+        module.moe_scaling = float(module.scaling[adapter_name])  # fixed here: peft's set_scale does not reach it
+        module.register_buffer("moe_slot_gates", (slots * module.moe_scaling).to(weight.device), persistent=False)
         # the own-expert prior: a fixed logit on the slots of expert 0 (None when 0: no extra kernel)
         prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
         module.register_buffer("moe_prior", prior, persistent=False)  # a None buffer: moved with the model when set
@@ -196,12 +196,14 @@ class MixtureVariant(InputDependentVariant):
         gates, selected = route_fused(logits, module.moe_slot_gates, module.moe_keep, module.moe_renormalize,
                                       want_selected=telemetry is not None)  # scaled by alpha / r
         if telemetry is not None:
-            telemetry.update(gates.detach() / module.scaling[active_adapter], selected)
+            telemetry.update(gates.detach() / module.moe_scaling, selected)
         h = (h.unflatten(-1, (m, r)) * gates.unsqueeze(-1)).flatten(-2)
         # result + h B^T as one addmm (the add fused into the matmul)
         up = torch.cat([own_b, foreign_b], dim=1)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
-        return out.view(result.shape)
+        base = result.reshape(-1, result.shape[-1])
+        if base.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            base = base.to(h.dtype)  # e.g. a 4-bit base computing in bf16 under fp32 adapters (peft casts back)
+        return torch.addmm(base, h.reshape(-1, h.shape[-1]), up.t()).view(*result.shape[:-1], -1)
 
     def supports_lora_conversion(self) -> bool:
         return False
