@@ -11,9 +11,12 @@ price is the start-up per call: importing torch and DeepSpeed and loading the ba
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import multiprocessing.process
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,8 +107,25 @@ def await_processes(started: list[StartedCall], timeout_s: float) -> list[Any]:
     return [results[i] for i in range(len(started))]
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the one that started it dies, however it dies (a silo's flow
+    run cancelled and killed, an out-of-memory kill): no orphaned client process keeps a GPU. A no-op
+    elsewhere (there the parent's own cleanup is all there is)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _child(send: Connection, fn: ClientFn, call: dict[str, Any], env: dict[str, str]) -> None:
     # (a port inherited from a parent that ran DeepSpeed itself: the engine picks its own, trainer.py)
+    die_with_parent()
     os.environ.update(env)
     try:
         message: tuple[str, Any] = ("ok", fn(**call))

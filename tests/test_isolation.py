@@ -90,3 +90,47 @@ def test_client_round_in_a_fresh_process_equals_the_in_process_one(tmp_path: Pat
     assert there.steps == here.steps > 0 and there.loss == here.loss
     a, b = load_tensors(Path(here.upload)), load_tensors(Path(there.upload))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _start_sleeper_then_die(pid_file: str) -> dict:
+    """(In a spawned process.) Starts a client process that sleeps, writes its pid, then dies abruptly."""
+    import os as _os
+
+    from fedlease.isolation import start_process
+
+    started = start_process(_sleep_and_report, {"pid_file": pid_file}, "sleeper")
+    deadline = time.monotonic() + 60
+    while not Path(pid_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _os._exit(9)  # no cleanup: as a process killed by its orchestrator
+    return {"never": started}
+
+
+def _sleep_and_report(pid_file: str) -> dict:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(300)
+    return {}
+
+
+def test_a_client_process_dies_with_the_process_that_started_it(tmp_path: Path):
+    """A silo's flow run cancelled (killed) while its client call or rank group runs: the client processes
+    must not live on holding memory or a GPU."""
+    from fedlease.isolation import ClientProcessDied, await_processes, start_process
+
+    pid_file = tmp_path / "sleeper.pid"
+    with pytest.raises(ClientProcessDied):
+        await_processes([start_process(_start_sleeper_then_die, {"pid_file": str(pid_file)}, "parent", daemon=False)],
+                        120)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the orphaned client process is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
