@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import json
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from fedlease.config import config_from_dict
+from fedlease.ranks import free_port
 from fedlease.pipeline import run_all
 
 from .conftest import REPO, tiny_params
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for(url: str, seconds: int = 120) -> None:
@@ -70,7 +64,7 @@ def test_mlflow_ui_shows_runs_metrics_and_the_compare_view(tmp_path: Path):
         raw = tiny_params(tmp_path / f"r{rank}", strategies=["fedlease", "fedit"], lora__r=rank)
         raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{db}", "experiment": "browser"}
         run_all(config_from_dict(raw))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
@@ -108,7 +102,7 @@ def test_mlflow_ui_shows_runs_metrics_and_the_compare_view(tmp_path: Path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it as root)")
 def test_prefect_ui_shows_the_flow_run_and_its_results_artifact(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_UI_API_URL": api, "PREFECT_UI_ENABLED": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

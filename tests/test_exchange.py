@@ -5,7 +5,6 @@ naming the client when an upload is missing, late or corrupt; an S3-compatible s
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from fedlease.config import ExchangeConfig, config_from_dict
+from fedlease.ranks import free_port
 from fedlease.exchange import (ExchangeError, read_download, remove_round, validate_upload, write_download,
                                write_upload)
 from fedlease.pipeline import run_all
@@ -89,9 +89,7 @@ def s3_store(monkeypatch: pytest.MonkeyPatch) -> Any:
     """moto's S3 server on 127.0.0.1, credentials and endpoint from the environment as a user would set."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,21 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedlease.ranks import free_port
+
 from .conftest import tiny_params
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """Start a Ray head bound to 127.0.0.1 (its own temp dir) and stop exactly that head afterwards."""
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are length-limited
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

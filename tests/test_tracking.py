@@ -111,13 +111,11 @@ def _serve_and_ask(uri: str, model_uri: str, rows, expected: list[str], tmp_path
     loaded model does."""
     import json
     import os
-    import socket
+    from fedlease.ranks import free_port
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     server = subprocess.Popen([mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
@@ -177,7 +175,7 @@ def test_one_store_rule(tmp_path: Path, monkeypatch):
     """tracking.uri, else $MLFLOW_TRACKING_URI, else in the project the stack's server when it answers and
     its SQLite store when it does not, else ./mlflow.db."""
     import http.server
-    import socket
+    from fedlease.ranks import free_port
     import threading
 
     from fedlease.tracking import tracking_uri
@@ -189,9 +187,7 @@ def test_one_store_rule(tmp_path: Path, monkeypatch):
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "infra").mkdir()
     (tmp_path / "infra" / "stack.sh").write_text("#!/bin/sh\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_PORT", str(port))
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'infra' / 'state' / 'mlflow.db'}", "stack down: its store"
 
