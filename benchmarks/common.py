@@ -41,6 +41,13 @@ def kernel_ops(events: list) -> int:
     """Operators that would launch a kernel: aten compute ops none of whose descendants is one (a
     composite op such as linear counts as the matmul it runs)."""
 
+    def descendants(e):  # noqa: ANN001, ANN202
+        stack = list(e.cpu_children)
+        while stack:
+            child = stack.pop()
+            yield child
+            stack += child.cpu_children
+
     def compute(e) -> bool:  # noqa: ANN001
         return e.name.startswith("aten::") and e.name not in METADATA_OPS and not noop_cast(e)
 
@@ -48,23 +55,9 @@ def kernel_ops(events: list) -> int:
         """`aten::to` to the dtype/device a tensor already has returns it as is: a copying one has an
         `aten::_to_copy` under it (counted there), so a `to` without one launches nothing. Counting it also
         hid the op it sits under (scatter_add_, gather) as a non-leaf."""
-        if e.name != "aten::to":
-            return False
-        stack = list(e.cpu_children)
-        while stack:
-            child = stack.pop()
-            if child.name == "aten::_to_copy":
-                return False
-            stack += child.cpu_children
-        return True
+        return e.name == "aten::to" and not any(d.name == "aten::_to_copy" for d in descendants(e))
 
     def leaf(e) -> bool:  # noqa: ANN001
-        stack = list(e.cpu_children)
-        while stack:
-            child = stack.pop()
-            if compute(child):
-                return False
-            stack += child.cpu_children
-        return True
+        return not any(compute(d) for d in descendants(e))
 
     return sum(1 for e in events if compute(e) and leaf(e))
