@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,14 @@ from fedlease.ranks import free_port
 from .conftest import tiny_params
 
 pytestmark = pytest.mark.slow
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +55,29 @@ def ray_head() -> Iterator[str]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)  # a hung client's worker can hold a graceful stop for a minute
+            proc.wait(timeout=5)  # a hung client's worker can hold a graceful stop for a minute
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert subprocess.run([str(ray_bin), "status", f"--address={address}"], env=env,
-                          capture_output=True).returncode != 0, "the head this test started is stopped"
+            proc.wait(timeout=15)  # reaped: a zombie leader would still count as a live group
+    # the head is stopped: its processes are gone and its port refuses (`ray status` would retry ~40 s)
+    deadline = time.time() + 15
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "a process of the head this test started outlived it"
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
 
 
-def test_ray_runner_matches_the_local_runner(tmp_path: Path, ray_head: str):
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server for the module's flows (each start costs ~10 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_ray_runner_matches_the_local_runner(tmp_path: Path, ray_head: str, prefect_server: None):
     from fedlease.config import config_from_dict
     from fedlease.pipeline import run_all
     from flows.fedlease_flow import fedlease_flow
@@ -68,12 +90,11 @@ def test_ray_runner_matches_the_local_runner(tmp_path: Path, ray_head: str):
                                                           "client_resources": {0: {"silo_a": 1}}}}
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
-    with prefect_test_harness(server_startup_timeout=120):
-        on_ray = fedlease_flow(str(params))
-        from prefect.client.orchestration import get_client
+    on_ray = fedlease_flow(str(params))
+    from prefect.client.orchestration import get_client
 
-        with get_client(sync_client=True) as client:
-            names = {t.name for t in client.read_task_runs()}
+    with get_client(sync_client=True) as client:
+        names = {t.name for t in client.read_task_runs()}
     assert "fedlease-r2-train-client-003" in names, "client tasks ran as Prefect tasks on Ray"
     from fedlease.io import read_json
 
@@ -89,23 +110,21 @@ def test_ray_runner_matches_the_local_runner(tmp_path: Path, ray_head: str):
     assert on_ray["allocation"]["silhouette"] == pytest.approx(local["allocation"]["silhouette"], rel=1e-6)
 
 
-def test_a_hanging_client_times_out_on_ray_and_is_dropped(tmp_path: Path, ray_head: str):
+def test_a_hanging_client_times_out_on_ray_and_is_dropped(tmp_path: Path, ray_head: str, prefect_server: None):
     """Ray runs each client task in its own worker process, so a task timeout really interrupts it."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from fedlease.io import read_json
     from flows.fedlease_flow import fedlease_flow
 
     raw = tiny_params(tmp_path, strategies=["fedit"])
     raw["federation"]["rounds"] = 1
+    raw["federation"]["protocol"] = "paper"  # one round (equal compute would add the warm-up's as a second)
     raw["faults"] = {"hang_client_ids": [1], "hang_seconds": 600}
     raw["orchestration"] = {"task_runner": "ray", "task_timeout_s": 10, "retries": 1, "retry_delay_s": 0,
                             "ray": {"address": ray_head}}
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     t0 = time.time()
-    with prefect_test_harness(server_startup_timeout=120):
-        fedlease_flow(str(params))
+    fedlease_flow(str(params))
     assert time.time() - t0 < 300, "the hang did not block the round"
     record = read_json(tmp_path / "outputs" / "federate" / "fedit" / "result.json")["history"][0]
     assert list(record["dropped"]) == ["1"] and "Timeout" in record["dropped"]["1"], record["dropped"]
