@@ -53,8 +53,10 @@ down:
 status:
 	@$(STACK) status
 
+# one pytest process per core, whole files to each (a file's servers and heads are started once): the suite
+# mostly waits on processes and servers and keeps one core busy when run serially
 test: install browser
-	$(BIN)/python -m pytest -q --durations=15 tests   # the slowest 15 listed: the suite has a 20-minute budget
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 tests   # the slowest 15 listed: the suite has a 20-minute budget
 
 # Debian's Chromium for the MLflow UI browser test (installed when missing and run as root).
 browser:
