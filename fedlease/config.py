@@ -210,8 +210,10 @@ class RouterConfig(_Strict):
         default=None, description="Ablation: plain top-k over M slots instead of the 2M-1 slot trick"
     )
     own_prior: Annotated[float, Field(ge=0)] = Field(
-        default=0.0, description="a fixed logit added to the own expert's slots: the router starts near the "
-                                 "warm-up model (own weight ~ M e^b / (M e^b + M - 1)) instead of M / (2M - 1)")
+        default=0.0, description="a fixed logit b added to the own expert's slots where the weights are taken, not "
+                                 "where the top M are chosen: with k own slots kept, the own expert starts at "
+                                 "k e^b / (k e^b + M - k) of the weight (near the warm-up model) while the kept "
+                                 "foreign slots still learn")
 
 
 class FedLeaseConfig(_Strict):

@@ -162,11 +162,16 @@ def test_fused_routing_equals_the_reference_routing():
         for top_k in (None, 1, m):
             slots, keep = slot_map(m, top_k)
             logits = torch.randn(5, 7, slots.shape[0]) * 3
+            prior = slots[:, 0] * 1.5  # the own-expert prior on the own slots
             for renormalize in (True, False):
                 ref, ref_sel = route(logits, slots, keep, renormalize)
                 got, sel = route_fused(logits, slots, keep, renormalize, want_selected=True)
                 assert torch.allclose(got, ref, atol=1e-6), (m, top_k, renormalize)
                 assert torch.equal(sel, ref_sel)
+                ref_p, ref_p_sel = route(logits, slots, keep, renormalize, prior=prior)
+                got_p, sel_p = route_fused(logits, slots, keep, renormalize, want_selected=True, prior=prior)
+                assert torch.allclose(got_p, ref_p, atol=1e-6), (m, top_k, renormalize, "prior")
+                assert torch.equal(sel_p, ref_sel), "the prior changes no selection"
                 scaled, _ = route_fused(logits, slots * 2.5, keep, renormalize)
                 assert torch.allclose(scaled, 2.5 * ref, atol=1e-6), "the slot map carries the LoRA scaling"
 
@@ -205,9 +210,31 @@ def test_layer_keeps_the_reference_maths_with_dropout_on():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+def test_own_prior_weights_the_own_expert_but_leaves_the_foreign_slots_in_the_top_m():
+    """M = 2, slots [own, own, foreign], keep 2, logits [0.5, 0, 1], prior b = 2 on the own slots. The kept
+    slots come from the logits alone: {0, 2}; the weights from logits + prior: own e^2.5 / (e^2.5 + e^1) =
+    e^1.5 / (e^1.5 + 1) = 0.8176, foreign the rest, and the foreign slot's logit gets a gradient. Were the
+    prior in the selection, [2.5, 2, 1] would keep slots {0, 1}: own 1, foreign 0, no gradient (the collapse
+    measured with the first version of this option)."""
+    from fedlease.models.moe import route_fused
+
+    slots, keep = slot_map(2)
+    prior = torch.tensor([2.0, 2.0, 0.0])
+    for fn in (route, route_fused):
+        logits = torch.tensor([0.5, 0.0, 1.0], requires_grad=True)
+        gates, sel = fn(logits, slots, keep, True, prior=prior) if fn is route else fn(
+            logits, slots, keep, True, want_selected=True, prior=prior)
+        own = torch.e ** 1.5 / (torch.e ** 1.5 + 1)
+        assert torch.allclose(gates, torch.tensor([own, 1 - own]), atol=1e-6), fn.__name__
+        assert sel.tolist() == [True, True]
+        gates[0].backward()
+        assert abs(logits.grad[2]) > 0.1 and abs(logits.grad[1]) < 1e-6, "the kept foreign slot learns, the dropped not"
+
+
 def test_own_prior_adds_a_fixed_logit_to_the_own_slots():
-    """M = 3, 2M-1 = 5 slots [own, own, own, e1, e2]: the layer routes on G x + [b, b, b, 0, 0]; with a router
-    at zero that gives the own expert 3 e^b / (3 e^b + 2) of the softmax (3/5 without the prior)."""
+    """M = 3, 2M-1 = 5 slots [own, own, own, e1, e2]: the layer keeps the top 3 slots of G x and weights them
+    by softmax(G x + [b, b, b, 0, 0]); with a router at zero that gives the own expert 3 e^b / (3 e^b + 2) of
+    the softmax (3/5 without the prior)."""
     lora = LoraConfig(r=2, alpha=4, target_modules=["query"])
     model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(renormalize=True, own_prior=2.0), seed=0)
     state = get_state(model, "classifier", ("lora", "router", "foreign"))
@@ -217,7 +244,7 @@ def test_own_prior_adds_a_fixed_logit_to_the_own_slots():
     st = get_state(model, None, ("lora", "router", "foreign"))
     slots, keep = slot_map(3)
     prior = torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0])
-    gates, _ = route(x @ st["router.query"].T + prior, slots, keep, True)
+    gates, _ = route(x @ st["router.query"].T, slots, keep, True, prior=prior)
     a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"]])
     b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"]])
     assert torch.allclose(layer(x), layer.get_base_layer()(x) + mixture_delta(x, a, b, gates, 2.0), atol=1e-5)

@@ -46,7 +46,7 @@ class MixtureLoraConfig(PeftLoraConfig):
         default=None, metadata={"help": "Ablation: plain top-k over M slots, no 2M-1 trick"}
     )
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal init"})
-    own_prior: float = field(default=0.0, metadata={"help": "Fixed logit added to the own expert's slots"})
+    own_prior: float = field(default=0.0, metadata={"help": "Fixed logit added to the own expert's slot weights"})
 
 
 def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, int]:
@@ -67,17 +67,18 @@ def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, 
     return F.one_hot(torch.tensor(targets), m).float(), keep
 
 
-def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool,
+          prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token expert weights (..., M) and which experts were selected (..., M bool), from
     router logits (..., S). Pure function. Selection is by slot index, so an expert whose
-    weight underflows to 0 in float32 still counts as selected."""
-    w = torch.softmax(logits, dim=-1)
-    mask = torch.ones_like(w)
-    if keep < w.shape[-1]:
-        top = torch.topk(w, keep, dim=-1).indices
-        mask = torch.zeros_like(w).scatter_(-1, top, 1.0)
-        w = w * mask
+    weight underflows to 0 in float32 still counts as selected. A `prior` (S,) is added to the logits
+    the weights come from, not to those that choose the kept slots: it moves weight towards the own
+    expert without keeping the foreign slots out of the top M (where they would get no gradient)."""
+    mask = torch.ones_like(logits)
+    if keep < logits.shape[-1]:
+        top = torch.topk(logits, keep, dim=-1).indices
+        mask = torch.zeros_like(logits).scatter_(-1, top, 1.0)
+    w = torch.softmax(logits if prior is None else logits + prior, dim=-1) * mask
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
     slots = slots.to(w.dtype)
@@ -85,24 +86,27 @@ def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: boo
 
 
 def route_fused(logits: torch.Tensor, slot_gates: torch.Tensor, keep: int, renormalize: bool,
-                want_selected: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                want_selected: bool = False, prior: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`route` in fewer kernels (what the layer runs). The kept slots are those at or above the
     `keep`-th largest logit (softmax is monotone; a tie at the threshold keeps every tied slot, where
     `route` keeps an arbitrary one of them); the dropped ones are pushed to the bottom of the dtype before the
     softmax (= softmax, mask, renormalise; their weight is exactly 0, and the add has no backward kernel) and
     one matmul with `slot_gates` (S, M) maps slots to experts. The layer folds the
     LoRA scaling into `slot_gates`, so the gates come out scaled at no extra kernel. No gradient flows
-    through the threshold. Equal to `route` within float rounding (tested)."""
+    through the threshold. A `prior` enters the weights, not the choice of slots (as in `route`). Equal to
+    `route` within float rounding (tested)."""
     dropped = None
+    weighted = logits if prior is None else logits + prior
     if keep < logits.shape[-1]:
         threshold = logits.detach().topk(keep, dim=-1).values[..., -1:]
         dropped = logits < threshold
         if renormalize:  # a dropped slot's logit pushed to the dtype's bottom: exp gives exactly 0, one add
-            w = torch.softmax(torch.add(logits, dropped, alpha=-torch.finfo(logits.dtype).max), dim=-1)
+            w = torch.softmax(torch.add(weighted, dropped, alpha=-torch.finfo(logits.dtype).max), dim=-1)
         else:
-            w = torch.softmax(logits, dim=-1) * ~dropped
+            w = torch.softmax(weighted, dim=-1) * ~dropped
     else:
-        w = torch.softmax(logits, dim=-1)
+        w = torch.softmax(weighted, dim=-1)
     gates = w @ slot_gates.to(w.dtype)
     selected = None
     if want_selected:
@@ -153,7 +157,7 @@ class MixtureVariant(InputDependentVariant):
         # slot -> expert map times the LoRA scaling: the routing matmul gives scaled gates (no extra kernel)
         module.moe_scaling = float(module.scaling[adapter_name])  # fixed here: peft's set_scale does not reach it
         module.register_buffer("moe_slot_gates", (slots * module.moe_scaling).to(weight.device), persistent=False)
-        # the own-expert prior: a fixed logit on the slots of expert 0 (None when 0: no extra kernel)
+        # the own-expert prior: a fixed logit on the weights of expert 0's slots (None when 0: no extra kernel)
         prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
         module.register_buffer("moe_prior", prior, persistent=False)  # a None buffer: moved with the model when set
         module.moe_keep = keep
@@ -190,11 +194,10 @@ class MixtureVariant(InputDependentVariant):
         else:
             logits = F.linear(x, router)
             h = F.linear(dropout(x), down[: m * r])
-        if module.moe_prior is not None:
-            logits = logits + module.moe_prior.to(logits.dtype)
+        prior = None if module.moe_prior is None else module.moe_prior.to(logits.dtype)
         telemetry = module.moe_telemetry
         gates, selected = route_fused(logits, module.moe_slot_gates, module.moe_keep, module.moe_renormalize,
-                                      want_selected=telemetry is not None)  # scaled by alpha / r
+                                      want_selected=telemetry is not None, prior=prior)  # scaled by alpha / r
         if telemetry is not None:
             telemetry.update(gates.detach() / module.moe_scaling, selected)
         h = (h.unflatten(-1, (m, r)) * gates.unsqueeze(-1)).flatten(-2)
