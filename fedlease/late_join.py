@@ -56,13 +56,16 @@ def _join(cfg: Config, data_file: str, task: str, strategy_name: str | None) -> 
     warmup = warmup_strategy(cfg, n + 1)
     down = work / "warmup_down.safetensors"
     write_download(down, warmup.download(warmup.init_state(initial_context(cfg, warmup)), cid))
-    client_train(cfg, warmup.name, cid, 1, str(down), str(work / "warmup_adapter.safetensors"), n + 1)
+    # its warm-up adapter where the original clients' are (its warm-up head already goes to the warm-up's
+    # client folders): `local` continues from it as it does for them
+    adapter = paths.warmup_adapter(cid)
+    client_train(cfg, warmup.name, cid, 1, str(down), str(adapter), n + 1)
     # 2. the method places it, from its warm-up adapter and the original clients'
     strategy = strategy_for(cfg, name, n + 1)
     loaded = Checkpoint(strategy.home(paths) / "checkpoint").load()
     state = loaded[0] if loaded is not None else strategy.init_state(initial_context(cfg, strategy))
     peers = [load_tensors(paths.warmup_adapter(c)) for c in range(n)]
-    state, placement = strategy.admit(state, cid, load_tensors(work / "warmup_adapter.safetensors"), peers)
+    state, placement = strategy.admit(state, cid, load_tensors(adapter), peers)
     # 3. one local round from the current state, then its evaluation
     write_download(work / "down.safetensors", strategy.download(state, cid))
     train = client_train(cfg, name, cid, 1, str(work / "down.safetensors"), str(work / "up.safetensors"), n + 1)

@@ -101,11 +101,11 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
 
     from .conftest import write_sentiment_csv
 
-    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease"]))
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "local"]))
     run_all(cfg)
     newcomer = write_sentiment_csv(tmp_path / "new.csv", 30, seed=9)
     rec = join_client(cfg, str(newcomer), "sentiment")
-    assert rec["client_id"] == 4
+    assert rec["client_id"] == 4 and rec["strategy"] == "fedlease"
     assert rec["expert"] == min(range(len(rec["mean_distances"])), key=rec["mean_distances"].__getitem__)
     n_test = round(30 * 8 / (16 + 8))  # the joiner's own split, in the partition's train:test ratio
     assert rec["accuracy"] * n_test == pytest.approx(round(rec["accuracy"] * n_test))
@@ -113,6 +113,11 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     cmap = read_json(RunPaths.of(cfg).cluster_map)
     assert len(cmap["assignment"]) == 4, "joining must not re-cluster"
     assert join_client(cfg, str(newcomer), "sentiment")["client_id"] == 5
+    # `local` continues from the joiner's own warm-up adapter, as it does for the original clients
+    alone = join_client(cfg, str(newcomer), "sentiment", "local")
+    assert alone["client_id"] == 6 and alone["strategy"] == "local" and alone["bytes_up"] == 0
+    paths = RunPaths.of(cfg)
+    assert paths.warmup_adapter(6).exists(), "the joiner's warm-up adapter sits beside the original clients'"
 
 
 def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):
