@@ -389,6 +389,11 @@ class OrchestrationConfig(_Strict):
                     "only; costs the imports and the base-model load per call",
     )
 
+    @property
+    def at_silos(self) -> bool:
+        """Clients' data, heads and local state live at their silos; the coordinator holds none of them."""
+        return self.task_runner == "silo"
+
 
 class PrivacyConfig(_Strict):
     """Client-level differential privacy on uploads: clip each client's update, add Gaussian noise."""
@@ -478,7 +483,7 @@ class Config(_Strict):
                         f"data.tasks.{i}.max_examples: {task.max_examples} examples cannot give "
                         f"{clients} clients x ({part.train_per_client} train + "
                         f"{part.test_per_client} test) = {need}")
-        if self.orchestration.task_runner == "silo":
+        if self.orchestration.at_silos:
             where = [c.silo for c in self.data.clients]
             named = [(c.silo, c.name) for c in self.data.clients]
             if len(set(named)) < len(named):

@@ -35,7 +35,7 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
         # The simulation keeps every client's local state (its head) beside the model so any client's
         # model can be rebuilt; in silo mode the model holds experts and routers only: heads and local
         # state stay at the silos, which export their own clients' models (`fedlease silo export`).
-        at_silos = cfg.orchestration.task_runner == "silo"
+        at_silos = cfg.orchestration.at_silos
         (tmp / "clients").mkdir()
         for c in [] if at_silos else manifest["clients"]:
             cid = c["client_id"]
@@ -58,7 +58,7 @@ def export_peft_adapters(cfg: Config, strategy: Strategy, state: ServerState, fo
 
     manifest = load_manifest(cfg)
     plain = ModelSpec(r=cfg.lora.r)
-    at_silos = cfg.orchestration.task_runner == "silo"  # a client's own model (its head) is exported there
+    at_silos = cfg.orchestration.at_silos  # a client's own model (its head) is exported there
     if not at_silos and all(strategy.spec(c["client_id"]) == plain for c in manifest["clients"]):
         rt = runtime_for(cfg)
         for c in manifest["clients"]:

@@ -81,7 +81,7 @@ def stage_warmup(cfg: Config, mapper: ClientMapper = sequential_mapper) -> list[
         save_tensors(path, unprefixed(state.tensors, f"client{c}."))
         out.append(str(path))
     atomic_write_json(paths.warmup / "summary.json", {"clients": n, "history": history_to_json(result.history)})
-    if cfg.orchestration.task_runner == "silo":  # each client's adapter back to its silo; heads are there
+    if cfg.orchestration.at_silos:  # each client's adapter back to its silo; heads are there
         from fedlease.silo import publish_warmup
 
         publish_warmup(cfg, n)
@@ -145,7 +145,7 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
                                  **known, "allocation.capped": float(doc["capped"])})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
-    if cfg.orchestration.task_runner == "silo":  # the cluster map, for the clients' model layout
+    if cfg.orchestration.at_silos:  # the cluster map, for the clients' model layout
         from fedlease.silo import publish_allocation
 
         publish_allocation(cfg)
@@ -196,7 +196,7 @@ def stage_federate(cfg: Config, mapper: ClientMapper = sequential_mapper,
         home = strategy.home(paths)
         atomic_write_json(home / "result.json", summary)
         export_final_model(cfg, strategy, out.state, home / "final")
-        if cfg.orchestration.task_runner == "silo":  # each silo adds its clients' heads (fedlease silo export)
+        if cfg.orchestration.at_silos:  # each silo adds its clients' heads (fedlease silo export)
             from fedlease.silo import publish_final
 
             publish_final(cfg, name, home / "final")

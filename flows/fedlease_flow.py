@@ -30,7 +30,7 @@ from fedlease.server import ClientMapper  # noqa: E402
 def client_task(fn: Callable[..., Any], call: dict[str, Any]) -> Any:
     """One client's work for one stage and round (train or evaluate), from files to files: here, or at
     the client's silo (silo mode, flows/silo_flow.py)."""
-    if call["cfg"].orchestration.task_runner == "silo":
+    if call["cfg"].orchestration.at_silos:
         from flows.silo_flow import run_at_silo
 
         return run_at_silo(fn, call)
@@ -86,7 +86,7 @@ def _runner(cfg: Config) -> Any:
         if address == "auto":  # join the running cluster, never silently start a private one
             return RayTaskRunner(init_kwargs={"address": "auto"})
         return RayTaskRunner(address=address)
-    if cfg.orchestration.task_runner == "silo":  # the work runs at the silos: wait for every client at once
+    if cfg.orchestration.at_silos:  # the work runs at the silos: wait for every client at once
         return ThreadPoolTaskRunner(max_workers=min(64, cfg.num_clients))
     workers = 1 if cfg.orchestration.task_runner == "sequential" else os.cpu_count() or 1
     return ThreadPoolTaskRunner(max_workers=workers)

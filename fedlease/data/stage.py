@@ -83,7 +83,7 @@ def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
     from fedlease.plots import plot_partition_stats
 
     paths = RunPaths.of(cfg)
-    if cfg.orchestration.task_runner == "silo":
+    if cfg.orchestration.at_silos:
         entries, stats = _prepared_at_silos(cfg, mapper)
         clients: list[ClientData] = []
         label_spaces = {}
