@@ -211,9 +211,10 @@ class RouterConfig(_Strict):
     )
     own_prior: Annotated[float, Field(ge=0)] = Field(
         default=0.0, description="a fixed logit b added to the own expert's slots where the weights are taken, not "
-                                 "where the top M are chosen: with k own slots kept, the own expert starts at "
-                                 "k e^b / (k e^b + M - k) of the weight (near the warm-up model) while the kept "
-                                 "foreign slots still learn")
+                                 "where the kept slots are chosen: with renormalize on and k of the `keep` kept "
+                                 "slots the own expert's, it starts at k e^b / (k e^b + keep - k) of the weight "
+                                 "(near the warm-up model) while the kept foreign slots still learn; with "
+                                 "renormalize off the prior mostly shrinks the total weight instead")
 
 
 class FedLeaseConfig(_Strict):

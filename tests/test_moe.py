@@ -171,7 +171,7 @@ def test_fused_routing_equals_the_reference_routing():
                 ref_p, ref_p_sel = route(logits, slots, keep, renormalize, prior=prior)
                 got_p, sel_p = route_fused(logits, slots, keep, renormalize, want_selected=True, prior=prior)
                 assert torch.allclose(got_p, ref_p, atol=1e-6), (m, top_k, renormalize, "prior")
-                assert torch.equal(sel_p, ref_sel), "the prior changes no selection"
+                assert torch.equal(sel_p, ref_sel) and torch.equal(ref_p_sel, ref_sel), "the prior changes no selection"
                 scaled, _ = route_fused(logits, slots * 2.5, keep, renormalize)
                 assert torch.allclose(scaled, 2.5 * ref, atol=1e-6), "the slot map carries the LoRA scaling"
 

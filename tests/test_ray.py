@@ -63,7 +63,9 @@ def ray_head() -> Iterator[str]:
     deadline = time.time() + 15
     while _group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(proc.pid), "a process of the head this test started outlived it"
+    if _group_alive(proc.pid):  # a raylet or worker that ignored the graceful stop: no leak either way
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a process of the head this test started outlived its stop by 15 s")
     with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
 
