@@ -17,9 +17,35 @@ from fedlease.paths import RunPaths
 from fedlease.strategies.base import ServerState, Strategy
 
 
+def settle_unchosen(cfg: Config, strategy: Strategy, state: ServerState) -> ServerState:
+    """IFCA: a client never sampled has joined no cluster; its evaluation chose one by loss on its training
+    data. The same choice (same rule, data and seed as the last round's evaluation) is recorded in the final
+    state, so `fedlease predict` and the peft export give the model that was evaluated, not the common init."""
+    from fedlease.client import adopt_lowest_loss, client_seed
+    from fedlease.runtime import SEEDED, build_client_model, runtime_for
+
+    for c in load_manifest(cfg)["clients"]:
+        cid = c["client_id"]
+        download = strategy.eval_download(state, cid)
+        candidates = strategy.candidates(download)
+        if not candidates:
+            continue
+        rt = runtime_for(cfg)
+        data = load_client(cfg, cid)
+        with SEEDED:  # the model is built as the evaluation built it (seeded init)
+            model = build_client_model(rt, strategy, cid, len(data.label_names), download,
+                                       load_local_state(cfg, strategy, cid, 10**9))
+            group = adopt_lowest_loss(rt, model, candidates, data.train,
+                                      client_seed(cfg.seed, cid, strategy.rounds(), strategy.name))
+        state = strategy.settle(state, cid, group)
+    return state
+
+
 def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, folder: Path) -> None:
     """Final server state (experts, routers / shared LoRA) as safetensors + the cluster map + a loading README."""
     paths = RunPaths.of(cfg)
+    if not cfg.orchestration.at_silos:  # at the silos the data to choose on is theirs
+        state = settle_unchosen(cfg, strategy, state)
     with atomic_dir(folder) as tmp:
         save_tensors(tmp / "server_state.safetensors", state.tensors)
         atomic_write_json(tmp / "meta.json", {"strategy": strategy.name, "state_meta": state.meta,

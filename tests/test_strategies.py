@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedlease.config import config_from_dict
@@ -43,3 +44,35 @@ def test_local_floor_trains_the_common_budget_from_the_warmup(tmp_path: Path):
     assert [local.local_epochs(r) for r in (1, 2)] == [3, 3]
     assert needs_warmup(["local"]) and needs_warmup(["fedlease"]) and needs_warmup(cfg.strategies)
     assert not needs_warmup(["fedit", "ifca"])
+
+
+def test_ifca_final_model_records_the_cluster_an_unsampled_client_was_evaluated_with(tmp_path: Path):
+    """A client IFCA never sampled joins no cluster; its evaluation chooses one by loss. The final model
+    records that choice, so `fedlease predict` gives the evaluated model (it gave the common init)."""
+    from fedlease.data.stage import load_client
+    from fedlease.engine.evaluate import predict_labels
+    from fedlease.io import load_tensors, read_json
+    from fedlease.models.adapters import get_state
+    from fedlease.pipeline import run_all
+    from fedlease.predict import load_client_model
+
+    cfg = config_from_dict(tiny_params(tmp_path, strategies=["ifca"], federation__clients_per_round=0.25,
+                                       federation__protocol="paper", baselines__ifca_clusters=2))
+    run_all(cfg)
+    home = tmp_path / "outputs" / "federate" / "ifca"
+    result = read_json(home / "result.json")
+    unsampled = [c for c, g in enumerate(result["assignment"]) if g == -1]
+    assert unsampled, "the setting leaves a client unsampled"
+    recorded = read_json(home / "final" / "meta.json")["state_meta"]["assignment"]
+    assert sorted(map(int, recorded)) == list(range(len(result["assignment"]))), "every client has a cluster"
+    last = result["history"][-1]["eval"]["clients"]
+    for c in unsampled:
+        model, tokenizer, _, _ = load_client_model(home / "final", c)
+        test = load_client(cfg, c).test
+        preds = predict_labels(model, tokenizer, test, cfg.model.max_length, cfg.training.eval_batch_size)
+        accuracy = sum(p == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
+        assert accuracy == pytest.approx(last[str(c)]["accuracy"]), (c, "the predicted model is the evaluated one")
+        cluster = load_tensors(home / "final" / "server_state.safetensors")
+        lora = get_state(model, None, ("lora",))
+        prefix = f"cluster{recorded[str(c)]}."
+        assert lora and all(torch.equal(v, cluster[prefix + k]) for k, v in lora.items()), "it loads its cluster"

@@ -201,6 +201,11 @@ class Strategy(ABC):
         """Models the client chooses among by its training loss, by group (IFCA); none by default."""
         return {}
 
+    def settle(self, state: ServerState, client_id: int, group: int) -> ServerState:
+        """Record the candidate a client chose outside training (its evaluation), so the exported model is
+        the evaluated one; only a method with `candidates` has anything to record."""
+        raise NotImplementedError(f"{self.name} has no candidates to choose among")
+
     def upload_group(self, download: Download) -> int:
         """The group the client's upload belongs to when it has no candidates to choose from."""
         return 0

@@ -3,7 +3,7 @@ training data, trains it and uploads it; the server averages within clusters.
 
 The server remembers each client's latest pick; evaluation (and `fedlease predict`) uses the
 aggregated LoRA of that cluster, the model the client joined, rather than choosing again. A client
-that was never sampled still chooses by loss.
+that was never sampled still chooses by loss; the final model records that choice (`settle`).
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ class IFCA(Strategy):
         """Each client's latest cluster (-1 for a client never sampled)."""
         chosen = state.meta.get("assignment", {})
         return [int(chosen.get(str(c), -1)) for c in range(self.num_clients)]
+
+    def settle(self, state: ServerState, client_id: int, group: int) -> ServerState:
+        """A client never sampled: the cluster its evaluation chose by loss becomes the one it joined (for the
+        exported model and `fedlease predict`; training never saw it)."""
+        assignment = {**state.meta.get("assignment", {}), str(client_id): group}
+        return ServerState(state.tensors, {**state.meta, "assignment": assignment})
 
     def aggregate(self, state: ServerState, updates: list[Update]) -> ServerState:
         assignment = dict(state.meta.get("assignment", {}))
