@@ -31,7 +31,7 @@ from fedlease.models.dual import recorded_weights
 from fedlease.ranks import claim_device, in_rank_group, rank_and_world, run_on_ranks
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
-from fedlease.strategies.base import ModelSpec, Strategy, Tensors
+from fedlease.strategies.base import Download, ModelSpec, Strategy, Tensors
 
 
 def client_seed(seed: int, client_id: int, round_: int, strategy: str) -> int:
@@ -167,6 +167,17 @@ def adopt_lowest_loss(rt: ClientRuntime, model: PeftModel, candidates: dict[int,
     return best
 
 
+def adopt_evaluation_choice(rt: ClientRuntime, strategy: Strategy, model: PeftModel, download: Download,
+                            train: list[dict[str, Any]], client_id: int, round_: int) -> int | None:
+    """IFCA, a client never sampled: the candidate it is evaluated with, chosen by loss on its training data
+    with the round's evaluation seed, loaded into the model (the exported final model records the same
+    choice); None when the download leaves nothing to choose."""
+    candidates = strategy.candidates(download)
+    if not candidates:
+        return None
+    return adopt_lowest_loss(rt, model, candidates, train, client_seed(rt.cfg.seed, client_id, round_, strategy.name))
+
+
 def majority_accuracy(train: list[dict[str, Any]], test: list[dict[str, Any]]) -> float:
     """The floor: accuracy on `test` of always predicting the most frequent label of `train` (ties: the
     smallest label id)."""
@@ -195,9 +206,7 @@ def client_evaluate(cfg: Config, strategy_name: str, client_id: int, round_: int
     data = load_client(cfg, client_id)
     with SEEDED:  # builds (seeded init) and loads the model this thread shares with no other
         model, download = _client_model(rt, strategy, client_id, len(data.label_names), download_path, round_)
-        candidates = strategy.candidates(download)
-        if candidates:  # IFCA, a client never sampled: it chooses by loss
-            adopt_lowest_loss(rt, model, candidates, data.train, client_seed(cfg.seed, client_id, round_, strategy.name))
+        adopt_evaluation_choice(rt, strategy, model, download, data.train, client_id, round_)
     telemetry = attach_telemetry(model)
     out: dict[str, Any] = {"client_id": client_id, "task": data.task, "num_test": len(data.test)}
     with recorded_weights(model) as weights, autocast_for(cfg.training):

@@ -21,22 +21,22 @@ def settle_unchosen(cfg: Config, strategy: Strategy, state: ServerState) -> Serv
     """IFCA: a client never sampled has joined no cluster; its evaluation chose one by loss on its training
     data. The same choice (same rule, data and seed as the last round's evaluation) is recorded in the final
     state, so `fedlease predict` and the peft export give the model that was evaluated, not the common init."""
-    from fedlease.client import adopt_lowest_loss, client_seed
+    from fedlease.client import adopt_evaluation_choice
     from fedlease.runtime import SEEDED, build_client_model, runtime_for
 
+    last = strategy.rounds()
     for c in load_manifest(cfg)["clients"]:
         cid = c["client_id"]
         download = strategy.eval_download(state, cid)
-        candidates = strategy.candidates(download)
-        if not candidates:
+        if not strategy.candidates(download):
             continue
         rt = runtime_for(cfg)
         data = load_client(cfg, cid)
-        with SEEDED:  # the model is built as the evaluation built it (seeded init)
+        with SEEDED:  # the model is built as the last round's evaluation built it (seeded init)
             model = build_client_model(rt, strategy, cid, len(data.label_names), download,
-                                       load_local_state(cfg, strategy, cid, 10**9))
-            group = adopt_lowest_loss(rt, model, candidates, data.train,
-                                      client_seed(cfg.seed, cid, strategy.rounds(), strategy.name))
+                                       load_local_state(cfg, strategy, cid, last))
+            group = adopt_evaluation_choice(rt, strategy, model, download, data.train, cid, last)
+        assert group is not None
         state = strategy.settle(state, cid, group)
     return state
 
