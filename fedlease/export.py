@@ -6,6 +6,7 @@ predict --model-uri <folder>` rebuilds any client's model from it (`fedlease.pre
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedlease.config import Config
@@ -17,16 +18,16 @@ from fedlease.paths import RunPaths
 from fedlease.strategies.base import ServerState, Strategy
 
 
-def settle_unchosen(cfg: Config, strategy: Strategy, state: ServerState) -> ServerState:
+def settle_unchosen(cfg: Config, strategy: Strategy, state: ServerState, client_ids: Iterable[int]) -> ServerState:
     """IFCA: a client never sampled has joined no cluster; its evaluation chose one by loss on its training
     data. The same choice (same rule, data and seed as the last round's evaluation) is recorded in the final
-    state, so `fedlease predict` and the peft export give the model that was evaluated, not the common init."""
+    state, so `fedlease predict` and the peft export give the model that was evaluated, not the common init.
+    `client_ids`: the clients whose data is here (all of them in a simulation, a silo's own at a silo)."""
     from fedlease.client import adopt_evaluation_choice
     from fedlease.runtime import SEEDED, build_client_model, runtime_for
 
     last = strategy.rounds()
-    for c in load_manifest(cfg)["clients"]:
-        cid = c["client_id"]
+    for cid in client_ids:
         download = strategy.eval_download(state, cid)
         if not strategy.candidates(download):
             continue
@@ -45,7 +46,7 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
     """Final server state (experts, routers / shared LoRA) as safetensors + the cluster map + a loading README."""
     paths = RunPaths.of(cfg)
     if not cfg.orchestration.at_silos:  # at the silos the data to choose on is theirs
-        state = settle_unchosen(cfg, strategy, state)
+        state = settle_unchosen(cfg, strategy, state, [c["client_id"] for c in load_manifest(cfg)["clients"]])
     with atomic_dir(folder) as tmp:
         save_tensors(tmp / "server_state.safetensors", state.tensors)
         atomic_write_json(tmp / "meta.json", {"strategy": strategy.name, "state_meta": state.meta,

@@ -231,9 +231,11 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str) -> Path:
     `fedlease predict --model-uri` loads. Nothing of it leaves the silo."""
     from fedlease.config import ExchangeConfig
     from fedlease.data.stage import load_client
-    from fedlease.io import atomic_dir, read_json, save_tensors
+    from fedlease.export import settle_unchosen
+    from fedlease.io import atomic_dir, load_tensors, read_json, save_tensors
     from fedlease.local_state import load_local_state
     from fedlease.runtime import strategy_for
+    from fedlease.strategies.base import ServerState
 
     exchange = ExchangeConfig(url=store, storage_options=silo.storage_options)
     shared = join(_shared(join(store, run)), f"final/{method}")
@@ -246,18 +248,22 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str) -> Path:
     cfg = config_from_dict(read_json(fetched / "params.json"))
     local = silo_config_for(cfg, silo)
     folder = Path(local.output_dir) / "export" / method
+    mine = [cid for cid, entry in enumerate(cfg.data.clients) if entry.silo == silo.name]
+    strategy = strategy_for(local, method, cfg.num_clients)
+    meta = read_json(fetched / "meta.json")
+    state = ServerState(load_tensors(fetched / "server_state.safetensors"), meta["state_meta"])
+    # IFCA: a client of this silo never sampled gets the cluster its evaluation chose (here, on its data)
+    meta["state_meta"] = settle_unchosen(local, strategy, state, mine).meta
     with atomic_dir(folder) as tmp:
         for name in FINAL_FILES:
             if (fetched / name).exists():
                 (tmp / name).write_bytes((fetched / name).read_bytes())
-        strategy = strategy_for(local, method, cfg.num_clients)
+        atomic_write_json(tmp / "meta.json", meta)
         (tmp / "clients").mkdir()
-        for cid, entry in enumerate(cfg.data.clients):
-            if entry.silo != silo.name:
-                continue
-            state = load_local_state(local, strategy, cid, 10**9)
-            if state is not None:
-                save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", state)
+        for cid in mine:
+            own_state = load_local_state(local, strategy, cid, 10**9)
+            if own_state is not None:
+                save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", own_state)
             client = load_client(local, cid)
             atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json",
                               {"task": client.task, "label_names": client.label_names})

@@ -83,3 +83,47 @@ def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
     stray = SiloConfig(name="a", workdir=str(tmp_path / "stray"), clients={})
     with pytest.raises(SiloError, match="silo a: no client 'a0' in its config"):
         run_silo_call("prepare", call, str(tmp_path / "r.json"), stray)
+
+
+def test_a_silo_export_gives_an_unsampled_ifca_client_the_cluster_it_was_evaluated_with(tmp_path: Path):
+    """IFCA, a client never sampled: at its silo (whose data chose its cluster at evaluation), the exported
+    model records that choice, so `fedlease predict` there gives the evaluated model, not the common init."""
+    from fedlease.data.stage import load_client
+    from fedlease.engine.evaluate import predict_labels
+    from fedlease.io import read_json
+    from fedlease.predict import load_client_model
+    from fedlease.silo import export_at_silo, silo_config_for
+
+    data = tmp_path / "files"
+    data.mkdir()
+    files = {"a0": write_sentiment_csv(data / "a0.csv", 40, 1), "a1": write_topic_csv(data / "a1.csv", 44, 2),
+             "b0": write_sentiment_csv(data / "b0.csv", 36, 3), "b1": write_topic_csv(data / "b1.csv", 48, 4)}
+    tasks = {"a0": "sentiment", "a1": "topic", "b0": "sentiment", "b1": "topic"}
+    raw = tiny_params(tmp_path / "coord", strategies=["ifca"], federation__clients_per_round=0.25,
+                      federation__protocol="paper", baselines__ifca_clusters=2)
+    raw["data"] = {"cache_dir": str(tmp_path / "cache"), "tasks": [],
+                   "clients": [{"silo": c[0], "name": c, "task": tasks[c]} for c in files],
+                   "partition": {"scheme": "files", "min_test_per_client": 4}}
+    raw["orchestration"] = {"task_runner": "silo"}
+    raw["federation"]["exchange"] = {"url": str(tmp_path / "store")}
+    silos = {s: SiloConfig(name=s, workdir=str(tmp_path / "silos" / s),
+                           clients={c: {"path": str(files[c])} for c in files if c.startswith(s)})
+             for s in ("a", "b")}
+    cfg = config_from_dict(raw)
+    run_all(cfg, mapper=_in_process_silos(silos))
+
+    result = read_json(tmp_path / "coord" / "outputs" / "federate" / "ifca" / "result.json")
+    unsampled = [c for c, g in enumerate(result["assignment"]) if g == -1]
+    assert unsampled, "the setting leaves a client unsampled"
+    last = result["history"][-1]["eval"]["clients"]
+    names = list(files)
+    for c in unsampled:
+        silo = silos[names[c][0]]
+        folder = export_at_silo(silo, str(tmp_path / "store"), "outputs", "ifca")
+        recorded = read_json(folder / "meta.json")["state_meta"]["assignment"]
+        assert int(recorded[str(c)]) in (0, 1), (c, "the silo's export records the client's cluster")
+        model, tokenizer, _, _ = load_client_model(folder, c)
+        test = load_client(silo_config_for(cfg, silo), c).test
+        preds = predict_labels(model, tokenizer, test, cfg.model.max_length, cfg.training.eval_batch_size)
+        accuracy = sum(p == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
+        assert accuracy == pytest.approx(last[str(c)]["accuracy"]), (c, "the predicted model is the evaluated one")
