@@ -1,12 +1,14 @@
-"""The robustness table: FedLEASE under the paper's rule and under a candidate rule (its options on),
-beside `local` and the best other method, for each setting, from benchmark run folders of one code version.
+"""The robustness table (issue 20): per setting, FedLEASE under the paper's rule and under the shipped
+default, beside the floors (majority class, `local`) and the best baseline, from quality.py run folders
+of one code version.
 
-    python benchmarks/robustness_table.py --setting "LABEL=PAPER_SETTING_DIR,DEFAULT_SETTING_DIR" ... [--out FILE]
+    python benchmarks/robustness_table.py --setting "LABEL=PAPER_DIR[,SHIPPED_DIR]" ... [--out FILE]
 
-Each SETTING_DIR is one of quality.py's setting folders (seed<k>/metrics.json inside). A setting with
-no default folder ("LABEL=PAPER_DIR,-": the shipped default changes nothing there but the silhouette
-tolerance, as for generation) gets the default's M from the paper run's stored silhouette scores: with
-the same warm-up, the same M means the same FedLEASE run.
+Each DIR is one of quality.py's setting folders (seed<k>/metrics.json inside). Without SHIPPED_DIR the
+setting's paper-rule runs stand for the shipped default too: pass that only when the shipped default *is*
+the paper rule at the runs' commit (the table says so under it). The margin is the shipped default's
+mean minus the best other mean, `local` included; the goal is a margin >= `--goal-margin` in every setting
+and an ARI >= `--goal-ari` wherever the clients differ by task (every setting here).
 """
 
 from __future__ import annotations
@@ -16,80 +18,109 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.provenance import describe  # noqa: E402
+from fedlease.strategies import floor_names, primary_name  # noqa: E402
+
+HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, shipped default | "
+          "margin of the shipped default over the best other (`local` included) | >= goal | M per seed | "
+          "ARI vs tasks (mean) | >= goal |")
 
 
-def _runs(folder: str) -> list[dict]:
+def load_runs(folder: str) -> list[dict[str, Any]]:
     runs = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("seed*/metrics.json"))]
     if not runs:
         raise SystemExit(f"error: {folder}: no seed*/metrics.json (run quality.py first)")
     return runs
 
 
-def _mean(runs: list[dict], method: str) -> float:
-    return 100 * statistics.mean(r["methods"][method]["mean"] for r in runs)
+def mean_of(runs: list[dict[str, Any]], method: str, key: str = "mean") -> float:
+    """The method's score over seeds, in percent (accuracy or ROUGE-L)."""
+    return 100 * statistics.mean(r["methods"][method][key] for r in runs)
 
 
-def _alloc(runs: list[dict]) -> str:
-    return ", ".join(f"M={r['allocation']['num_experts']}{' (cap)' if r['allocation'].get('capped') else ''} "
-                     f"ARI {r['allocation']['ari_vs_task']:.2f}" for r in runs if "allocation" in r)
+def majority_floor(runs: list[dict[str, Any]]) -> float | None:
+    """Each client predicting its most frequent training label (classification only; the same for every method)."""
+    floors = [next(iter(r["methods"].values())).get("majority") for r in runs]
+    return None if any(f is None for f in floors) else 100 * statistics.mean(f["mean"] for f in floors)
 
 
-def row(setting: str, label: str, paper: list[dict], default: list[dict], tolerance: float,
-        excluded: tuple[str, ...] = ()) -> str:
-    others = {m: _mean(paper, m) for m in paper[0]["methods"] if m not in ("fedlease", "local", *excluded)}
-    best = max(others, key=others.get) if others else None
-    fl_paper, local_paper = _mean(paper, "fedlease"), _mean(paper, "local")
-    if default:
-        fl_default, local_default, alloc_default = _mean(default, "fedlease"), _mean(default, "local"), _alloc(default)
-    else:  # tolerance only: the M the default would choose, from the stored silhouette scores
-        chosen = []
-        for r in paper:
-            sil = {int(k): v for k, v in r["allocation"]["silhouette"].items()}
-            top = max(sil.values())
-            chosen.append(min(k for k, v in sil.items() if v >= top - tolerance))
-        same = all(c == r["allocation"]["num_experts"] for c, r in zip(chosen, paper, strict=True))
-        fl_default = fl_paper if same else float("nan")
-        local_default, alloc_default = local_paper, f"M={chosen} ({'same as the paper rule' if same else 'differs: not run'})"
-    best_default = max(local_default, others[best] if best else float("-inf"))
-    best_paper = max(local_paper, others[best] if best else float("-inf"))
-    return (f"| {label} | {len(paper)} | {fl_paper:.2f} | {fl_default:.2f} | {local_paper:.2f} / {local_default:.2f} | "
-            f"{f'{best} {others[best]:.2f}' if best else '-'} | {fl_paper - best_paper:+.2f} / "
-            f"{fl_default - best_default:+.2f} | {_alloc(paper)} | {alloc_default} |")
+def allocation(runs: list[dict[str, Any]]) -> tuple[str, float]:
+    """M per seed (cap marked) and the mean ARI of the clusters against the true tasks."""
+    allocs = [r["allocation"] for r in runs]
+    ms = ", ".join(f"{a['num_experts']}{' (cap)' if a.get('capped') else ''}" for a in allocs)
+    return ms, statistics.mean(a["ari_vs_task"] for a in allocs)
+
+
+def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], goal_margin: float,
+        goal_ari: float) -> tuple[str, float, float]:
+    """One setting's line, its margin and its ARI (both of the shipped default)."""
+    methods = list(paper[0]["methods"])
+    primary = primary_name(methods)
+    floors = floor_names(methods)
+    if primary is None or not floors:
+        raise SystemExit(f"error: {label}: the runs need the primary method and a floor (`local`); have {methods}")
+    floor = floors[0]
+    baselines = {m: mean_of(paper, m) for m in methods if m != primary and m not in floors}
+    best = max(baselines, key=baselines.get) if baselines else None
+    local_score = mean_of(shipped, floor)  # a shipped default that changes the warm-up changes `local` too
+    best_other = max([local_score, *([baselines[best]] if best else [])])
+    fl_paper, fl_shipped = mean_of(paper, primary), mean_of(shipped, primary)
+    margin = fl_shipped - best_other
+    ms, ari = allocation(shipped)
+    majority = majority_floor(paper)
+    line = (f"| {label} | {len(paper)} | {'-' if majority is None else f'{majority:.2f}'} | {local_score:.2f} | "
+            f"{f'{best} {baselines[best]:.2f}' if best else '-'} | {fl_paper:.2f} | {fl_shipped:.2f} | "
+            f"{margin:+.2f} | {'yes' if margin >= goal_margin else '**no**'} | {ms} | {ari:.2f} | "
+            f"{'yes' if ari >= goal_ari else '**no**'} |")
+    return line, margin, ari
+
+
+def code_version(runs: list[dict[str, Any]]) -> str:
+    return json.dumps({k: runs[0]["code_version"][k] for k in ("sources", "commit")}, sort_keys=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR,CANDIDATE_DIR",
-                    help="a setting's run folders under the paper rule and the candidate rule (- for none)")
-    ap.add_argument("--tolerance", type=float, default=0.02)
-    ap.add_argument("--not-best", action="append", default=[],
-                    help="a method left out of 'best other' (e.g. one that trained more steps in these runs)")
+    ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR[,SHIPPED_DIR]",
+                    help="a setting's run folders: the paper rule's, and the shipped default's when it differs")
+    ap.add_argument("--goal-margin", type=float, default=1.0)
+    ap.add_argument("--goal-ari", type=float, default=0.95)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lines = ["| setting | seeds | FedLEASE, paper rule | FedLEASE, candidate rule | local (paper / candidate warm-up) | "
-             "best other federated method | margin over the best other, `local` included (paper / candidate) | "
-             "allocation, paper rule | allocation, candidate |", "|" + "---|" * 9]
-    versions = set()
+    if not args.setting:
+        ap.error("name at least one --setting")
+    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    versions: set[str] = set()
+    shared = []
     for item in args.setting:
-        label, folders = item.split("=", 1)
-        paper_dir, default_dir = folders.split(",", 1)
-        paper = _runs(paper_dir)
-        default = _runs(default_dir) if default_dir != "-" else []
-        versions |= {json.dumps({k: r["code_version"][k] for k in ("sources", "commit")}) for r in paper + default}
-        lines.append(row(label, label, paper, default, args.tolerance, tuple(args.not_best)))
+        label, _, folders = item.partition("=")
+        paper_dir, _, shipped_dir = folders.partition(",")
+        paper = load_runs(paper_dir)
+        shipped = load_runs(shipped_dir) if shipped_dir else paper
+        if not shipped_dir:
+            shared.append(label)
+        if {r.get("protocol") for r in paper + shipped} != {"equal_compute"}:
+            raise SystemExit(f"error: {label}: every run must use the equal-compute protocol")
+        for runs in (paper, shipped):
+            versions |= {code_version([r]) for r in runs}
+        lines.append(row(label, paper, shipped, args.goal_margin, args.goal_ari)[0])
     if len(versions) > 1:
         raise SystemExit(f"error: runs of different code versions: {sorted(versions)}")
-    version = json.loads(next(iter(versions)))
-    lines += ["", f"Code: {describe(version)}; protocol equal compute; quick size (6-8 clients, 2 rounds)."
-              + (f" Left out of 'best other method': {', '.join(args.not_best)}." if args.not_best else "")]
+    lines += ["", f"Code: {describe(json.loads(versions.pop()))}; protocol: equal compute. Scores in % "
+                  "(accuracy, each client on its own test set, client mean; ROUGE-L for generation). Goal: "
+                  f"margin >= {args.goal_margin:+.2f} and ARI >= {args.goal_ari:.2f}."]
+    if shared:
+        lines.append(f"Same runs in both FedLEASE columns (the shipped default is the paper rule there): "
+                     f"{'; '.join(shared)}.")
     text = "\n".join(lines)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write_text(Path(args.out), text + "\n")
 
 
 if __name__ == "__main__":

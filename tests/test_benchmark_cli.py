@@ -50,3 +50,33 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert "## Task + label heterogeneity" in text and "seeds [0, 1]" in text
     assert "majority class (floor)" in rows and "Protocol: equal compute" in text and "code: commit" in text
     assert "label-balanced test sets" in text
+
+
+def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float, commit: str = "a" * 40) -> None:
+    methods = {m: {"mean": s, "majority": {"mean": 0.4}} for m, s in scores.items()}
+    out = folder / f"seed{seed}" / "metrics.json"
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps({"methods": methods, "protocol": "equal_compute",
+                               "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari},
+                               "code_version": {"commit": commit, "sources": "b" * 16, "dirty": False}}))
+
+
+def test_robustness_table_takes_the_margin_over_the_best_other_method_local_included(tmp_path: Path):
+    script = [sys.executable, str(REPO / "benchmarks" / "robustness_table.py")]
+    for seed, (fl, ifca) in enumerate([(0.70, 0.66), (0.72, 0.70)]):  # FedLEASE 71, IFCA 68, local 65
+        _metrics(tmp_path / "mix", seed, {"fedlease": fl, "local": 0.65, "fedit": 0.60, "ifca": ifca}, 1.0)
+    _metrics(tmp_path / "skew", 0, {"fedlease": 0.50, "local": 0.555, "fedit": 0.52}, 0.5)  # local leads by 5.5
+    proc = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'}", "--setting", f"skew={tmp_path / 'skew'}",
+                           "--out", str(tmp_path / "robustness.md")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    mix, skew = rows["mix"], rows["skew"]
+    assert mix[2:9] == ["40.00", "65.00", "ifca 68.00", "71.00", "71.00", "+3.00", "yes"]
+    assert mix[9:12] == ["4, 4 (cap)", "1.00", "yes |"]
+    assert skew[4:9] == ["fedit 52.00", "50.00", "50.00", "-5.50", "**no**"] and skew[11] == "**no** |"
+    assert (tmp_path / "robustness.md").read_text() == proc.stdout
+    # runs of another code version are refused, by name of both versions
+    _metrics(tmp_path / "other", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, commit="c" * 40)
+    mixed = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'}", "--setting", f"o={tmp_path / 'other'}"],
+                           capture_output=True, text=True, timeout=120)
+    assert mixed.returncode != 0 and "different code versions" in mixed.stderr and "c" * 40 in mixed.stderr

@@ -109,6 +109,8 @@ class Strategy(ABC):
     inherits_warmup: ClassVar[bool] = False
     #: the pipeline's own method: its final model is registered, its margin reported
     primary: ClassVar[bool] = False
+    #: a floor tables show in a column of its own (no collaboration: `local`); margins are taken over it too
+    floor: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, num_clients: int, allocation: Allocation | None = None) -> None:
         if self.needs_allocation and allocation is None:

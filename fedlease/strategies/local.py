@@ -18,6 +18,7 @@ class LocalOnly(Strategy):
     upload_groups = ()
     local_groups = ("lora", "head")
     inherits_warmup = True  # round 1 starts from the warm-up's adapter and head
+    floor = True
 
     def init_state(self, ctx: InitContext) -> ServerState:
         return ServerState({})

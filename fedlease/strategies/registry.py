@@ -67,3 +67,8 @@ def needs_allocation(names: Iterable[str]) -> bool:
 def primary_name(names: Iterable[str]) -> str | None:
     """The pipeline's own method among `names` (FedLEASE), if chosen."""
     return next((n for n in names if strategy_class(n).primary), None)
+
+
+def floor_names(names: Iterable[str]) -> list[str]:
+    """The floors among `names` (`local`): shown beside the methods, not federated competitors."""
+    return [n for n in names if strategy_class(n).floor]
