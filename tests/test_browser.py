@@ -7,12 +7,12 @@ under test-artifacts/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import json
 import time
 import urllib.request
 from pathlib import Path
@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from fedlease.config import config_from_dict
-from fedlease.ranks import free_port
 from fedlease.pipeline import run_all
+from fedlease.ranks import free_port
 
 from .conftest import REPO, tiny_params
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fedlease.config import ExchangeConfig, config_from_dict
-from fedlease.ranks import free_port
 from fedlease.exchange import (ExchangeError, read_download, remove_round, validate_upload, write_download,
                                write_upload)
 from fedlease.pipeline import run_all
+from fedlease.ranks import free_port
 from fedlease.records import ClientTrainResult
 from fedlease.server import collect_updates
 from fedlease.strategies.base import Download
