@@ -26,8 +26,8 @@ from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.provenance import describe  # noqa: E402
 from fedlease.strategies import floor_names, primary_name  # noqa: E402
 
-HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, shipped default | "
-          "margin of the shipped default over the best other (`local` included) | >= goal | M per seed | "
+HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, {column} | "
+          "margin of the {column} over the best other (`local` included) | >= goal | M per seed | "
           "ARI vs tasks (mean) | >= goal |")
 
 
@@ -58,7 +58,7 @@ def allocation(runs: list[dict[str, Any]]) -> tuple[str, float]:
 
 def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], goal_margin: float,
         goal_ari: float) -> tuple[str, float, float]:
-    """One setting's line, its margin and its ARI (both of the shipped default)."""
+    """One setting's line, its margin and its ARI (both of the second column: the shipped default, or an option)."""
     methods = list(paper[0]["methods"])
     primary = primary_name(methods)
     floors = floor_names(methods)
@@ -67,7 +67,8 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     floor = floors[0]
     baselines = {m: mean_of(paper, m) for m in methods if m != primary and m not in floors}
     best = max(baselines, key=baselines.get) if baselines else None
-    local_score = mean_of(shipped, floor)  # a shipped default that changes the warm-up changes `local` too
+    # a shipped default that changes the warm-up changes `local` too; runs without `local` share the paper's warm-up
+    local_score = mean_of(shipped if floor in shipped[0]["methods"] else paper, floor)
     best_other = max([local_score, *([baselines[best]] if best else [])])
     fl_paper, fl_shipped = mean_of(paper, primary), mean_of(shipped, primary)
     margin = fl_shipped - best_other
@@ -90,11 +91,14 @@ def main() -> None:
                     help="a setting's run folders: the paper rule's, and the shipped default's when it differs")
     ap.add_argument("--goal-margin", type=float, default=1.0)
     ap.add_argument("--goal-ari", type=float, default=0.95)
+    ap.add_argument("--column", default="shipped default",
+                    help="what the second folders hold (e.g. 'own prior b = 2' for an option's ablation rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not args.setting:
         ap.error("name at least one --setting")
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    header = HEADER.format(column=args.column)
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     versions: set[str] = set()
     shared = []
     for item in args.setting:
@@ -115,7 +119,7 @@ def main() -> None:
                   "(accuracy, each client on its own test set, client mean; ROUGE-L for generation). Goal: "
                   f"margin >= {args.goal_margin:+.2f} and ARI >= {args.goal_ari:.2f}."]
     if shared:
-        lines.append(f"Same runs in both FedLEASE columns (the shipped default is the paper rule there): "
+        lines.append(f"Same runs in both FedLEASE columns (the {args.column} is the paper rule there): "
                      f"{'; '.join(shared)}.")
     text = "\n".join(lines)
     print(text)

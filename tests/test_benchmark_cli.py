@@ -75,6 +75,15 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     assert mix[9:12] == ["4, 4 (cap)", "1.00", "yes |"]
     assert skew[4:9] == ["fedit 52.00", "50.00", "50.00", "-5.50", "**no**"] and skew[11] == "**no** |"
     assert (tmp_path / "robustness.md").read_text() == proc.stdout
+    # an option's runs without `local` (same warm-up): the paper runs' `local` is the floor it must beat
+    for seed in (0, 1):
+        _metrics(tmp_path / "prior", seed, {"fedlease": 0.60}, 1.0)
+    option = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'},{tmp_path / 'prior'}", "--column",
+                             "own prior b = 2"], capture_output=True, text=True, timeout=120)
+    assert option.returncode == 0, option.stderr
+    assert "FedLEASE, own prior b = 2" in option.stdout.splitlines()[0]
+    prior_row = [line for line in option.stdout.splitlines() if line.startswith("| mix ")][0].split(" | ")
+    assert prior_row[3:9] == ["65.00", "ifca 68.00", "71.00", "60.00", "-8.00", "**no**"]
     # runs of another code version are refused, by name of both versions
     _metrics(tmp_path / "other", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, commit="c" * 40)
     mixed = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'}", "--setting", f"o={tmp_path / 'other'}"],
