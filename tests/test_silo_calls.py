@@ -18,6 +18,7 @@ from fedlease.strategies import federated_names
 
 from .conftest import tiny_params, write_sentiment_csv, write_topic_csv
 
+
 def _scores(output_dir: Path) -> dict[str, Any]:
     out = {}
     for result in sorted((output_dir / "federate").glob("*/result.json")):
@@ -43,12 +44,17 @@ def _in_process_silos(silos: dict[str, SiloConfig]) -> Any:
     return mapper
 
 
-def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
+def _client_files(tmp_path: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Four clients' data files, two per silo (a, b), and their tasks."""
     data = tmp_path / "files"
     data.mkdir()
     files = {"a0": write_sentiment_csv(data / "a0.csv", 40, 1), "a1": write_topic_csv(data / "a1.csv", 44, 2),
              "b0": write_sentiment_csv(data / "b0.csv", 36, 3), "b1": write_topic_csv(data / "b1.csv", 48, 4)}
-    tasks = {"a0": "sentiment", "a1": "topic", "b0": "sentiment", "b1": "topic"}
+    return files, {"a0": "sentiment", "a1": "topic", "b0": "sentiment", "b1": "topic"}
+
+
+def test_every_method_through_silo_calls_equals_the_simulation(tmp_path: Path):
+    files, tasks = _client_files(tmp_path)
     methods = federated_names()
 
     def params(root: Path, clients: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
@@ -94,11 +100,7 @@ def test_a_silo_export_gives_an_unsampled_ifca_client_the_cluster_it_was_evaluat
     from fedlease.predict import load_client_model
     from fedlease.silo import export_at_silo, silo_config_for
 
-    data = tmp_path / "files"
-    data.mkdir()
-    files = {"a0": write_sentiment_csv(data / "a0.csv", 40, 1), "a1": write_topic_csv(data / "a1.csv", 44, 2),
-             "b0": write_sentiment_csv(data / "b0.csv", 36, 3), "b1": write_topic_csv(data / "b1.csv", 48, 4)}
-    tasks = {"a0": "sentiment", "a1": "topic", "b0": "sentiment", "b1": "topic"}
+    files, tasks = _client_files(tmp_path)
     raw = tiny_params(tmp_path / "coord", strategies=["ifca"], federation__clients_per_round=0.25,
                       federation__protocol="paper", baselines__ifca_clusters=2)
     raw["data"] = {"cache_dir": str(tmp_path / "cache"), "tasks": [],
