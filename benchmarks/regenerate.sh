@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every published quality table from one code version: results/quality.md (task heterogeneity and label
+# skew over 3 seeds, the ablations, NLG), results/quality_quick.md, and results/robustness.md (issue 20's
+# settings). Runs the benchmark of COMMIT from a git worktree of it, so later commits on the branch do not
+# enter the numbers; every run folder resumes round by round, so an interrupted regeneration is re-run
+# with the same command (hours on a 2-core CPU: see benchmarks/README.md).
+#
+#   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
+#
+# Environment: PYTHON (default .venv/bin/python), REGEN_WORKTREE (default benchmarks/runs/worktree-COMMIT).
+set -euo pipefail
+if [ $# -lt 1 ]; then
+    echo "usage: benchmarks/regenerate.sh COMMIT [NOTE ...]" >&2
+    exit 2
+fi
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+commit=$(git rev-parse --short "$1^{commit}")
+shift
+tree=${REGEN_WORKTREE:-$root/benchmarks/runs/worktree-$commit}
+if [ ! -d "$tree" ]; then
+    git worktree add --detach "$tree" "$commit"
+fi
+if [ "$(git -C "$tree" rev-parse --short HEAD)" != "$commit" ]; then
+    echo "error: $tree is not a worktree of $commit" >&2
+    exit 2
+fi
+py=${PYTHON:-$root/.venv/bin/python}
+quality="$tree/benchmarks/quality.py"
+runs="$root/benchmarks/runs/regen-$commit"
+out="$root/benchmarks/results"
+notes=()
+for note in "$@"; do notes+=(--note "$note"); done
+
+step() {
+    echo "=== quality.py $* ($(date -u +%FT%TZ))"
+    "$py" "$quality" "$@"
+}
+
+step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
+step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" "${notes[@]}"
+step --quick --nlg --runs "$runs" --out "$out/quality_quick.md"
+# issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
+step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
+step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" --out "$runs/robust-mix3.md"
+step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" --out "$runs/robust-mix5.md"
+
+"$py" benchmarks/robustness_table.py --out "$out/robustness.md" \
+    --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$runs/task" \
+    --setting "task + label skew, alpha 0.5 (full)=$runs/label_skew_a0.5" \
+    --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$runs/quick" \
+    --setting "task + label skew, alpha 0.1 (quick)=$runs/quick-label_skew_a0.1" \
+    --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$runs/mix3/quick" \
+    --setting "5-task mix: the default four + dialog (quick)=$runs/mix5/quick" \
+    --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$runs/nlg"
+echo "=== done ($(date -u +%FT%TZ)); results in $out"
