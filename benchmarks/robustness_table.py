@@ -21,26 +21,33 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.provenance import describe  # noqa: E402
 from fedlease.strategies import floor_names, primary_name  # noqa: E402
+from quality import no_failed_evaluations, one_code_version  # noqa: E402
 
 HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, {column} | "
           "margin of the {column} over the best other (`local` included) | >= goal | M per seed | "
           "ARI vs tasks (mean) | >= goal |")
 
 
-def load_runs(folder: str) -> list[dict[str, Any]]:
-    runs = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("seed*/metrics.json"))]
+def load_runs(folder: str) -> dict[str, dict[str, Any]]:
+    """A setting folder's runs by seed folder name; refused when a run is of the paper protocol or has a
+    failed client evaluation (it would be out of its method's mean)."""
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("seed*/metrics.json"))}
     if not runs:
         raise SystemExit(f"error: {folder}: no seed*/metrics.json (run quality.py first)")
+    if {r.get("protocol") for r in runs.values()} != {"equal_compute"}:
+        raise SystemExit(f"error: {folder}: every run must use the equal-compute protocol")
+    no_failed_evaluations(list(runs.values()))
     return runs
 
 
-def mean_of(runs: list[dict[str, Any]], method: str, key: str = "mean") -> float:
+def mean_of(runs: list[dict[str, Any]], method: str) -> float:
     """The method's score over seeds, in percent (accuracy or ROUGE-L)."""
-    return 100 * statistics.mean(r["methods"][method][key] for r in runs)
+    return 100 * statistics.mean(r["methods"][method]["mean"] for r in runs)
 
 
 def majority_floor(runs: list[dict[str, Any]]) -> float | None:
@@ -49,16 +56,18 @@ def majority_floor(runs: list[dict[str, Any]]) -> float | None:
     return None if any(f is None for f in floors) else 100 * statistics.mean(f["mean"] for f in floors)
 
 
-def allocation(runs: list[dict[str, Any]]) -> tuple[str, float]:
-    """M per seed (cap marked) and the mean ARI of the clusters against the true tasks."""
-    allocs = [r["allocation"] for r in runs]
-    ms = ", ".join(f"{a['num_experts']}{' (cap)' if a.get('capped') else ''}" for a in allocs)
-    return ms, statistics.mean(a["ari_vs_task"] for a in allocs)
+def allocation(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """M per seed (cap marked) and the mean ARI of the clusters against the true tasks (None when a run has
+    no allocation or its clients' tasks are not known)."""
+    allocs = [r.get("allocation") or {} for r in runs]
+    ms = ", ".join(f"{a['num_experts']}{' (cap)' if a.get('capped') else ''}" if a else "-" for a in allocs)
+    aris = [a.get("ari_vs_task") for a in allocs]
+    return ms, None if any(x is None for x in aris) else statistics.mean(aris)
 
 
 def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], goal_margin: float,
-        goal_ari: float) -> tuple[str, float, float]:
-    """One setting's line, its margin and its ARI (both of the second column: the shipped default, or an option)."""
+        goal_ari: float) -> tuple[str, bool]:
+    """One setting's line, and whether the second column (the shipped default, or an option) meets the goals."""
     methods = list(paper[0]["methods"])
     primary = primary_name(methods)
     floors = floor_names(methods)
@@ -68,21 +77,19 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     baselines = {m: mean_of(paper, m) for m in methods if m != primary and m not in floors}
     best = max(baselines, key=baselines.get) if baselines else None
     # a shipped default that changes the warm-up changes `local` too; runs without `local` share the paper's warm-up
-    local_score = mean_of(shipped if floor in shipped[0]["methods"] else paper, floor)
+    local_score = mean_of(shipped if all(floor in r["methods"] for r in shipped) else paper, floor)
     best_other = max([local_score, *([baselines[best]] if best else [])])
     fl_paper, fl_shipped = mean_of(paper, primary), mean_of(shipped, primary)
     margin = fl_shipped - best_other
     ms, ari = allocation(shipped)
     majority = majority_floor(paper)
+    margin_met = margin >= goal_margin
+    ari_met = ari is None or ari >= goal_ari  # no known tasks: nothing to recover
     line = (f"| {label} | {len(paper)} | {'-' if majority is None else f'{majority:.2f}'} | {local_score:.2f} | "
             f"{f'{best} {baselines[best]:.2f}' if best else '-'} | {fl_paper:.2f} | {fl_shipped:.2f} | "
-            f"{margin:+.2f} | {'yes' if margin >= goal_margin else '**no**'} | {ms} | {ari:.2f} | "
-            f"{'yes' if ari >= goal_ari else '**no**'} |")
-    return line, margin, ari
-
-
-def code_version(runs: list[dict[str, Any]]) -> str:
-    return json.dumps({k: runs[0]["code_version"][k] for k in ("sources", "commit")}, sort_keys=True)
+            f"{margin:+.2f} | {'yes' if margin_met else '**no**'} | {ms} | {'-' if ari is None else f'{ari:.2f}'} | "
+            f"{'-' if ari is None else 'yes' if ari_met else '**no**'} |")
+    return line, margin_met and ari_met
 
 
 def main() -> None:
@@ -99,32 +106,33 @@ def main() -> None:
         ap.error("name at least one --setting")
     header = HEADER.format(column=args.column)
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    versions: set[str] = set()
-    shared = []
+    every: list[dict[str, Any]] = []
+    shared, met = [], []
     for item in args.setting:
         label, _, folders = item.partition("=")
         paper_dir, _, shipped_dir = folders.partition(",")
         paper = load_runs(paper_dir)
         shipped = load_runs(shipped_dir) if shipped_dir else paper
+        if sorted(paper) != sorted(shipped):  # the margin compares means over the same seeds
+            raise SystemExit(f"error: {label}: {paper_dir} has {sorted(paper)}, {shipped_dir} {sorted(shipped)}")
         if not shipped_dir:
             shared.append(label)
-        if {r.get("protocol") for r in paper + shipped} != {"equal_compute"}:
-            raise SystemExit(f"error: {label}: every run must use the equal-compute protocol")
-        for runs in (paper, shipped):
-            versions |= {code_version([r]) for r in runs}
-        lines.append(row(label, paper, shipped, args.goal_margin, args.goal_ari)[0])
-    if len(versions) > 1:
-        raise SystemExit(f"error: runs of different code versions: {sorted(versions)}")
-    lines += ["", f"Code: {describe(json.loads(versions.pop()))}; protocol: equal compute. Scores in % "
+        every += [*paper.values(), *shipped.values()]
+        line, ok = row(label, list(paper.values()), list(shipped.values()), args.goal_margin, args.goal_ari)
+        lines.append(line)
+        met.append(ok)
+    version = one_code_version(every)  # every run and every method's rounds: one code version
+    lines += ["", f"Code: {describe(version)}; protocol: equal compute. Scores in % "
                   "(accuracy, each client on its own test set, client mean; ROUGE-L for generation). Goal: "
                   f"margin >= {args.goal_margin:+.2f} and ARI >= {args.goal_ari:.2f}."]
     if shared:
         lines.append(f"Same runs in both FedLEASE columns (the {args.column} is the paper rule there): "
                      f"{'; '.join(shared)}.")
     text = "\n".join(lines)
-    print(text)
     if args.out:
         atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+    print(f"robustness_goal: met in {sum(met)} of {len(met)} settings ({args.column})")
 
 
 if __name__ == "__main__":

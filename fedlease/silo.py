@@ -253,12 +253,13 @@ def export_at_silo(silo: SiloConfig, store: str, run: str, method: str) -> Path:
     meta = read_json(fetched / "meta.json")
     state = ServerState(load_tensors(fetched / "server_state.safetensors"), meta["state_meta"])
     # IFCA: a client of this silo never sampled gets the cluster its evaluation chose (here, on its data)
-    meta["state_meta"] = settle_unchosen(local, strategy, state, mine).meta
+    settled = settle_unchosen(local, strategy, state, mine).meta
     with atomic_dir(folder) as tmp:
         for name in FINAL_FILES:
             if (fetched / name).exists():
                 (tmp / name).write_bytes((fetched / name).read_bytes())
-        atomic_write_json(tmp / "meta.json", meta)
+        if settled != meta["state_meta"]:
+            atomic_write_json(tmp / "meta.json", {**meta, "state_meta": settled})
         (tmp / "clients").mkdir()
         for cid in mine:
             own_state = load_local_state(local, strategy, cid, 10**9)

@@ -52,40 +52,55 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert "label-balanced test sets" in text
 
 
-def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float, commit: str = "a" * 40) -> None:
-    methods = {m: {"mean": s, "majority": {"mean": 0.4}} for m, s in scores.items()}
+
+def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float | None, commit: str = "a" * 40,
+             protocol: str = "equal_compute", majority: bool = True) -> None:
+    version = {"commit": commit, "sources": "b" * 16, "dirty": False}
+    methods = {m: {"mean": s, "majority": {"mean": 0.4} if majority else None, "code_version": version}
+               for m, s in scores.items()}
     out = folder / f"seed{seed}" / "metrics.json"
     out.parent.mkdir(parents=True)
-    out.write_text(json.dumps({"methods": methods, "protocol": "equal_compute",
-                               "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari},
-                               "code_version": {"commit": commit, "sources": "b" * 16, "dirty": False}}))
+    out.write_text(json.dumps({"methods": methods, "protocol": protocol, "code_version": version,
+                               "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari}}))
 
 
 def test_robustness_table_takes_the_margin_over_the_best_other_method_local_included(tmp_path: Path):
     script = [sys.executable, str(REPO / "benchmarks" / "robustness_table.py")]
+
+    def table(*settings: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        args = [a for setting in settings for a in ("--setting", setting)]
+        return subprocess.run([*script, *args, *extra], capture_output=True, text=True, timeout=120)
+
+    def rows(stdout: str) -> dict[str, list[str]]:
+        return {line.split(" | ")[0][2:]: line.split(" | ") for line in stdout.splitlines() if line.startswith("| ")}
+
     for seed, (fl, ifca) in enumerate([(0.70, 0.66), (0.72, 0.70)]):  # FedLEASE 71, IFCA 68, local 65
         _metrics(tmp_path / "mix", seed, {"fedlease": fl, "local": 0.65, "fedit": 0.60, "ifca": ifca}, 1.0)
     _metrics(tmp_path / "skew", 0, {"fedlease": 0.50, "local": 0.555, "fedit": 0.52}, 0.5)  # local leads by 5.5
-    proc = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'}", "--setting", f"skew={tmp_path / 'skew'}",
-                           "--out", str(tmp_path / "robustness.md")], capture_output=True, text=True, timeout=120)
+    _metrics(tmp_path / "nlg", 0, {"fedlease": 0.30, "local": 0.28}, None, majority=False)  # no floor, no tasks
+    proc = table(f"mix={tmp_path / 'mix'}", f"skew={tmp_path / 'skew'}", f"nlg={tmp_path / 'nlg'}",
+                 extra=("--out", str(tmp_path / "robustness.md")))
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")}
-    mix, skew = rows["mix"], rows["skew"]
+    got = rows(proc.stdout)
+    mix, skew, nlg = got["mix"], got["skew"], got["nlg"]
     assert mix[2:9] == ["40.00", "65.00", "ifca 68.00", "71.00", "71.00", "+3.00", "yes"]
     assert mix[9:12] == ["4, 4 (cap)", "1.00", "yes |"]
     assert skew[4:9] == ["fedit 52.00", "50.00", "50.00", "-5.50", "**no**"] and skew[11] == "**no** |"
-    assert (tmp_path / "robustness.md").read_text() == proc.stdout
+    assert nlg[2:5] == ["-", "28.00", "-"] and nlg[7:9] == ["+2.00", "yes"] and nlg[10:] == ["-", "- |"]
+    assert proc.stdout.splitlines()[-1] == "robustness_goal: met in 2 of 3 settings (shipped default)"
+    assert (tmp_path / "robustness.md").read_text() in proc.stdout
     # an option's runs without `local` (same warm-up): the paper runs' `local` is the floor it must beat
     for seed in (0, 1):
         _metrics(tmp_path / "prior", seed, {"fedlease": 0.60}, 1.0)
-    option = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'},{tmp_path / 'prior'}", "--column",
-                             "own prior b = 2"], capture_output=True, text=True, timeout=120)
+    option = table(f"mix={tmp_path / 'mix'},{tmp_path / 'prior'}", extra=("--column", "own prior b = 2"))
     assert option.returncode == 0, option.stderr
     assert "FedLEASE, own prior b = 2" in option.stdout.splitlines()[0]
-    prior_row = [line for line in option.stdout.splitlines() if line.startswith("| mix ")][0].split(" | ")
-    assert prior_row[3:9] == ["65.00", "ifca 68.00", "71.00", "60.00", "-8.00", "**no**"]
-    # runs of another code version are refused, by name of both versions
+    assert rows(option.stdout)["mix"][3:9] == ["65.00", "ifca 68.00", "71.00", "60.00", "-8.00", "**no**"]
+    # refused, each by a clear error: another code version, the paper protocol, different seeds
     _metrics(tmp_path / "other", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, commit="c" * 40)
-    mixed = subprocess.run([*script, "--setting", f"mix={tmp_path / 'mix'}", "--setting", f"o={tmp_path / 'other'}"],
-                           capture_output=True, text=True, timeout=120)
-    assert mixed.returncode != 0 and "different code versions" in mixed.stderr and "c" * 40 in mixed.stderr
+    _metrics(tmp_path / "paper", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, protocol="paper")
+    for settings, message in [((f"mix={tmp_path / 'mix'}", f"o={tmp_path / 'other'}"), "different code versions"),
+                              ((f"p={tmp_path / 'paper'}",), "equal-compute protocol"),
+                              ((f"mix={tmp_path / 'mix'},{tmp_path / 'skew'}",), "['seed0', 'seed1']")]:
+        refused = table(*settings)
+        assert refused.returncode != 0 and message in refused.stderr, (settings, refused.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from fedlease.config import config_from_dict
 from fedlease.pipeline import run_all
@@ -95,8 +96,11 @@ def test_a_silo_export_gives_an_unsampled_ifca_client_the_cluster_it_was_evaluat
     """IFCA, a client never sampled: at its silo (whose data chose its cluster at evaluation), the exported
     model records that choice, so `fedlease predict` there gives the evaluated model, not the common init."""
     from fedlease.data.stage import load_client
+    from fedlease.engine.batching import iterate_batches
     from fedlease.engine.evaluate import predict_labels
-    from fedlease.io import read_json
+    from fedlease.engine.trainer import compute_loss
+    from fedlease.io import load_tensors, read_json
+    from fedlease.models.adapters import get_state, set_state
     from fedlease.predict import load_client_model
     from fedlease.silo import export_at_silo, silo_config_for
 
@@ -119,13 +123,28 @@ def test_a_silo_export_gives_an_unsampled_ifca_client_the_cluster_it_was_evaluat
     assert unsampled, "the setting leaves a client unsampled"
     last = result["history"][-1]["eval"]["clients"]
     names = list(files)
-    for c in unsampled:
-        silo = silos[names[c][0]]
+    for silo_name in sorted({names[c][0] for c in unsampled}):
+        silo = silos[silo_name]
         folder = export_at_silo(silo, str(tmp_path / "store"), "outputs", "ifca")
         recorded = read_json(folder / "meta.json")["state_meta"]["assignment"]
-        assert int(recorded[str(c)]) in (0, 1), (c, "the silo's export records the client's cluster")
-        model, tokenizer, _, _ = load_client_model(folder, c)
-        test = load_client(silo_config_for(cfg, silo), c).test
-        preds = predict_labels(model, tokenizer, test, cfg.model.max_length, cfg.training.eval_batch_size)
-        accuracy = sum(p == r["label"] for p, r in zip(preds, test, strict=True)) / len(test)
-        assert accuracy == pytest.approx(last[str(c)]["accuracy"]), (c, "the predicted model is the evaluated one")
+        clusters = load_tensors(folder / "server_state.safetensors")
+        for c in [c for c in unsampled if names[c][0] == silo_name]:
+            assert str(c) in recorded, (c, "the silo's export records the client's cluster")
+            model, tokenizer, _, _ = load_client_model(folder, c)
+            lora = get_state(model, None, ("lora",))
+            assert lora and all(torch.equal(v, clusters[f"cluster{recorded[str(c)]}.{k}"]) for k, v in lora.items())
+            data = load_client(silo_config_for(cfg, silo), c)
+            preds = predict_labels(model, tokenizer, data.test, cfg.model.max_length, cfg.training.eval_batch_size)
+            accuracy = sum(p == r["label"] for p, r in zip(preds, data.test, strict=True)) / len(data.test)
+            assert accuracy == pytest.approx(last[str(c)]["accuracy"]), (c, "the predicted model is the evaluated one")
+            # the recorded cluster is IFCA's choice: the lowest mean loss on the client's whole training set
+            losses = {}
+            model.eval()
+            for k in (0, 1):
+                set_state(model, {key: clusters[f"cluster{k}.{key}"] for key in lora})
+                with torch.no_grad():
+                    batches = list(iterate_batches(tokenizer, data.train, "classification",
+                                                   cfg.training.eval_batch_size, cfg.model.max_length, 1, 0))
+                    losses[k] = sum(float(compute_loss(model, b.tensors, "classification")) * b.size
+                                    for b in batches) / len(data.train)
+            assert losses[0] != losses[1] and int(recorded[str(c)]) == min(losses, key=losses.__getitem__), losses

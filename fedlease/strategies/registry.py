@@ -70,5 +70,6 @@ def primary_name(names: Iterable[str]) -> str | None:
 
 
 def floor_names(names: Iterable[str]) -> list[str]:
-    """The floors among `names` (`local`): shown beside the methods, not federated competitors."""
+    """The floors among `names` (`local`): a column of their own, left out of the best baseline (margins are
+    still taken over them)."""
     return [n for n in names if strategy_class(n).floor]
