@@ -19,6 +19,7 @@ commit=$(git rev-parse --short "$1^{commit}")
 shift
 tree=${REGEN_WORKTREE:-$root/benchmarks/runs/worktree-$commit}
 if [ ! -d "$tree" ]; then
+    git worktree prune  # a worktree folder removed by hand stays registered until pruned
     git worktree add --detach "$tree" "$commit"
 fi
 if [ "$(git -C "$tree" rev-parse --short HEAD)" != "$commit" ]; then
