@@ -1,6 +1,6 @@
 """Quality benchmark: every method on the same partitions, seeds and budgets; FedLEASE's margin.
 
-Runs the real pipeline (`fedlease.pipeline.run_all`) once per seed, writes
+Runs the real pipeline (`fedlease.pipeline.run_all`) per seed and unit of methods (`method_units`), writes
 `benchmarks/results/quality.md` (method x task accuracy, mean +- std over seeds, MB up/down
 per client per round, trainable parameters, wall time, the paper's GLUE table beside it), and
 ends with `ari: <v>`, `fedlease_margin: <points over the best other method>` (and `skew_margin:` with
@@ -8,10 +8,12 @@ ends with `ari: <v>`, `fedlease_margin: <points over the best other method>` (an
 
     python benchmarks/quality.py [--params FILE] [--set key.path=value ...] [--seeds 0,1,2] [--quick]
                                  [--label-skew] [--ablations [--ablation-seeds 0]] [--dp]
-                                 [--out benchmarks/results/quality.md]
+                                 [--runs benchmarks/runs] [--records DIR] [--out benchmarks/results/quality.md]
     python benchmarks/quality.py --nlg [--quick] [--seeds 0]    # the NLG table (ROUGE-L), its own section
 
-The NLG run and the classification run each replace only their own section of the output file.
+The NLG run and the classification run each replace only their own section of the output file. Each unit's
+result is recorded (`--records`, small JSON); a unit whose record has this run's params and code version is read
+instead of rerun, so keeping the records (e.g. committed) lets a long benchmark continue on a fresh machine.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ NLG_METHODS = ["strategies=[fedlease,local,fedit,ffa_lora,fedsa_lora,ifca,feddpa
 NLG_QUICK = ["data.partition.train_per_client=8", "data.partition.test_per_client=8", "federation.rounds=1",
              "fedlease.warmup_epochs=1", "training.max_new_tokens=12", "training.eval_batch_size=8"]
 NLG_HEADING = "## NLG: federated instruction tuning"
-RUNS = Path("benchmarks/runs")  # run folders (one per setting and seed; resumable); --runs changes it
+RUNS = Path("benchmarks/runs")  # run folders (per setting, seed and unit; resumable); --runs changes it
+RECORDS = RUNS  # the units' results and each seed's metrics.json (small; kept apart with --records)
 
 PAPER = """| method (paper: RoBERTa-Large, GLUE, 16 clients) | SST-2 | QNLI | MRPC | QQP | avg |
 |---|---|---|---|---|---|
@@ -55,18 +58,72 @@ PAPER = """| method (paper: RoBERTa-Large, GLUE, 16 clients) | SST-2 | QNLI | MR
 | FedLEASE | 93.33 | 87.22 | 86.93 | 83.57 | 87.76 |"""
 
 
+def method_units(methods: list[str]) -> list[list[str]]:
+    """A setting's methods in units that run and are recorded on their own: the methods continuing from
+    FedLEASE's warm-up together (they share it), every other method alone. A unit is minutes, so an
+    interrupted benchmark loses at most one unit once its records are kept (e.g. committed)."""
+    from fedlease.strategies.registry import needs_warmup
+
+    heirs = [m for m in methods if needs_warmup([m])]
+    return ([heirs] if heirs else []) + [[m] for m in methods if m not in heirs]
+
+
+def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int) -> dict[str, Any]:
+    """One unit's metrics: from its record when the record's fingerprint (every param that changes results,
+    the code version) is this run's, else from running it (its own run folder, resumable round by round),
+    then recorded."""
+    from fedlease.io import atomic_write_json
+    from fedlease.server import fingerprint
+
+    name = "+".join(unit)
+    cfg = load_config(params, [*base, f"strategies=[{','.join(unit)}]",
+                               f"output_dir={RUNS / tag / f'seed{seed}' / name}"])
+    record = RECORDS / tag / f"seed{seed}" / "units" / f"{name}.json"
+    fp = fingerprint(cfg, name, (), rounds_matter=True)
+    if record.exists():
+        doc = json.loads(record.read_text())
+        if doc.get("fingerprint") == fp:
+            print(f"[{tag}] seed {seed}: {name} read from its record {record}", flush=True)
+            return doc["metrics"]
+        print(f"[{tag}] seed {seed}: {name}'s record {record} is of other params or code: running it", flush=True)
+    t0 = time.perf_counter()
+    metrics = run_all(cfg)
+    metrics["call_seconds"] = time.perf_counter() - t0
+    atomic_write_json(record, {"fingerprint": fp, "metrics": metrics})
+    return metrics
+
+
+def merge_units(parts: list[dict[str, Any]], methods: list[str], seed: int) -> dict[str, Any]:
+    """One seed's metrics from its units' (one code version and protocol, or a clear error)."""
+    version = one_code_version(parts)
+    protocols = {p.get("protocol") for p in parts}
+    if len(protocols) != 1:
+        raise SystemExit(f"error: seed {seed}: the units ran under different protocols: {sorted(map(str, protocols))}")
+    by_name = {name: m for p in parts for name, m in p["methods"].items()}
+    merged: dict[str, Any] = {"methods": {name: by_name[name] for name in methods}, "protocol": protocols.pop(),
+                              "code_version": version, "seed": seed,
+                              "call_seconds": sum(p["call_seconds"] for p in parts)}
+    allocation = [p["allocation"] for p in parts if "allocation" in p]
+    if allocation:
+        merged["allocation"] = allocation[0]
+    merged["seconds"] = compute_seconds(merged)
+    return merged
+
+
 def run_setting(params: str, overrides: list[str], seeds: list[int], tag: str) -> list[dict[str, Any]]:
+    """Every seed of a setting, unit by unit; each seed's merged metrics land in RECORDS/tag/seed<k>/metrics.json."""
+    from fedlease.io import atomic_write_json
+
     out = []
     for seed in seeds:
-        cfg = load_config(params, [*overrides, f"seed={seed}", f"output_dir={RUNS / tag / f'seed{seed}'}"])
-        t0 = time.perf_counter()
-        metrics = run_all(cfg)
-        metrics["call_seconds"] = time.perf_counter() - t0
-        metrics["seed"] = seed
-        metrics["seconds"] = compute_seconds(metrics)
+        base = [*overrides, f"seed={seed}"]
+        methods = list(load_config(params, base).strategies)
+        parts = [run_unit(params, base, unit, tag, seed) for unit in method_units(methods)]
+        metrics = merge_units(parts, methods, seed)
+        atomic_write_json(RECORDS / tag / f"seed{seed}" / "metrics.json", metrics)
         out.append(metrics)
         print(f"[{tag}] seed {seed}: " + ", ".join(f"{m} {100 * v['mean']:.2f}" for m, v in metrics["methods"].items())
-              + f" ({metrics['seconds']:.0f} s of rounds and warm-up; this call {metrics['call_seconds']:.0f} s)",
+              + f" ({metrics['seconds']:.0f} s of rounds and warm-up; its calls {metrics['call_seconds']:.0f} s)",
               flush=True)
     return out
 
@@ -235,7 +292,7 @@ def write_doc(out: str, doc: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNS
+    global RUNS, RECORDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None, help="default: params_quality.yaml (params_nlg.yaml with --nlg)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -252,10 +309,14 @@ def main() -> None:
     ap.add_argument("--nlg", action="store_true", help="the NLG table (ROUGE-L) instead of classification")
     ap.add_argument("--out", default=None, help="default: results/quality.md (quality_quick.md with --quick)")
     ap.add_argument("--runs", default=str(RUNS), help="folder of the run folders (default benchmarks/runs)")
+    ap.add_argument("--records", default=None,
+                    help="folder of the small result records (default: --runs); a unit whose record matches its "
+                         "params and code version is read, not rerun: keep them (e.g. in git) to resume on another machine")
     ap.add_argument("--note", action="append", default=[],
                     help="a line on the conditions of the run (e.g. other load on the machine), written under the tables")
     args = ap.parse_args()
     RUNS = Path(args.runs)
+    RECORDS = Path(args.records) if args.records else RUNS
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.ablation_seeds and not {int(s) for s in args.ablation_seeds.split(",")} <= set(seeds):
         ap.error("--ablation-seeds must be among --seeds (the ablations are read beside full FedLEASE on them)")

@@ -2,8 +2,10 @@
 # Every published quality table from one code version: results/quality.md (task heterogeneity and label
 # skew over 3 seeds, the ablations, NLG), results/quality_quick.md, and results/robustness.md (issue 20's
 # settings). Runs the benchmark of COMMIT from a git worktree of it, so later commits on the branch do not
-# enter the numbers; every run folder resumes round by round, so an interrupted regeneration is re-run
-# with the same command (hours on a 2-core CPU: see benchmarks/README.md).
+# enter the numbers. Every unit of methods (minutes) leaves a small record under
+# benchmarks/results/records/COMMIT; commit them as they come: the same command on a fresh clone reads
+# them and runs only what is missing (run folders, which resume round by round, do not survive a machine).
+# About 10 hours on a 2-core CPU: see benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
@@ -30,12 +32,13 @@ py=${PYTHON:-$root/.venv/bin/python}
 quality="$tree/benchmarks/quality.py"
 runs="$root/benchmarks/runs/regen-$commit"
 out="$root/benchmarks/results"
+records="$out/records/$commit"
 notes=()
 for note in "$@"; do notes+=(--note "$note"); done
 
 step() {
     echo "=== quality.py $* ($(date -u +%FT%TZ))"
-    "$py" "$quality" "$@"
+    "$py" "$quality" "$@" --records "$records${sub:-}"
 }
 
 step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
@@ -44,15 +47,15 @@ step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.m
 step --quick --nlg --runs "$runs" --out "$out/quality_quick.md"
 # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
 step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
-step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" --out "$runs/robust-mix3.md"
-step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" --out "$runs/robust-mix5.md"
+sub=/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" --out "$runs/robust-mix3.md"
+sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" --out "$runs/robust-mix5.md"
 
 "$py" benchmarks/robustness_table.py --out "$out/robustness.md" \
-    --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$runs/task" \
-    --setting "task + label skew, alpha 0.5 (full)=$runs/label_skew_a0.5" \
-    --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$runs/quick" \
-    --setting "task + label skew, alpha 0.1 (quick)=$runs/quick-label_skew_a0.1" \
-    --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$runs/mix3/quick" \
-    --setting "5-task mix: the default four + dialog (quick)=$runs/mix5/quick" \
-    --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$runs/nlg"
+    --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
+    --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
+    --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
+    --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
+    --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
+    --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
+    --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
 echo "=== done ($(date -u +%FT%TZ)); results in $out"

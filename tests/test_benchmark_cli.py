@@ -50,6 +50,28 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert "## Task + label heterogeneity" in text and "seeds [0, 1]" in text
     assert "majority class (floor)" in rows and "Protocol: equal compute" in text and "code: commit" in text
     assert "label-balanced test sets" in text
+    # the warm-up's heirs ran as one unit, every other method alone, each recorded with its fingerprint
+    unit_dir = tmp_path / "runs" / "task" / "seed0" / "units"
+    assert sorted(p.name for p in unit_dir.iterdir()) == ["fedit.json", "fedlease+local.json"]
+    # a rerun reads every unit from its record: a record edited by hand shows in the margin, no run redoes it
+    record = json.loads((unit_dir / "fedit.json").read_text())
+    record["metrics"]["methods"]["fedit"]["mean"] = 0.99
+    (unit_dir / "fedit.json").write_text(json.dumps(record))
+    again = subprocess.run(proc.args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("read from its record") == 8 and "running it" not in again.stdout
+    avg_fedit = (0.99 + json.loads((tmp_path / "runs" / "task" / "seed1" / "metrics.json").read_text())
+                 ["methods"]["fedit"]["mean"]) / 2
+    avg_fl = sum(json.loads((tmp_path / "runs" / "task" / f"seed{s}" / "metrics.json").read_text())
+                 ["methods"]["fedlease"]["mean"] for s in (0, 1)) / 2
+    assert float(again.stdout.strip().splitlines()[-2].split()[1]) == pytest.approx(100 * (avg_fl - avg_fedit), abs=0.006)
+    # a record of other params (or code) is not reused: that unit alone runs again
+    record["fingerprint"] = "0" * 16
+    (unit_dir / "fedit.json").write_text(json.dumps(record))
+    third = subprocess.run(proc.args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stdout.count("read from its record") == 7 and third.stdout.count("running it") == 1
+    assert json.loads((unit_dir / "fedit.json").read_text())["metrics"]["methods"]["fedit"]["mean"] != 0.99
 
 
 
