@@ -1,61 +1,102 @@
 #!/usr/bin/env bash
 # Every published quality table from one code version: results/quality.md (task heterogeneity and label
-# skew over 3 seeds, the ablations, NLG), results/quality_quick.md, and results/robustness.md (issue 20's
-# settings). Runs the benchmark of COMMIT from a git worktree of it, so later commits on the branch do not
-# enter the numbers. Every unit of methods (minutes) leaves a small record under
-# benchmarks/results/records/COMMIT; commit them as they come: the same command on a fresh clone reads
-# them and runs only what is missing (run folders, which resume round by round, do not survive a machine).
-# About 10 hours on a 2-core CPU: see benchmarks/README.md.
+# skew over 3 seeds, the ablations, NLG), results/quality_quick.md, results/robustness.md (issue 20's
+# settings) and results/robustness_options.md (its options' ablation rows). Runs the benchmark of COMMIT
+# from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
+# methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
+# come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
+# resume round by round, do not survive a machine). About 10 hours on a 2-core CPU: benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
 # Environment: PYTHON (default .venv/bin/python), REGEN_WORKTREE (default benchmarks/runs/worktree-COMMIT).
+# Everything runs from `main` on the last line: bash has read the whole file before the first step, so the
+# script can be edited while a regeneration runs.
 set -euo pipefail
-if [ $# -lt 1 ]; then
-    echo "usage: benchmarks/regenerate.sh COMMIT [NOTE ...]" >&2
-    exit 2
-fi
-root=$(git rev-parse --show-toplevel)
-cd "$root"
-commit=$(git rev-parse --short "$1^{commit}")
-shift
-tree=${REGEN_WORKTREE:-$root/benchmarks/runs/worktree-$commit}
-if [ ! -d "$tree" ]; then
-    git worktree prune  # a worktree folder removed by hand stays registered until pruned
-    git worktree add --detach "$tree" "$commit"
-fi
-if [ "$(git -C "$tree" rev-parse --short HEAD)" != "$commit" ]; then
-    echo "error: $tree is not a worktree of $commit" >&2
-    exit 2
-fi
-py=${PYTHON:-$root/.venv/bin/python}
-quality="$tree/benchmarks/quality.py"
-runs="$root/benchmarks/runs/regen-$commit"
-out="$root/benchmarks/results"
-records="$out/records/$commit"
-notes=()
-for note in "$@"; do notes+=(--note "$note"); done
 
-step() {
+step() {  # quality.py of the worktree; `sub` (optional) places the records under a sub-folder
     echo "=== quality.py $* ($(date -u +%FT%TZ))"
     "$py" "$quality" "$@" --records "$records${sub:-}"
 }
 
-step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
-step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
-step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" "${notes[@]}"
-step --quick --nlg --runs "$runs" --out "$out/quality_quick.md"
-# issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
-step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
-sub=/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" --out "$runs/robust-mix3.md"
-sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" --out "$runs/robust-mix5.md"
+option() {  # NAME "COLUMN LABEL" METHODS KEY=VALUE...: an option's runs on the quick settings, and its rows
+    local name=$1 label=$2 methods=$3
+    shift 3
+    local sets=(--set "strategies=[$methods]")
+    for kv in "$@"; do sets+=(--set "$kv"); done
+    local o="$runs/opt-$name" r="$records/opt-$name"
+    sub=/opt-$name step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 "${sets[@]}" \
+        --runs "$o" --out "$o/robust.md"
+    sub=/opt-$name/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" "${sets[@]}" \
+        --runs "$o/mix3" --out "$o/robust-mix3.md"
+    sub=/opt-$name/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" "${sets[@]}" \
+        --runs "$o/mix5" --out "$o/robust-mix5.md"
+    { echo "## $label (\`$*\`), quick size, 3 seeds"; echo
+      "$py" benchmarks/robustness_table.py --column "$label" \
+          --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
+          --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
+          --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
+          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick"
+      echo; } >> "$runs/robustness_options.md.part"
+}
 
-"$py" benchmarks/robustness_table.py --out "$out/robustness.md" \
-    --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
-    --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
-    --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
-    --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
-    --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
-    --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
-    --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
-echo "=== done ($(date -u +%FT%TZ)); results in $out"
+main() {
+    if [ $# -lt 1 ]; then
+        echo "usage: benchmarks/regenerate.sh COMMIT [NOTE ...]" >&2
+        exit 2
+    fi
+    root=$(git rev-parse --show-toplevel)
+    cd "$root"
+    commit=$(git rev-parse --short "$1^{commit}")
+    shift
+    tree=${REGEN_WORKTREE:-$root/benchmarks/runs/worktree-$commit}
+    if [ ! -d "$tree" ]; then
+        git worktree prune  # a worktree folder removed by hand stays registered until pruned
+        git worktree add --detach "$tree" "$commit"
+    fi
+    if [ "$(git -C "$tree" rev-parse --short HEAD)" != "$commit" ]; then
+        echo "error: $tree is not a worktree of $commit" >&2
+        exit 2
+    fi
+    py=${PYTHON:-$root/.venv/bin/python}
+    quality="$tree/benchmarks/quality.py"
+    runs="$root/benchmarks/runs/regen-$commit"
+    out="$root/benchmarks/results"
+    records="$out/records/$commit"
+    local notes=()
+    for note in "$@"; do notes+=(--note "$note"); done
+
+    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
+    step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+    step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" "${notes[@]}"
+    step --quick --nlg --runs "$runs" --out "$out/quality_quick.md"
+    # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
+    step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
+    sub=/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" \
+        --out "$runs/robust-mix3.md"
+    sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" \
+        --out "$runs/robust-mix5.md"
+
+    "$py" benchmarks/robustness_table.py --out "$out/robustness.md" \
+        --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
+        --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
+        --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
+        --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
+        --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
+        --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
+        --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
+
+    # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
+    # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
+    rm -f "$runs/robustness_options.md.part"
+    option own_prior2 "own prior b = 2" fedlease fedlease.router.own_prior=2
+    option tolerance0.005 "silhouette tolerance 0.005" fedlease fedlease.clustering.silhouette_tolerance=0.005
+    option balanced "class-balanced warm-up loss" fedlease,local fedlease.warmup_balanced_loss=true
+    { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
+      cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
+    mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"
+    echo "=== done ($(date -u +%FT%TZ)); results in $out"
+}
+
+main "$@"
+exit
