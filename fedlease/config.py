@@ -215,6 +215,11 @@ class RouterConfig(_Strict):
                                  "slots the own expert's, it starts at k e^b / (k e^b + keep - k) of the weight "
                                  "(near the warm-up model) while the kept foreign slots still learn; with "
                                  "renormalize off the prior mostly shrinks the total weight instead")
+    personal_expert: bool = Field(
+        default=False, description="beyond the paper: one more expert in every client's mixture, its own LoRA "
+                                   "(from its warm-up, trained every round, never uploaded), on a slot the router "
+                                   "always keeps beside the top M: where the cluster's expert does not fit the "
+                                   "client (label skew within a cluster) it can lean on its own fit")
 
 
 class FedLeaseConfig(_Strict):

@@ -47,19 +47,21 @@ def latest_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: i
 
 def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int) -> Tensors | None:
     """The client's local state for this method; inherited from the warm-up, it is the warm-up's head
-    plus (for a method that keeps its LoRA locally, `local`) the client's warm-up adapter, which the
-    warm-up uploads rather than keeps."""
+    plus (for a method that keeps a LoRA locally: `local`'s LoRA, FedLEASE's personal expert) the client's
+    warm-up adapter, which the warm-up uploads rather than keeps."""
     path = latest_local_state(cfg, strategy, client_id, up_to)
     if path is None:
         return None
     state = load_tensors(path)
     paths = RunPaths.of(cfg)
-    if path.is_relative_to(paths.warmup) and "lora" in strategy.local_groups:
+    keeps = [g for g in ("lora", "personal") if g in strategy.local_groups]
+    if path.is_relative_to(paths.warmup) and keeps:
         adapter = paths.warmup_adapter(client_id)
         if not adapter.exists():
             raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "
                                 "is missing (run the warmup stage)")
-        state.update(load_tensors(adapter))
+        warm = load_tensors(adapter)  # lora.<module>.A|B: `local`'s LoRA, or FedLEASE's personal expert
+        state.update({k.replace("lora.", f"{keeps[0]}.", 1): v for k, v in warm.items()})
     return state
 
 

@@ -77,7 +77,7 @@ class ClientRuntime:
                                 "max_weight": base.feddpa_max_weight}
             model = wrap_lora(loaded.model, lora, spec.num_experts, router, seed=self.cfg.seed, dual=spec.dual,
                               dual_options=dual_options).to(device())
-            common = get_state(model, None, ("lora", "router", "foreign", "dual"))
+            common = get_state(model, None, ("lora", "router", "foreign", "dual", "personal"))
             common = {k: (torch.zeros_like(v) if k.startswith("foreign.") else v) for k, v in common.items()}
             self._models[spec] = _Built(model, common)
         return self._models[spec]

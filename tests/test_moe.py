@@ -14,14 +14,14 @@ from fedlease.models.moe import mixture_delta, route, slot_map
 
 
 def test_slot_map_adaptive_top_m():
-    slots, keep = slot_map(3)
+    slots, keep, _ = slot_map(3)
     # 2M-1 = 5 slots: three map to the own expert (0), then one each to experts 1 and 2.
     assert keep == 3
     assert slots.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
 
 def test_route_hand_checked():
-    slots, keep = slot_map(2)  # 3 slots: [own, own, foreign]
+    slots, keep, _ = slot_map(2)  # 3 slots: [own, own, foreign]
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))  # softmax = [0.5, 0.2, 0.3]
     # keep top 2 -> slots 0 (0.5) and 2 (0.3); own = 0.5, foreign = 0.3
     g, sel = route(logits, slots, keep, renormalize=False)
@@ -39,7 +39,7 @@ def test_route_hand_checked():
 @settings(max_examples=60, deadline=None)
 @given(m=st.integers(1, 12), tokens=st.integers(1, 6), seed=st.integers(0, 10_000), scale=st.floats(0.01, 50))
 def test_assigned_expert_always_selected(m: int, tokens: int, seed: int, scale: float):
-    slots, keep = slot_map(m)
+    slots, keep, _ = slot_map(m)
     logits = torch.randn(tokens, 2 * m - 1, generator=torch.Generator().manual_seed(seed)) * scale
     g, sel = route(logits, slots, keep, renormalize=True)
     assert sel[:, 0].all(), "the own expert must be in every token's top M"
@@ -50,7 +50,7 @@ def test_assigned_expert_always_selected(m: int, tokens: int, seed: int, scale: 
 
 
 def test_topk_ablation_can_drop_own_expert():
-    slots, keep = slot_map(3, top_k=1)
+    slots, keep, _ = slot_map(3, top_k=1)
     g, sel = route(torch.tensor([[0.0, 5.0, 0.0]]), slots, keep, renormalize=True)
     assert g.tolist() == [[0.0, 1.0, 0.0]] and sel.tolist() == [[False, True, False]]
 
@@ -160,7 +160,7 @@ def test_fused_routing_equals_the_reference_routing():
     torch.manual_seed(0)
     for m in (2, 3, 4, 8):
         for top_k in (None, 1, m):
-            slots, keep = slot_map(m, top_k)
+            slots, keep, _ = slot_map(m, top_k)
             logits = torch.randn(5, 7, slots.shape[0]) * 3
             prior = slots[:, 0] * 1.5  # the own-expert prior on the own slots
             for renormalize in (True, False):
@@ -181,7 +181,7 @@ def test_fused_routing_keeps_every_slot_tied_at_the_threshold():
     1), so all three slots stay in the softmax: own gets (e^2 + e) / (e^2 + 2e), foreign e / (e^2 + 2e)."""
     from fedlease.models.moe import route_fused
 
-    slots, keep = slot_map(2)
+    slots, keep, _ = slot_map(2)
     logits = torch.tensor([2.0, 1.0, 1.0], requires_grad=True)
     gates, sel = route_fused(logits, slots, keep, True, want_selected=True)
     e = torch.e
@@ -202,7 +202,7 @@ def test_layer_keeps_the_reference_maths_with_dropout_on():
     model.eval()  # dropout off in eval: the output must match the formula exactly
     x = torch.randn(2, 3, 8)
     st = get_state(model, None, ("lora", "router", "foreign"))
-    slots, keep = slot_map(3)
+    slots, keep, _ = slot_map(3)
     gates, _ = route(x @ st["router.query"].T, slots, keep, True)
     a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"]])
     b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"]])
@@ -218,7 +218,7 @@ def test_own_prior_weights_the_own_expert_but_leaves_the_foreign_slots_in_the_to
     measured with the first version of this option)."""
     from fedlease.models.moe import route_fused
 
-    slots, keep = slot_map(2)
+    slots, keep, _ = slot_map(2)
     prior = torch.tensor([2.0, 2.0, 0.0])
     for fn in (route, route_fused):
         logits = torch.tensor([0.5, 0.0, 1.0], requires_grad=True)
@@ -242,7 +242,7 @@ def test_own_prior_adds_a_fixed_logit_to_the_own_slots():
     layer = lora_layers(model)["query"]
     x = torch.randn(2, 3, 8)
     st = get_state(model, None, ("lora", "router", "foreign"))
-    slots, keep = slot_map(3)
+    slots, keep, _ = slot_map(3)
     prior = torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0])
     gates, _ = route(x @ st["router.query"].T, slots, keep, True, prior=prior)
     a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"]])
@@ -252,3 +252,72 @@ def test_own_prior_adds_a_fixed_logit_to_the_own_slots():
     assert float(w[:3].sum()) == pytest.approx(3 * torch.e ** 2 / (3 * torch.e ** 2 + 2))
     plain = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=0)
     assert lora_layers(plain)["query"].moe_prior is None, "no prior: no extra kernel"
+
+
+def test_personal_slot_is_always_kept_and_takes_no_place_in_the_top_m():
+    """M = 2 with a personal expert: slots [own, own, foreign, personal] -> experts [own, foreign, personal],
+    keep 3 = the top M = 2 of the first three slots plus the personal slot. Logits [0.5, 0, 1, -5]: the
+    personal slot is kept although its logit is the lowest, slot 1 (0) is dropped, and the weights are the
+    softmax over the kept [0.5, 1, -5]: own e^0.5, foreign e^1, personal e^-5 over their sum."""
+    from fedlease.models.moe import route_fused
+
+    slots, keep, always = slot_map(2, personal=True)
+    assert slots.argmax(-1).tolist() == [0, 0, 1, 2] and keep == 3 and always.tolist() == [False] * 3 + [True]
+    e = torch.e
+    z = e**0.5 + e + e**-5
+    for fn in (route, route_fused):
+        logits = torch.tensor([0.5, 0.0, 1.0, -5.0], requires_grad=True)
+        gates, sel = (fn(logits, slots, keep, True, always=always) if fn is route
+                      else fn(logits, slots, keep, True, want_selected=True, always=always))
+        assert torch.allclose(gates, torch.tensor([e**0.5 / z, e / z, e**-5 / z]), atol=1e-6), fn.__name__
+        assert sel.tolist() == [True, True, True]
+        gates[2].backward()
+        assert logits.grad[3] > 0 and abs(logits.grad[1]) < 1e-6, "the personal slot learns, the dropped not"
+    # without the personal slot always kept, top 3 of [0.5, 0, 1, -5] would keep slot 1 and drop the personal one
+    plain_gates, plain_sel = route(torch.tensor([0.5, 0.0, 1.0, -5.0]), slots, keep, True)
+    assert plain_sel.tolist() == [True, True, False] and float(plain_gates[2]) == 0.0
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_personal_slot_keeps_the_own_expert_always_selected(m: int):
+    """The pigeonhole still holds: of the 2M-1 regular slots the top M are kept, so the own expert is in."""
+    from fedlease.models.moe import route_fused
+
+    slots, keep, always = slot_map(m, personal=True)
+    logits = torch.randn(64, slots.shape[0], generator=torch.Generator().manual_seed(m)) * 4
+    ref, ref_sel = route(logits, slots, keep, True, always=always)
+    got, sel = route_fused(logits, slots, keep, True, want_selected=True, always=always)
+    assert torch.allclose(got, ref, atol=1e-6) and torch.equal(sel, ref_sel)
+    assert sel[:, 0].all() and sel[:, -1].all()
+    assert (sel.sum(-1) <= m + 1).all() and torch.allclose(got.sum(-1), torch.ones(64), atol=1e-6)
+
+
+def test_layer_with_a_personal_expert_adds_it_to_the_mixture_and_trains_it():
+    """The layer's output = W0 x + scaling * sum_e g_e B_e A_e x over [own, foreign..., personal] with the
+    gates of `route` (personal slot always kept); the personal LoRA is its own state group, trained when
+    named, and a model without it refuses its keys by name."""
+    lora = LoraConfig(r=2, alpha=4, target_modules=["query"])
+    model = wrap_lora(_tiny_base(), lora, 3, RouterConfig(personal_expert=True), seed=0)
+    groups = ("lora", "router", "foreign", "personal")
+    state = get_state(model, "classifier", groups)
+    assert state["personal.query.A"].shape == (2, 8) and state["personal.query.B"].shape == (8, 2)
+    assert state["router.query"].shape == (6, 8), "2M-1 = 5 slots plus the personal one"
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items()}, "classifier")
+    layer = lora_layers(model)["query"]
+    x = torch.randn(2, 3, 8)
+    st = get_state(model, None, groups)
+    slots, keep, always = slot_map(3, personal=True)
+    gates, _ = route(x @ st["router.query"].T, slots, keep, True, always=always)
+    a = torch.cat([st["lora.query.A"].unsqueeze(0), st["foreign.query.A"], st["personal.query.A"].unsqueeze(0)])
+    b = torch.cat([st["lora.query.B"].unsqueeze(0), st["foreign.query.B"], st["personal.query.B"].unsqueeze(0)])
+    assert torch.allclose(layer(x), layer.get_base_layer()(x) + mixture_delta(x, a, b, gates, 2.0), atol=1e-5)
+    params = set_trainable(model, ("lora", "router", "personal", "head"), "classifier")
+    model(torch.randn(2, 5, 8)).sum().backward()
+    personal = layer.lora_personal_A["default"].weight
+    assert any(p is personal for p in params) and personal.grad is not None and personal.grad.abs().sum() > 0
+    from fedlease.io import ArtifactError
+
+    plain = wrap_lora(_tiny_base(), lora, 3, RouterConfig(), seed=0)
+    assert "personal.query.A" not in get_state(plain, None, groups)
+    with pytest.raises(ArtifactError, match="no personal expert"):
+        set_state(plain, {"personal.query.A": torch.zeros(2, 8)})

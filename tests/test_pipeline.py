@@ -185,6 +185,50 @@ def test_every_baseline_runs_end_to_end(tmp_path: Path):
     assert dpa[-1]["bytes_up"] == dpa[-1]["bytes_down"], "FedDPA exchanges only the global LoRA"
 
 
+def test_fedlease_personal_expert_starts_from_the_warmup_stays_home_and_predicts(tmp_path: Path):
+    """`fedlease.router.personal_expert`: each client's mixture gains its own LoRA, which starts round 1 as its
+    warm-up LoRA, is trained every round, stays in its local state (never in the server's state or the
+    uploads: they grow by the router's extra slot alone), shows as the last column of the router telemetry, and is part of
+    the exported model (`fedlease predict` scores what the pipeline reported)."""
+    from fedlease.data.stage import load_client
+    from fedlease.io import load_tensors
+    from fedlease.local_state import load_local_state, local_dir
+    from fedlease.predict import predict
+    from fedlease.runtime import strategy_for
+
+    raw = tiny_params(tmp_path, strategies=["fedlease"], fedlease__router__personal_expert=True)
+    cfg = config_from_dict(raw)
+    metrics = run_all(cfg)
+    paths = RunPaths.of(cfg)
+    strategy = strategy_for(cfg, "fedlease", 4)
+    warm = load_tensors(paths.warmup_adapter(0))
+    start = load_local_state(cfg, strategy, 0, 0)
+    assert start is not None and not any(k.startswith("lora.") for k in start)
+    assert all(torch.equal(start["personal." + k[len("lora."):]], v) for k, v in warm.items()), \
+        "round 1 starts the personal expert from the client's warm-up LoRA"
+    after = load_tensors(local_dir(cfg, strategy, 0) / f"round_{cfg.federation.rounds:04d}.safetensors")
+    personal = {k: v for k, v in after.items() if k.startswith("personal.")}
+    assert len(personal) == len(warm) and not all(torch.equal(personal["personal." + k[5:]], v) for k, v in warm.items())
+    final = paths.strategy_dir("fedlease") / "final"
+    assert not any("personal" in k for k in load_tensors(final / "server_state.safetensors")), "never uploaded"
+    hist = read_json(paths.strategy_dir("fedlease") / "result.json")["history"]
+    m = read_json(paths.cluster_map)["num_experts"]
+    client = hist[-1]["eval"]["clients"]["0"]
+    shares = next(iter(client["router"].values()))["expert_weight_share"]
+    assert len(shares) == m + 1 and shares[-1] > 0, "the personal expert is the telemetry's last column"
+    data = load_client(cfg, 0)
+    labels = predict(final, 0, [r["text"] for r in data.test])
+    hits = [lab == data.label_names[r["label"]] for lab, r in zip(labels, data.test, strict=True)]
+    assert sum(hits) / len(hits) == pytest.approx(client["accuracy"])
+    # the uploads grow only by the router's one extra slot (a row of d_in per adapted module), per round
+    plain = run_all(config_from_dict(tiny_params(tmp_path / "plain", strategies=["fedlease"])))
+    routers = {k: v for k, v in load_tensors(final / "server_state.safetensors").items() if k.startswith("router0.")}
+    assert all(v.shape[0] == 2 * m for v in routers.values())
+    extra_row = sum(v.shape[1] * v.element_size() for v in routers.values())
+    assert metrics["methods"]["fedlease"]["bytes_up_total_per_client"] == \
+        plain["methods"]["fedlease"]["bytes_up_total_per_client"] + cfg.federation.rounds * extra_row
+
+
 def test_adapters_load_with_peft_and_answer_as_the_pipeline(tmp_path: Path):
     """Exported adapters are standard peft folders: PeftModel.from_pretrained on the base model gives the
     pipeline's own logits for a client's model (FedIT), its warm-up adapter, and FedLEASE's experts load."""

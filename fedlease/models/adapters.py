@@ -5,6 +5,7 @@ module prefixes:
   lora.<module>.A / lora.<module>.B      the own LoRA (= the own expert of a mixture)
   router.<module>                        the mixture's router weight (S, d_in)
   foreign.<module>.A / foreign.<module>.B  the other experts, stacked (M-1, r, d) / (M-1, d, r)
+  personal.<module>.A / .B               a mixture's personal LoRA (`router.personal_expert`; kept locally)
   dual.<module>.A / .B / .reference / .count  FedDPA's local LoRA and reference representations
   head.weight / head.bias                the task head (kept local per client)
 """
@@ -52,7 +53,8 @@ def wrap_lora(model: nn.Module, lora: LoraConfig, num_experts: int | None = None
     else:
         router = router or RouterConfig()
         config = MixtureLoraConfig(**common, num_experts=num_experts, renormalize=router.renormalize,
-                                   top_k=router.top_k, router_init_std=router.init_std, own_prior=router.own_prior)
+                                   top_k=router.top_k, router_init_std=router.init_std, own_prior=router.own_prior,
+                                   personal=router.personal_expert)
         config._register_custom_module({nn.Linear: MixtureLoraLinear})
     try:
         wrapped = get_peft_model(model, config)
@@ -90,6 +92,9 @@ def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable
         if "foreign" in groups and isinstance(layer, MixtureLoraLinear):
             out[f"foreign.{name}.A"] = layer.moe_foreign_A
             out[f"foreign.{name}.B"] = foreign_b_view(layer)
+        if "personal" in groups and isinstance(layer, MixtureLoraLinear) and ADAPTER in layer.lora_personal_A:
+            out[f"personal.{name}.A"] = layer.lora_personal_A[ADAPTER].weight
+            out[f"personal.{name}.B"] = layer.lora_personal_B[ADAPTER].weight
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             out[f"dual.{name}.A"] = layer.lora_local_A[ADAPTER].weight
             out[f"dual.{name}.B"] = layer.lora_local_B[ADAPTER].weight
@@ -116,7 +121,7 @@ def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_modul
         if head_module is None:
             raise ArtifactError(f"state key {key}: this model has no task head")
         return getattr(_head(model, head_module), rest)
-    name, _, part = rest.rpartition(".") if kind in ("lora", "foreign", "dual") else (rest, "", "")
+    name, _, part = rest.rpartition(".") if kind in ("lora", "foreign", "dual", "personal") else (rest, "", "")
     layer = layers.get(name)
     if layer is None:
         raise ArtifactError(f"state key {key}: no adapted module {name!r} in the model")
@@ -131,6 +136,11 @@ def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_modul
         raise ArtifactError(f"state key {key}: the model has no mixture at {name!r}")
     if kind == "router":
         return layer.lora_router[ADAPTER].weight
+    if kind == "personal":
+        if ADAPTER not in layer.lora_personal_A:
+            raise ArtifactError(f"state key {key}: the mixture at {name!r} has no personal expert "
+                                "(fedlease.router.personal_expert is off)")
+        return (layer.lora_personal_A if part == "A" else layer.lora_personal_B)[ADAPTER].weight
     return layer.moe_foreign_A if part == "A" else foreign_b_view(layer)
 
 
@@ -162,6 +172,8 @@ def set_trainable(model: nn.Module, groups: Iterable[str], head_module: str | No
             params.append(layer.lora_B[ADAPTER].weight)
         if "router" in groups and isinstance(layer, MixtureLoraLinear):
             params.append(layer.lora_router[ADAPTER].weight)
+        if "personal" in groups and isinstance(layer, MixtureLoraLinear) and ADAPTER in layer.lora_personal_A:
+            params += [layer.lora_personal_A[ADAPTER].weight, layer.lora_personal_B[ADAPTER].weight]
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             params += [layer.lora_local_A[ADAPTER].weight, layer.lora_local_B[ADAPTER].weight]
     if "head" in groups and head_module is not None:
@@ -192,11 +204,10 @@ def stack_foreign(experts: list[dict[str, torch.Tensor]], own: int) -> dict[str,
 
 def attach_telemetry(model: nn.Module) -> dict[str, RouterTelemetry]:
     """Start counting router use per module; padding tokens are left out via the attention mask."""
-    m = num_experts_of(model)
     tele: dict[str, RouterTelemetry] = {}
     for name, layer in lora_layers(model).items():
-        if isinstance(layer, MixtureLoraLinear):
-            layer.moe_telemetry = tele[name] = RouterTelemetry(m)
+        if isinstance(layer, MixtureLoraLinear):  # one column per expert, the personal one last
+            layer.moe_telemetry = tele[name] = RouterTelemetry(layer.moe_slot_gates.shape[1])
 
     def capture_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
         for t in tele.values():

@@ -20,7 +20,10 @@ masked softmax and one slot-to-expert matmul that also applies the LoRA scaling 
 residual add is fused into the up-projection (addmm).
 
 Local expert order is [own, foreign ascending by global id]; `expert_order`
-maps it back to global expert ids.
+maps it back to global expert ids. Beyond the paper, `personal` adds one more expert after them: the
+client's personal LoRA (trained, never uploaded), on a slot of its own that is always kept (it takes no
+place in the top M), so the router can lean on the client's own fit where the cluster's expert does not
+suit it (label skew within a cluster).
 """
 
 from __future__ import annotations
@@ -47,13 +50,17 @@ class MixtureLoraConfig(PeftLoraConfig):
     )
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the router's normal init"})
     own_prior: float = field(default=0.0, metadata={"help": "Fixed logit added to the own expert's slot weights"})
+    personal: bool = field(default=False, metadata={"help": "One more, always kept slot: a personal LoRA"})
 
 
-def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, int]:
-    """(S, M) one-hot map from router slots to local experts, and how many slots to keep.
+def slot_map(num_experts: int, top_k: int | None = None, personal: bool = False
+             ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(S, E) one-hot map from router slots to local experts, how many slots to keep, and which slots are
+    always kept (None: none).
 
     Adaptive top-M: S = 2M-1, slots 0..M-1 -> expert 0 (own), slot M-1+k -> expert k.
     Ablation top-k: S = M, slot k -> expert k, keep k.
+    `personal`: one more slot and expert (E = M + 1), always kept on top of the `keep` chosen ones.
     """
     m = num_experts
     if top_k is None:
@@ -64,19 +71,31 @@ def slot_map(num_experts: int, top_k: int | None = None) -> tuple[torch.Tensor, 
             raise ValueError(f"fedlease.router.top_k: {top_k} is outside 1..{m}")
         targets = list(range(m))
         keep = top_k
-    return F.one_hot(torch.tensor(targets), m).float(), keep
+    if not personal:
+        return F.one_hot(torch.tensor(targets), m).float(), keep, None
+    always = torch.zeros(len(targets) + 1, dtype=torch.bool)
+    always[-1] = True
+    return F.one_hot(torch.tensor([*targets, m]), m + 1).float(), keep + 1, always
+
+
+def choice_logits(logits: torch.Tensor, always: torch.Tensor | None) -> torch.Tensor:
+    """The logits the kept slots are chosen on (no gradient): an always-kept slot at +inf, so it is among
+    the top whatever the router says and the others compete for the remaining places."""
+    choice = logits.detach()
+    return choice if always is None else choice.masked_fill(always, float("inf"))
 
 
 def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool,
-          prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          prior: torch.Tensor | None = None, always: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token expert weights (..., M) and which experts were selected (..., M bool), from
     router logits (..., S). Pure function. Selection is by slot index, so an expert whose
     weight underflows to 0 in float32 still counts as selected. A `prior` (S,) is added to the logits
     the weights come from, not to those that choose the kept slots: it moves weight towards the own
-    expert without keeping the foreign slots out of the top M (where they would get no gradient)."""
+    expert without keeping the foreign slots out of the top M (where they would get no gradient). Slots in
+    `always` (S,) bool are kept whatever their logit (`keep` counts them)."""
     mask = torch.ones_like(logits)
     if keep < logits.shape[-1]:
-        top = torch.topk(logits, keep, dim=-1).indices
+        top = torch.topk(choice_logits(logits, always), keep, dim=-1).indices
         mask = torch.zeros_like(logits).scatter_(-1, top, 1.0)
     w = torch.softmax(logits if prior is None else logits + prior, dim=-1) * mask
     if renormalize:
@@ -86,21 +105,22 @@ def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: boo
 
 
 def route_fused(logits: torch.Tensor, slot_gates: torch.Tensor, keep: int, renormalize: bool,
-                want_selected: bool = False, prior: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                want_selected: bool = False, prior: torch.Tensor | None = None,
+                always: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`route` in fewer kernels (what the layer runs). The kept slots are those at or above the
     `keep`-th largest logit (softmax is monotone; a tie at the threshold keeps every tied slot, where
     `route` keeps an arbitrary one of them); the dropped ones are pushed to the bottom of the dtype before the
     softmax (= softmax, mask, renormalise; their weight is exactly 0, and the add has no backward kernel) and
     one matmul with `slot_gates` (S, M) maps slots to experts. The layer folds the
     LoRA scaling into `slot_gates`, so the gates come out scaled at no extra kernel. No gradient flows
-    through the threshold. A `prior` enters the weights, not the choice of slots (as in `route`). Equal to
-    `route` within float rounding (tested)."""
+    through the threshold. A `prior` enters the weights, not the choice of slots, and `always` slots are
+    kept (as in `route`). Equal to `route` within float rounding (tested)."""
     dropped = None
     weighted = logits if prior is None else logits + prior
     if keep < logits.shape[-1]:
-        threshold = logits.detach().topk(keep, dim=-1).values[..., -1:]
-        dropped = logits < threshold
+        choice = choice_logits(logits, always)
+        threshold = choice.topk(keep, dim=-1).values[..., -1:]
+        dropped = choice < threshold
         if renormalize:  # a dropped slot's logit pushed to the dtype's bottom: exp gives exactly 0, one add
             w = torch.softmax(torch.add(weighted, dropped, alpha=-torch.finfo(logits.dtype).max), dim=-1)
         else:
@@ -152,7 +172,7 @@ class MixtureVariant(InputDependentVariant):
     def init(module: MixtureLoraLinear, adapter_name: str, config: MixtureLoraConfig, **kwargs: Any) -> None:
         m = config.num_experts
         r = module.r[adapter_name]
-        slots, keep = slot_map(m, config.top_k)
+        slots, keep, always = slot_map(m, config.top_k, config.personal)
         weight = module.get_base_layer().weight
         # slot -> expert map times the LoRA scaling: the routing matmul gives scaled gates (no extra kernel)
         module.moe_scaling = float(module.scaling[adapter_name])  # fixed here: peft's set_scale does not reach it
@@ -160,6 +180,7 @@ class MixtureVariant(InputDependentVariant):
         # the own-expert prior: a fixed logit on the weights of expert 0's slots (None when 0: no extra kernel)
         prior = (slots[:, 0] * config.own_prior).to(weight.device) if config.own_prior else None
         module.register_buffer("moe_prior", prior, persistent=False)  # a None buffer: moved with the model when set
+        module.register_buffer("moe_always", None if always is None else always.to(weight.device), persistent=False)
         module.moe_keep = keep
         module.moe_renormalize = config.renormalize
         module.register_buffer("moe_foreign_A", torch.zeros(m - 1, r, module.in_features, device=weight.device))
@@ -170,6 +191,15 @@ class MixtureVariant(InputDependentVariant):
         router = nn.Linear(module.in_features, slots.shape[0], bias=False, device=weight.device)
         nn.init.normal_(router.weight, std=config.router_init_std)
         module.lora_router[adapter_name] = router
+        # the personal LoRA (trained, kept by the client; set from its warm-up LoRA before round 1); the
+        # dicts exist either way: peft walks every name in `adapter_layer_names`
+        for name, (d_out, d_in) in (("lora_personal_A", (r, module.in_features)),
+                                    ("lora_personal_B", (module.out_features, r))):
+            if not hasattr(module, name):
+                setattr(module, name, nn.ModuleDict())
+            if config.personal:
+                getattr(module, name)[adapter_name] = nn.Linear(d_in, d_out, bias=False, device=weight.device)
+                nn.init.zeros_(getattr(module, name)[adapter_name].weight)
         module.moe_telemetry = None
 
     @staticmethod
@@ -184,10 +214,12 @@ class MixtureVariant(InputDependentVariant):
             foreign_a, foreign_b = foreign_a.to(dtype), foreign_b.to(dtype)
         if x.dtype != dtype:
             x = x.to(dtype)
-        m, r = foreign_a.shape[0] + 1, own_a.shape[0]
+        personal = module.moe_always is not None
+        m, r = foreign_a.shape[0] + 1 + personal, own_a.shape[0]
+        extra_a = [module.lora_personal_A[active_adapter].weight] if personal else []
         # one matmul gives every expert's down-projection and the router's logits (same input x); the
         # router sees x before dropout, the experts after it (with dropout on, two matmuls)
-        down = torch.cat([own_a, foreign_a.reshape(-1, own_a.shape[1]), router])
+        down = torch.cat([own_a, foreign_a.reshape(-1, own_a.shape[1]), *extra_a, router])
         dropout = module.lora_dropout[active_adapter]
         if isinstance(dropout, nn.Identity):
             h, logits = F.linear(x, down).split([m * r, router.shape[0]], dim=-1)
@@ -197,12 +229,14 @@ class MixtureVariant(InputDependentVariant):
         prior = None if module.moe_prior is None else module.moe_prior.to(logits.dtype)
         telemetry = module.moe_telemetry
         gates, selected = route_fused(logits, module.moe_slot_gates, module.moe_keep, module.moe_renormalize,
-                                      want_selected=telemetry is not None, prior=prior)  # scaled by alpha / r
+                                      want_selected=telemetry is not None, prior=prior,
+                                      always=module.moe_always)  # scaled by alpha / r
         if telemetry is not None:
             telemetry.update(gates.detach() / module.moe_scaling, selected)
         h = (h.unflatten(-1, (m, r)) * gates.unsqueeze(-1)).flatten(-2)
         # result + h B^T as one addmm (the add fused into the matmul)
-        up = torch.cat([own_b, foreign_b], dim=1)
+        extra_b = [module.lora_personal_B[active_adapter].weight] if personal else []
+        up = torch.cat([own_b, foreign_b, *extra_b], dim=1)
         base = result.reshape(-1, result.shape[-1])
         if base.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
             base = base.to(h.dtype)  # e.g. a 4-bit base computing in bf16 under fp32 adapters (peft casts back)
@@ -215,7 +249,7 @@ class MixtureVariant(InputDependentVariant):
 class MixtureLoraLinear(PeftLoraLinear):
     """peft's LoRA Linear whose variant is the routed mixture (registered as a custom module)."""
 
-    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_router",)
+    adapter_layer_names = PeftLoraLinear.adapter_layer_names + ("lora_router", "lora_personal_A", "lora_personal_B")
 
     def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> LoraVariant | None:
         return MixtureVariant()

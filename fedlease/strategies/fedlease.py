@@ -4,13 +4,15 @@ Server state: expert{e}.lora.<module>.{A,B} for each of the M experts and
 router{e}.router.<module> for each cluster. A client of cluster j downloads all
 experts and router j, trains only expert j (its own LoRA slot), its router and
 its local head, and uploads expert j and the router; the server averages each
-within its cluster (`fedlease.aggregation.group_means`, group = expert).
+within its cluster (`fedlease.aggregation.group_means`, group = expert). With
+`fedlease.router.personal_expert` the client also trains a personal LoRA in its
+mixture, continued from its warm-up LoRA and kept with its head (never uploaded).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlease.aggregation import group_means
 from fedlease.allocation import assign_late_joiner
@@ -19,6 +21,10 @@ from fedlease.paths import RunPaths
 from fedlease.strategies.base import (Download, InitContext, ModelSpec, Phase, ServerState, Strategy, Tensors,
                                       Update, prefixed, select, unprefixed)
 from fedlease.strategies.registry import register
+
+if TYPE_CHECKING:
+    from fedlease.allocation import Allocation
+    from fedlease.config import Config
 
 
 @register
@@ -76,6 +82,12 @@ class FedLEASE(Strategy):
     needs_allocation = True
     inherits_warmup = True  # the warm-up's head continues into the mixture rounds
     primary = True
+
+    def __init__(self, cfg: Config, num_clients: int, allocation: Allocation | None = None) -> None:
+        super().__init__(cfg, num_clients, allocation)
+        if cfg.fedlease.router.personal_expert:  # trained and kept like the head, never uploaded
+            self.train_groups = (*type(self).train_groups, "personal")  # type: ignore[misc]
+            self.local_groups = (*type(self).local_groups, "personal")  # type: ignore[misc]
 
     @property
     def num_experts(self) -> int:
