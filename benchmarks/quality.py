@@ -68,6 +68,22 @@ def method_units(methods: list[str]) -> list[list[str]]:
     return ([heirs] if heirs else []) + [[m] for m in methods if m not in heirs]
 
 
+def machine() -> str:
+    """The CPU a unit ran on, with its core count: the same code rounds differently in the last bits on
+    different CPUs, and its seconds are that machine's."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        name = names[0] if names else name
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores"
+
+
 def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int) -> dict[str, Any]:
     """One unit's metrics: from its record when the record's fingerprint (every param that changes results,
     the code version) is this run's, else from running it (its own run folder, resumable round by round),
@@ -84,13 +100,13 @@ def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int)
         doc = json.loads(record.read_text())
         if doc.get("fingerprint") == fp:
             print(f"[{tag}] seed {seed}: {name} read from its record {record}", flush=True)
-            return doc["metrics"]
+            return {**doc["metrics"], "machine": doc.get("machine", "not recorded")}
         print(f"[{tag}] seed {seed}: {name}'s record {record} is of other params or code: running it", flush=True)
     t0 = time.perf_counter()
     metrics = run_all(cfg)
     metrics["call_seconds"] = time.perf_counter() - t0
-    atomic_write_json(record, {"fingerprint": fp, "metrics": metrics})
-    return metrics
+    atomic_write_json(record, {"fingerprint": fp, "machine": machine(), "metrics": metrics})
+    return {**metrics, "machine": machine()}
 
 
 def merge_units(parts: list[dict[str, Any]], methods: list[str], seed: int) -> dict[str, Any]:
@@ -102,7 +118,8 @@ def merge_units(parts: list[dict[str, Any]], methods: list[str], seed: int) -> d
     by_name = {name: m for p in parts for name, m in p["methods"].items()}
     merged: dict[str, Any] = {"methods": {name: by_name[name] for name in methods}, "protocol": protocols.pop(),
                               "code_version": version, "seed": seed,
-                              "call_seconds": sum(p["call_seconds"] for p in parts)}
+                              "call_seconds": sum(p["call_seconds"] for p in parts),
+                              "machines": {name: p["machine"] for p in parts for name in p["methods"]}}
     allocation = [p["allocation"] for p in parts if "allocation" in p]
     if allocation:
         merged["allocation"] = allocation[0]
@@ -244,8 +261,19 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
                   f"ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best other method ({max(others, key=others.get) if others else '-'}): "
               f"{margin:+.2f} points (mean over {len(runs)} seed(s)).",
-              f"Protocol: {runs[0].get('protocol', '?')}; code: {describe(one_code_version(runs))}."]
+              f"Protocol: {runs[0].get('protocol', '?')}; code: {describe(one_code_version(runs))}.",
+              machines_line(runs)]
     return "\n".join(lines), ari, margin
+
+
+def machines_line(runs: list[dict[str, Any]]) -> str:
+    """Which CPUs the table's units ran on (seconds are per machine; last-bit rounding too)."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        for name in r["methods"]:
+            where = r.get("machines", {}).get(name, "not recorded")
+            counts[where] = counts.get(where, 0) + 1
+    return "Ran on: " + "; ".join(f"{where} ({n} method-seed(s))" for where, n in sorted(counts.items())) + "."
 
 
 def headline(name: str, margin: float, runs: list[dict[str, Any]]) -> str:

@@ -19,9 +19,9 @@ step() {  # quality.py of the worktree; `sub` (optional) places the records unde
     "$py" "$quality" "$@" --records "$records${sub:-}"
 }
 
-option() {  # NAME "COLUMN LABEL" METHODS KEY=VALUE...: an option's runs on the quick settings, and its rows
-    local name=$1 label=$2 methods=$3
-    shift 3
+option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's runs on the quick settings
+    local name=$1 label=$2 methods=$3 nlg=$4
+    shift 4
     local sets=(--set "strategies=[$methods]")
     for kv in "$@"; do sets+=(--set "$kv"); done
     local o="$runs/opt-$name" r="$records/opt-$name"
@@ -31,12 +31,17 @@ option() {  # NAME "COLUMN LABEL" METHODS KEY=VALUE...: an option's runs on the 
         --runs "$o/mix3" --out "$o/robust-mix3.md"
     sub=/opt-$name/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" "${sets[@]}" \
         --runs "$o/mix5" --out "$o/robust-mix5.md"
+    local nlg_setting=()
+    if [ "$nlg" = yes ]; then
+        sub=/opt-$name step --quick --nlg --seeds 0,1,2 "${sets[@]}" --runs "$o" --out "$o/robust-nlg.md"
+        nlg_setting=(--setting "NLG, SmolLM2 (quick)=$records/nlg-quick,$r/nlg-quick")
+    fi
     { echo "## $label (\`$*\`), quick size, 3 seeds"; echo
       "$py" benchmarks/robustness_table.py --column "$label" \
           --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
           --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
           --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
-          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick"
+          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick" "${nlg_setting[@]}"
       echo; } >> "$runs/robustness_options.md.part"
 }
 
@@ -69,7 +74,7 @@ main() {
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
     step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" "${notes[@]}"
-    step --quick --nlg --runs "$runs" --out "$out/quality_quick.md"
+    step --quick --nlg --seeds 0,1,2 --runs "$runs" --out "$out/quality_quick.md"
     # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
     step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
     sub=/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" \
@@ -89,9 +94,10 @@ main() {
     # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
     # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
     rm -f "$runs/robustness_options.md.part"
-    option own_prior2 "own prior b = 2" fedlease fedlease.router.own_prior=2
-    option tolerance0.005 "silhouette tolerance 0.005" fedlease fedlease.clustering.silhouette_tolerance=0.005
-    option balanced "class-balanced warm-up loss" fedlease,local fedlease.warmup_balanced_loss=true
+    option personal "personal expert" fedlease yes fedlease.router.personal_expert=true
+    option own_prior2 "own prior b = 2" fedlease yes fedlease.router.own_prior=2
+    option tolerance0.005 "silhouette tolerance 0.005" fedlease no fedlease.clustering.silhouette_tolerance=0.005
+    option balanced "class-balanced warm-up loss" fedlease,local no fedlease.warmup_balanced_loss=true
     { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
       cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
     mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"

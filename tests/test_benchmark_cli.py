@@ -50,6 +50,7 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert "## Task + label heterogeneity" in text and "seeds [0, 1]" in text
     assert "majority class (floor)" in rows and "Protocol: equal compute" in text and "code: commit" in text
     assert "label-balanced test sets" in text
+    assert re.search(r"Ran on: .+, \d+ cores \(6 method-seed\(s\)\)\.", text), "the machine of every unit"
     # the warm-up's heirs ran as one unit, every other method alone, each recorded with its fingerprint
     unit_dir = tmp_path / "runs" / "task" / "seed0" / "units"
     assert sorted(p.name for p in unit_dir.iterdir()) == ["fedit.json", "fedlease+local.json"]
