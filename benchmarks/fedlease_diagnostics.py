@@ -33,16 +33,23 @@ def diagnose(run: Path) -> list[str]:
     scores = [f"r{h['round']} {100 * h['eval']['mean']:.2f}" for h in hist if h.get("eval")]
     lines.append(f"score: warm-up {100 * warm['mean']:.2f} -> " + ", ".join(scores) if warm else
                  "score: (warm-up not evaluated) " + ", ".join(scores))
-    own = []
+    own, personal = [], []
+    m = cmap["num_experts"]
     for h in hist:
         clients = [c for c in h.get("eval", {}).get("clients", {}).values() if "router" in c]
         if clients:
-            share = np.mean([[m["expert_weight_share"][0] for m in c["router"].values()] for c in clients], axis=0)
+            shares = np.array([[m_["expert_weight_share"] for m_ in c["router"].values()] for c in clients])
+            share = shares[..., 0].mean(axis=0)
             own.append((h["round"], float(share.mean()), share))
+            if shares.shape[-1] == m + 1:  # the personal expert's column (fedlease.router.personal_expert)
+                personal.append((h["round"], float(shares[..., -1].mean())))
     if own:
-        m = cmap["num_experts"]
-        lines.append(f"own-expert weight share (uniform router: {m}/{2 * m - 1} = {m / (2 * m - 1):.2f}): "
+        slots = 2 * m if personal else 2 * m - 1  # a uniform softmax over the router's slots
+        lines.append(f"own-expert weight share (uniform router: {m}/{slots} = {m / slots:.2f}): "
                      + ", ".join(f"r{r} {s:.3f}" for r, s, _ in own))
+        if personal:
+            lines.append(f"personal-expert weight share (uniform router: 1/{slots} = {1 / slots:.2f}): "
+                         + ", ".join(f"r{r} {s:.3f}" for r, s in personal))
         lines.append("  by layer, first eval: " + " ".join(f"{v:.2f}" for v in own[0][2])
                      + " | last: " + " ".join(f"{v:.2f}" for v in own[-1][2]))
     sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))

@@ -19,6 +19,7 @@ instead of rerun, so keeping the records (e.g. committed) lets a long benchmark 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -81,7 +82,20 @@ def machine() -> str:
                  if line.startswith("model name")]
         name = names[0] if names else name
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{name}, {cores} cores{gpu}"
+
+
+def record_fingerprint(cfg: Any, unit: str) -> str:
+    """What a unit's record was made from: the rounds' fingerprint (every param that changes results, the
+    code version, the full schedule) plus the injected faults, which that one leaves out so a crash test
+    resumes its run, but which change the results a record holds."""
+    from fedlease.server import fingerprint
+
+    faults = json.dumps(cfg.faults.model_dump(mode="json"), sort_keys=True)
+    return fingerprint(cfg, unit, (), rounds_matter=True) + "-" + hashlib.sha256(faults.encode()).hexdigest()[:8]
 
 
 def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int) -> dict[str, Any]:
@@ -89,13 +103,12 @@ def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int)
     the code version) is this run's, else from running it (its own run folder, resumable round by round),
     then recorded."""
     from fedlease.io import atomic_write_json
-    from fedlease.server import fingerprint
 
     name = "+".join(unit)
     cfg = load_config(params, [*base, f"strategies=[{','.join(unit)}]",
                                f"output_dir={RUNS / tag / f'seed{seed}' / name}"])
     record = RECORDS / tag / f"seed{seed}" / "units" / f"{name}.json"
-    fp = fingerprint(cfg, name, (), rounds_matter=True)
+    fp = record_fingerprint(cfg, name)
     if record.exists():
         doc = json.loads(record.read_text())
         if doc.get("fingerprint") == fp:

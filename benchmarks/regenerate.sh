@@ -37,11 +37,11 @@ option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's 
         nlg_setting=(--setting "NLG, SmolLM2 (quick)=$records/nlg-quick,$r/nlg-quick")
     fi
     { echo "## $label (\`$*\`), quick size, 3 seeds"; echo
-      "$py" benchmarks/robustness_table.py --column "$label" \
+      "$py" "$tree/benchmarks/robustness_table.py" --column "$label" \
           --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
           --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
           --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
-          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick" "${nlg_setting[@]}"
+          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick" ${nlg_setting[@]+"${nlg_setting[@]}"}
       echo; } >> "$runs/robustness_options.md.part"
 }
 
@@ -71,9 +71,9 @@ main() {
     local notes=()
     for note in "$@"; do notes+=(--note "$note"); done
 
-    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" "${notes[@]}"
+    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
-    step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" "${notes[@]}"
+    step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" ${notes[@]+"${notes[@]}"}
     step --quick --nlg --seeds 0,1,2 --runs "$runs" --out "$out/quality_quick.md"
     # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
     step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
@@ -82,7 +82,7 @@ main() {
     sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" \
         --out "$runs/robust-mix5.md"
 
-    "$py" benchmarks/robustness_table.py --out "$out/robustness.md" \
+    "$py" "$tree/benchmarks/robustness_table.py" --out "$out/robustness.md" \
         --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
         --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
         --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \

@@ -113,7 +113,8 @@ MODEL_README = """# Final {strategy} model (FedLEASE pipeline)
 
 - `server_state.safetensors`: the server's final tensors. For FedLEASE: `expert<e>.lora.<module>.A|B`
   (one LoRA expert per cluster, rank r, scaling alpha/r) and `router<e>.router.<module>` (the router
-  of cluster e, shape (2M-1, d_in)). For the single-LoRA baselines: `lora.<module>.A|B`.
+  of cluster e, shape (2M-1, d_in); (2M, d_in) with `fedlease.router.personal_expert`, whose personal
+  LoRAs are in the clients' local states below). For the single-LoRA baselines: `lora.<module>.A|B`.
 - `cluster_map.json`: client -> expert, silhouette per k (the B-distance matrix is in the run's `allocation/distances.npy`).
 - `meta.json`: base model and LoRA settings; `deepspeed_config.json`: the engine config used.
 - `clients/client_NNN.safetensors`: each client's local state (its head, and what else the method keeps

@@ -14,7 +14,7 @@ from fedlease.config import Config
 from fedlease.io import ArtifactError, load_tensors, save_tensors
 from fedlease.paths import RunPaths
 from fedlease.strategies import warmup_strategy
-from fedlease.strategies.base import Strategy, Tensors
+from fedlease.strategies.base import Strategy, Tensors, prefixed, unprefixed
 
 
 def local_dir(cfg: Config, strategy: Strategy, client_id: int) -> Path:
@@ -55,13 +55,14 @@ def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int
     state = load_tensors(path)
     paths = RunPaths.of(cfg)
     keeps = [g for g in ("lora", "personal") if g in strategy.local_groups]
+    assert len(keeps) <= 1, f"{strategy.name}: one local LoRA continues the warm-up's, not {keeps}"
     if path.is_relative_to(paths.warmup) and keeps:
         adapter = paths.warmup_adapter(client_id)
         if not adapter.exists():
             raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "
                                 "is missing (run the warmup stage)")
-        warm = load_tensors(adapter)  # lora.<module>.A|B: `local`'s LoRA, or FedLEASE's personal expert
-        state.update({k.replace("lora.", f"{keeps[0]}.", 1): v for k, v in warm.items()})
+        # lora.<module>.A|B: `local`'s LoRA, or FedLEASE's personal expert
+        state.update(prefixed(unprefixed(load_tensors(adapter), "lora."), f"{keeps[0]}."))
     return state
 
 

@@ -21,7 +21,7 @@ from fedlease.allocation import Allocation
 from fedlease.config import Config
 from fedlease.engine.batching import Batch, worst_case_batch
 from fedlease.engine.trainer import device, make_engine
-from fedlease.io import read_json
+from fedlease.io import ArtifactError, read_json
 from fedlease.local_state import keep_groups
 from fedlease.models.adapters import get_state, set_state, wrap_lora
 from fedlease.models.base import head_init, load_base_model, set_head_classes
@@ -143,4 +143,8 @@ def build_client_model(rt: ClientRuntime, strategy: Strategy, client_id: int, nu
     set_state(model, strategy.client_state(download), head)
     if local_state is not None:
         set_state(model, keep_groups(local_state, strategy.local_groups), head)
+    if "personal" in strategy.local_groups and not any(k.startswith("personal.") for k in local_state or {}):
+        # a zero personal LoRA would take router weight and never learn (both its gradients are zero)
+        raise ArtifactError(f"client {client_id}: {strategy.name} keeps a personal expert, but its local state has "
+                            "none (it starts from the client's warm-up adapter: run the warmup stage)")
     return model

@@ -76,6 +76,24 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
 
 
 
+def test_a_unit_record_is_not_reused_across_params_faults_or_seeds(tmp_path: Path):
+    """The record fingerprint changes with any param that changes results, the injected faults included
+    (the rounds' own fingerprint leaves those out), and not with where the run folder is."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality import record_fingerprint
+
+    from fedlease.config import config_from_dict
+
+    def fp(**over: object) -> str:
+        return record_fingerprint(config_from_dict(tiny_params(tmp_path, **over)), "fedlease+local")
+
+    base = fp()
+    assert fp(output_dir=str(tmp_path / "elsewhere")) == base
+    assert fp(faults__client_failure_rate=0.25) != base
+    assert fp(seed=1) != base and fp(training__lr=0.01) != base
+    assert record_fingerprint(config_from_dict(tiny_params(tmp_path)), "fedit") != base
+
+
 def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float | None, commit: str = "a" * 40,
              protocol: str = "equal_compute", majority: bool = True) -> None:
     version = {"commit": commit, "sources": "b" * 16, "dirty": False}

@@ -278,18 +278,28 @@ def test_personal_slot_is_always_kept_and_takes_no_place_in_the_top_m():
     assert plain_sel.tolist() == [True, True, False] and float(plain_gates[2]) == 0.0
 
 
-@pytest.mark.parametrize("m", [2, 3, 5])
-def test_personal_slot_keeps_the_own_expert_always_selected(m: int):
-    """The pigeonhole still holds: of the 2M-1 regular slots the top M are kept, so the own expert is in."""
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("top_k", [None, 1, "m"])
+def test_personal_slot_keeps_the_own_expert_always_selected(m: int, top_k: int | str | None):
+    """The pigeonhole still holds: of the 2M-1 regular slots the top M are kept, so the own expert is in, and
+    the personal one always; the fused routing equals the reference (also for the top-k ablation, whose k
+    regular slots are kept beside the personal one, and for M = 1, where nothing is dropped)."""
     from fedlease.models.moe import route_fused
 
-    slots, keep, always = slot_map(m, personal=True)
+    k = m if top_k == "m" else top_k
+    slots, keep, always = slot_map(m, k, personal=True)
     logits = torch.randn(64, slots.shape[0], generator=torch.Generator().manual_seed(m)) * 4
-    ref, ref_sel = route(logits, slots, keep, True, always=always)
-    got, sel = route_fused(logits, slots, keep, True, want_selected=True, always=always)
-    assert torch.allclose(got, ref, atol=1e-6) and torch.equal(sel, ref_sel)
-    assert sel[:, 0].all() and sel[:, -1].all()
-    assert (sel.sum(-1) <= m + 1).all() and torch.allclose(got.sum(-1), torch.ones(64), atol=1e-6)
+    for renormalize in (True, False):
+        ref, ref_sel = route(logits, slots, keep, renormalize, always=always)
+        got, sel = route_fused(logits, slots, keep, renormalize, want_selected=True, always=always)
+        assert torch.allclose(got, ref, atol=1e-6) and torch.equal(sel, ref_sel), (m, k, renormalize)
+        assert sel[:, -1].all() and (sel.sum(-1) <= keep).all()
+        if renormalize:
+            assert torch.allclose(got.sum(-1), torch.ones(64), atol=1e-6)
+    if k is None:
+        assert sel[:, 0].all()
+    else:
+        assert (sel[:, :-1].sum(-1) == k).all(), "the ablation keeps k of the M experts beside the personal one"
 
 
 def test_layer_with_a_personal_expert_adds_it_to_the_mixture_and_trains_it():

@@ -220,6 +220,27 @@ def test_fedlease_personal_expert_starts_from_the_warmup_stays_home_and_predicts
     labels = predict(final, 0, [r["text"] for r in data.test])
     hits = [lab == data.label_names[r["label"]] for lab, r in zip(labels, data.test, strict=True)]
     assert sum(hits) / len(hits) == pytest.approx(client["accuracy"])
+    # the evaluated model holds the trained personal LoRA, and it moves the output
+    from fedlease.models.adapters import get_state, lora_layers
+    from fedlease.runtime import build_client_model, runtime_for
+    from fedlease.server import Checkpoint
+
+    rt = runtime_for(cfg)
+    state, _ = Checkpoint(paths.strategy_dir("fedlease") / "checkpoint").load()
+    model = build_client_model(rt, strategy, 0, len(data.label_names), strategy.eval_download(state, 0), after)
+    assert all(torch.equal(v, personal[k]) for k, v in get_state(model, None, ("personal",)).items())
+    layer = next(iter(lora_layers(model).values()))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        out = layer(x)
+        layer.lora_personal_B["default"].weight.zero_()
+        assert not torch.allclose(layer(x), out), "the personal LoRA enters the layer's output"
+    # a personal expert without its local LoRA is refused by name, not run as a zero expert
+    from fedlease.io import ArtifactError
+
+    without = {k: v for k, v in after.items() if not k.startswith("personal.")}
+    with pytest.raises(ArtifactError, match="client 0: fedlease keeps a personal expert"):
+        build_client_model(rt, strategy, 0, len(data.label_names), strategy.eval_download(state, 0), without)
     # the uploads grow only by the router's one extra slot (a row of d_in per adapted module), per round
     plain = run_all(config_from_dict(tiny_params(tmp_path / "plain", strategies=["fedlease"])))
     routers = {k: v for k, v in load_tensors(final / "server_state.safetensors").items() if k.startswith("router0.")}

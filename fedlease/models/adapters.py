@@ -70,13 +70,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name.removeprefix(_PREFIX): mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
 
 
-def num_experts_of(model: nn.Module) -> int:
-    layer = next(iter(lora_layers(model).values()))
-    if isinstance(layer, MixtureLoraLinear):
-        return layer.moe_foreign_A.shape[0] + 1
-    return 1
-
-
 def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable[str] = ("lora", "router", "head")
               ) -> dict[str, torch.Tensor]:
     """Copy the named groups of adapter state out of the model (detached, CPU)."""

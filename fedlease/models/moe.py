@@ -87,8 +87,8 @@ def choice_logits(logits: torch.Tensor, always: torch.Tensor | None) -> torch.Te
 
 def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: bool,
           prior: torch.Tensor | None = None, always: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token expert weights (..., M) and which experts were selected (..., M bool), from
-    router logits (..., S). Pure function. Selection is by slot index, so an expert whose
+    """Per-token expert weights (..., E) and which experts were selected (..., E bool), from
+    router logits (..., S); E = M, or M + 1 with a personal expert. Pure function. Selection is by slot index, so an expert whose
     weight underflows to 0 in float32 still counts as selected. A `prior` (S,) is added to the logits
     the weights come from, not to those that choose the kept slots: it moves weight towards the own
     expert without keeping the foreign slots out of the top M (where they would get no gradient). Slots in
@@ -197,9 +197,10 @@ class MixtureVariant(InputDependentVariant):
                                     ("lora_personal_B", (module.out_features, r))):
             if not hasattr(module, name):
                 setattr(module, name, nn.ModuleDict())
-            if config.personal:
-                getattr(module, name)[adapter_name] = nn.Linear(d_in, d_out, bias=False, device=weight.device)
-                nn.init.zeros_(getattr(module, name)[adapter_name].weight)
+            if config.personal:  # zeros, no random draw: its values come from the warm-up LoRA
+                linear = torch.nn.utils.skip_init(nn.Linear, d_in, d_out, bias=False, device=weight.device)
+                nn.init.zeros_(linear.weight)
+                getattr(module, name)[adapter_name] = linear
         module.moe_telemetry = None
 
     @staticmethod
