@@ -259,7 +259,7 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
         last = next(r.eval for r in reversed(hist) if r.eval)
         usage = {cid: c["router"] for cid, c in last["clients"].items() if "router" in c}
         if usage:
-            plot_router_usage(usage, paths.plots / "router_usage.png", cfg.fedlease.router.personal_expert)
+            plot_router_usage(usage, paths.plots / "router_usage.png", metrics.get("allocation", {}).get("num_experts"))
             atomic_write_json(paths.plots / "router_usage.json", usage)
             break
     atomic_write_text(paths.root / "results.md", results_table(metrics) + "\n")

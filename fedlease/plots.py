@@ -115,11 +115,11 @@ def plot_communication(histories: dict[str, list[RoundRecord]], path: Path) -> N
     _save(fig, path)
 
 
-def plot_router_usage(usage: dict[str, Any], path: Path, personal: bool = False) -> None:
+def plot_router_usage(usage: dict[str, Any], path: Path, num_experts: int | None = None) -> None:
     """Router weight share: clients x experts (mean over modules) and layer depth x experts (mean over clients).
 
-    Expert columns are in each client's local order: 0 = its own expert, then the others, then (with
-    `personal`) the client's personal expert.
+    Expert columns are in each client's local order: 0 = its own expert, then the others, then (one column
+    more than the allocation's `num_experts`) the client's personal expert.
     """
     clients = sorted(usage, key=int)
     if not clients:
@@ -133,6 +133,7 @@ def plot_router_usage(usage: dict[str, Any], path: Path, personal: bool = False)
                                     (b, by_layer, [m.replace("bert.encoder.", "").replace("model.", "")
                                                    for m in modules], "by layer depth")):
         im = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        personal = num_experts is not None and grid.shape[1] == num_experts + 1
         shared = grid.shape[1] - personal
         ax.set_xticks(range(grid.shape[1]), ["own"] + [f"other {i}" for i in range(1, shared)]
                       + (["personal"] if personal else []), fontsize=8)

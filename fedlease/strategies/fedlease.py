@@ -12,7 +12,7 @@ mixture, continued from its warm-up LoRA and kept with its head (never uploaded)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedlease.aggregation import group_means
 from fedlease.allocation import assign_late_joiner
@@ -21,10 +21,6 @@ from fedlease.paths import RunPaths
 from fedlease.strategies.base import (Download, InitContext, ModelSpec, Phase, ServerState, Strategy, Tensors,
                                       Update, prefixed, select, unprefixed)
 from fedlease.strategies.registry import register
-
-if TYPE_CHECKING:
-    from fedlease.allocation import Allocation
-    from fedlease.config import Config
 
 
 @register
@@ -76,18 +72,23 @@ class Warmup(Strategy):
 @register
 class FedLEASE(Strategy):
     name = "fedlease"
-    train_groups = ("lora", "router", "head")
     upload_groups = ("lora", "router")
-    local_groups = ("head",)
     needs_allocation = True
     inherits_warmup = True  # the warm-up's head continues into the mixture rounds
     primary = True
 
-    def __init__(self, cfg: Config, num_clients: int, allocation: Allocation | None = None) -> None:
-        super().__init__(cfg, num_clients, allocation)
-        if cfg.fedlease.router.personal_expert:  # trained and kept like the head, never uploaded
-            self.train_groups = (*type(self).train_groups, "personal")  # type: ignore[misc]
-            self.local_groups = (*type(self).local_groups, "personal")  # type: ignore[misc]
+    # the personal expert (`router.personal_expert`) is trained and kept like the head, never uploaded; read
+    # when a client trains or loads its state, not when the strategy is built (the evaluate stage builds it)
+    @property  # type: ignore[misc]
+    def train_groups(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("lora", "router", "head") + self._personal()
+
+    @property  # type: ignore[misc]
+    def local_groups(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("head",) + self._personal()
+
+    def _personal(self) -> tuple[str, ...]:
+        return ("personal",) if self.cfg.fedlease.router.personal_expert else ()
 
     @property
     def num_experts(self) -> int:
