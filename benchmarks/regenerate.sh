@@ -71,25 +71,18 @@ main() {
     local notes=()
     for note in "$@"; do notes+=(--note "$note"); done
 
-    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
-    step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+    # The order: the full task table's 3 seeds (issue 19's headline), then every quick setting and the
+    # options' rows (issue 20's evidence, cheap), then the long full-size label skew, ablations and NLG. Every
+    # step reads the records the steps before it left, so the last documents are assembled from all of them.
+    step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"
     step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" ${notes[@]+"${notes[@]}"}
     step --quick --nlg --seeds 0,1,2 --runs "$runs" --out "$out/quality_quick.md"
-    # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come from above)
+    # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come below)
     step --quick --seeds 0,1,2 --label-skew --skew-alpha 0.1 --skew-min-test 4 --runs "$runs" --out "$runs/robust-skew01.md"
     sub=/mix3 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix3.yaml" --runs "$runs/mix3" \
         --out "$runs/robust-mix3.md"
     sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" \
         --out "$runs/robust-mix5.md"
-
-    "$py" "$tree/benchmarks/robustness_table.py" --out "$out/robustness.md" \
-        --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
-        --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
-        --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
-        --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
-        --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
-        --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
-        --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
 
     # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
     # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
@@ -101,6 +94,17 @@ main() {
     { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
       cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
     mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"
+
+    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
+    step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+    "$py" "$tree/benchmarks/robustness_table.py" --out "$out/robustness.md" \
+        --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
+        --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
+        --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
+        --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
+        --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
+        --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
+        --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
     echo "=== done ($(date -u +%FT%TZ)); results in $out"
 }
 
