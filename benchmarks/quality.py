@@ -75,6 +75,8 @@ def machine() -> str:
     import os
     import platform
 
+    import torch
+
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -82,8 +84,6 @@ def machine() -> str:
                  if line.startswith("model name")]
         name = names[0] if names else name
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import torch
-
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{name}, {cores} cores{gpu}"
 
@@ -118,8 +118,9 @@ def run_unit(params: str, base: list[str], unit: list[str], tag: str, seed: int)
     t0 = time.perf_counter()
     metrics = run_all(cfg)
     metrics["call_seconds"] = time.perf_counter() - t0
-    atomic_write_json(record, {"fingerprint": fp, "machine": machine(), "metrics": metrics})
-    return {**metrics, "machine": machine()}
+    where = machine()
+    atomic_write_json(record, {"fingerprint": fp, "machine": where, "metrics": metrics})
+    return {**metrics, "machine": where}
 
 
 def merge_units(parts: list[dict[str, Any]], methods: list[str], seed: int) -> dict[str, Any]:
