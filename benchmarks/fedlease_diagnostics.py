@@ -38,7 +38,7 @@ def diagnose(run: Path) -> list[str]:
     for h in hist:
         clients = [c for c in h.get("eval", {}).get("clients", {}).values() if "router" in c]
         if clients:
-            shares = np.array([[m_["expert_weight_share"] for m_ in c["router"].values()] for c in clients])
+            shares = np.array([[module["expert_weight_share"] for module in c["router"].values()] for c in clients])
             share = shares[..., 0].mean(axis=0)
             own.append((h["round"], float(share.mean()), share))
             if shares.shape[-1] == m + 1:  # the personal expert's column (fedlease.router.personal_expert)

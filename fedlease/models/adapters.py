@@ -70,6 +70,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name.removeprefix(_PREFIX): mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
 
 
+def personal_weights(layer: LoraLayer) -> tuple[nn.Parameter, nn.Parameter] | None:
+    """A mixture's personal LoRA (A, B) weights; None when the layer has none (`router.personal_expert` off)."""
+    if not isinstance(layer, MixtureLoraLinear) or ADAPTER not in layer.lora_personal_A:
+        return None
+    return layer.lora_personal_A[ADAPTER].weight, layer.lora_personal_B[ADAPTER].weight
+
+
 def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable[str] = ("lora", "router", "head")
               ) -> dict[str, torch.Tensor]:
     """Copy the named groups of adapter state out of the model (detached, CPU)."""
@@ -85,9 +92,8 @@ def get_state(model: nn.Module, head_module: str | None = None, groups: Iterable
         if "foreign" in groups and isinstance(layer, MixtureLoraLinear):
             out[f"foreign.{name}.A"] = layer.moe_foreign_A
             out[f"foreign.{name}.B"] = foreign_b_view(layer)
-        if "personal" in groups and isinstance(layer, MixtureLoraLinear) and ADAPTER in layer.lora_personal_A:
-            out[f"personal.{name}.A"] = layer.lora_personal_A[ADAPTER].weight
-            out[f"personal.{name}.B"] = layer.lora_personal_B[ADAPTER].weight
+        if "personal" in groups and (pair := personal_weights(layer)):
+            out[f"personal.{name}.A"], out[f"personal.{name}.B"] = pair
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             out[f"dual.{name}.A"] = layer.lora_local_A[ADAPTER].weight
             out[f"dual.{name}.B"] = layer.lora_local_B[ADAPTER].weight
@@ -130,10 +136,11 @@ def _target(model: nn.Module, layers: dict[str, LoraLayer], key: str, head_modul
     if kind == "router":
         return layer.lora_router[ADAPTER].weight
     if kind == "personal":
-        if ADAPTER not in layer.lora_personal_A:
+        pair = personal_weights(layer)
+        if pair is None:
             raise ArtifactError(f"state key {key}: the mixture at {name!r} has no personal expert "
                                 "(fedlease.router.personal_expert is off)")
-        return (layer.lora_personal_A if part == "A" else layer.lora_personal_B)[ADAPTER].weight
+        return pair[0] if part == "A" else pair[1]
     return layer.moe_foreign_A if part == "A" else foreign_b_view(layer)
 
 
@@ -165,8 +172,8 @@ def set_trainable(model: nn.Module, groups: Iterable[str], head_module: str | No
             params.append(layer.lora_B[ADAPTER].weight)
         if "router" in groups and isinstance(layer, MixtureLoraLinear):
             params.append(layer.lora_router[ADAPTER].weight)
-        if "personal" in groups and isinstance(layer, MixtureLoraLinear) and ADAPTER in layer.lora_personal_A:
-            params += [layer.lora_personal_A[ADAPTER].weight, layer.lora_personal_B[ADAPTER].weight]
+        if "personal" in groups and (pair := personal_weights(layer)):
+            params += list(pair)
         if "dual" in groups and isinstance(layer, DualLoraLinear):
             params += [layer.lora_local_A[ADAPTER].weight, layer.lora_local_B[ADAPTER].weight]
     if "head" in groups and head_module is not None:
