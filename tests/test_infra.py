@@ -68,3 +68,15 @@ def test_silo_examples_are_valid():
     assert all(c.path is None for c in cfg.data.clients)  # the coordinator never names a data file
     silo = load_silo_config(str(REPO / "infra/silo/silo.example.yaml"))
     assert set(silo.clients) == {c.name for c in cfg.data.clients if c.silo == silo.name}
+
+
+def test_the_longest_test_files_are_handed_out_first(request: pytest.FixtureRequest):
+    """`make test` keeps the collection order (--no-loadscope-reorder), and the collection puts the files
+    named in conftest.LONGEST_FIRST first, in that order: a renamed file would silently fall back to the end."""
+    from .conftest import LONGEST_FIRST
+
+    assert "--no-loadscope-reorder" in (REPO / "Makefile").read_text()
+    assert not [name for name in LONGEST_FIRST if not (REPO / "tests" / name).exists()], "a renamed test file"
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    collected = [rank.get(item.path.name, len(rank)) for item in request.session.items]
+    assert collected == sorted(collected), "a file of LONGEST_FIRST collected after a shorter one"
