@@ -15,7 +15,7 @@ from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config, TaskSpec
 from fedlease.data.partition import ClientData
 from fedlease.data.sources import DataError, read_local
-from fedlease.data.stage import late_client_file, load_manifest
+from fedlease.data.stage import load_manifest
 from fedlease.exchange import write_download
 from fedlease.io import atomic_write_json, load_tensors, read_json
 from fedlease.paths import RunPaths
@@ -39,7 +39,7 @@ def _join(cfg: Config, data_file: str, task: str, strategy_name: str | None) -> 
         raise ValueError("join: name a method with --strategy (none of the params' strategies is primary)")
     paths = RunPaths.of(cfg)
     n = len(load_manifest(cfg)["clients"])
-    late_root = paths.root / "late"
+    late_root = paths.late
     joined = read_json(late_root / "joined.json") if (late_root / "joined.json").exists() else {}
     cid = n + len(joined)
     data = read_local(TaskSpec(name=task, source="local", path=data_file), cfg.data.kind)
@@ -49,15 +49,15 @@ def _join(cfg: Config, data_file: str, task: str, strategy_name: str | None) -> 
     order = np.random.default_rng([cfg.seed, cid]).permutation(len(data.records))
     n_test = max(1, round(len(order) * part.test_per_client / (part.train_per_client + part.test_per_client)))
     recs = [{**data.records[i], "task": task} for i in order]
-    atomic_write_json(late_client_file(cfg, cid),
+    atomic_write_json(paths.late_client_file(cid),
                       ClientData(cid, task, data.label_names, recs[n_test:], recs[:n_test]).to_json())
     work = late_root / f"client_{cid:03d}"
     # 1. warm-up from the common init, exactly as the original clients did
     warmup = warmup_strategy(cfg, n + 1)
     down = work / "warmup_down.safetensors"
     write_download(down, warmup.download(warmup.init_state(initial_context(cfg, warmup)), cid))
-    # its warm-up adapter where the original clients' are (its warm-up head already goes to the warm-up's
-    # client folders): `local` continues from it as it does for them
+    # its warm-up adapter and head where the original clients' are, mirrored under late/ (RunPaths.home_of):
+    # `local` continues from them as it does for the original clients
     adapter = paths.warmup_adapter(cid)
     client_train(cfg, warmup.name, cid, 1, str(down), str(adapter), n + 1)
     # 2. the method places it, from its warm-up adapter and the original clients'

@@ -18,8 +18,10 @@ from fedlease.strategies.base import Strategy, Tensors, prefixed, unprefixed
 
 
 def local_dir(cfg: Config, strategy: Strategy, client_id: int) -> Path:
-    """A client's local state for one method, under that method's stage output (one DVC out each)."""
-    return strategy.home(RunPaths.of(cfg)) / "clients" / f"client_{client_id:03d}"
+    """A client's local state for one method, under that method's stage output (one DVC out each; a late
+    joiner's under `late/`)."""
+    paths = RunPaths.of(cfg)
+    return paths.home_of(strategy.home(paths), client_id) / "clients" / f"client_{client_id:03d}"
 
 
 def save_local_state(cfg: Config, strategy: Strategy, client_id: int, round_: int, state: Tensors) -> None:
@@ -56,7 +58,7 @@ def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int
     paths = RunPaths.of(cfg)
     keeps = [g for g in ("lora", "personal") if g in strategy.local_groups]
     assert len(keeps) <= 1, f"{strategy.name}: one local LoRA continues the warm-up's, not {keeps}"
-    if path.is_relative_to(paths.warmup) and keeps:
+    if path.is_relative_to(paths.home_of(paths.warmup, client_id)) and keeps:
         adapter = paths.warmup_adapter(client_id)
         if not adapter.exists():
             raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "

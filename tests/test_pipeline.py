@@ -103,6 +103,13 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
 
     cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "local"]))
     run_all(cfg)
+    paths = RunPaths.of(cfg)
+    stage_outputs = [paths.data, paths.warmup, paths.allocation, paths.root / "federate"]  # dvc.yaml's outs
+
+    def listing() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for d in stage_outputs for f in sorted(d.rglob("*")) if f.is_file()}
+
+    before = listing()
     newcomer = write_sentiment_csv(tmp_path / "new.csv", 30, seed=9)
     rec = join_client(cfg, str(newcomer), "sentiment")
     assert rec["client_id"] == 4 and rec["strategy"] == "fedlease"
@@ -116,8 +123,10 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     # `local` continues from the joiner's own warm-up adapter, as it does for the original clients
     alone = join_client(cfg, str(newcomer), "sentiment", "local")
     assert alone["client_id"] == 6 and alone["strategy"] == "local" and alone["bytes_up"] == 0
-    paths = RunPaths.of(cfg)
-    assert paths.warmup_adapter(6).exists(), "the joiner's warm-up adapter sits beside the original clients'"
+    # the joins wrote nothing into a stage's output: `dvc status` stays clean, `dvc repro` has nothing to redo
+    assert listing() == before, "a join wrote into a stage's DVC output"
+    assert paths.warmup_adapter(6) == paths.late / "warmup" / "client_006.safetensors"
+    assert paths.warmup_adapter(6).exists() and (paths.late / "federate" / "local" / "clients" / "client_006").is_dir()
 
 
 def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):

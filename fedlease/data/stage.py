@@ -114,12 +114,8 @@ def load_manifest(cfg: Config) -> dict[str, Any]:
     return read_json(RunPaths.of(cfg).manifest)
 
 
-def late_client_file(cfg: Config, client_id: int) -> Path:
-    return RunPaths.of(cfg).root / "late" / "clients" / f"client_{client_id:03d}.json"
-
-
 def load_client(cfg: Config, client_id: int) -> ClientData:
     """A partition client, or a client that joined after allocation (fedlease join)."""
-    path = RunPaths.of(cfg).client_file(client_id)
-    late = late_client_file(cfg, client_id)
-    return ClientData.from_json(read_json(late if not path.exists() and late.exists() else path))
+    paths = RunPaths.of(cfg)
+    path = paths.late_client_file(client_id) if paths.is_late(client_id) else paths.client_file(client_id)
+    return ClientData.from_json(read_json(path))
