@@ -69,7 +69,8 @@ class ClientRuntime:
             loaded = load_base_model(self.cfg.model, self.cfg.data.kind, self.cache_dir, seed=self.cfg.seed)
             self.tokenizer = loaded.tokenizer
             lora = self.cfg.lora.model_copy(update={"r": spec.r})
-            router = self.cfg.fedlease.router.model_copy(update={"top_k": spec.top_k})
+            router = self.cfg.fedlease.router.model_copy(update={"top_k": spec.top_k,
+                                                                 "personal_expert": spec.personal})
             dual_options = None
             if spec.dual:
                 base = self.cfg.baselines

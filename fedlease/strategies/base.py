@@ -37,11 +37,13 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Structure of the client model: a single LoRA (num_experts None), a mixture, or FedDPA's dual adapter."""
+    """Structure of the client model: a single LoRA (num_experts None), a mixture (with a personal LoRA on an
+    always-kept router slot when `personal`), or FedDPA's dual adapter."""
 
     r: int
     num_experts: int | None = None
     top_k: int | None = None
+    personal: bool = False
     dual: bool = False
 
 

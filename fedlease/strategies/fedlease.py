@@ -96,7 +96,9 @@ class FedLEASE(Strategy):
         return self.allocation.num_experts
 
     def spec(self, client_id: int) -> ModelSpec:
-        return ModelSpec(r=self.cfg.lora.r, num_experts=self.num_experts, top_k=self.cfg.fedlease.router.top_k)
+        router = self.cfg.fedlease.router
+        return ModelSpec(r=self.cfg.lora.r, num_experts=self.num_experts, top_k=router.top_k,
+                         personal=router.personal_expert)
 
     def init_state(self, ctx: InitContext) -> ServerState:
         """The allocation's cluster-mean experts, and every cluster's router at the common init."""
