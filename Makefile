@@ -59,7 +59,8 @@ status:
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: install browser
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)"
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests   # the slowest 15 listed: the suite has a 20-minute budget
+# the slowest 15 listed (the suite has a 20-minute budget); files in tests/conftest.py's order, longest first
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Debian's Chromium for the MLflow UI browser test (installed when missing and run as root).
 browser:

@@ -62,7 +62,7 @@ def load_local_state(cfg: Config, strategy: Strategy, client_id: int, up_to: int
         adapter = paths.warmup_adapter(client_id)
         if not adapter.exists():
             raise ArtifactError(f"client {client_id}: {strategy.name} continues from the warm-up, but {adapter} "
-                                "is missing (run the warmup stage)")
+                                "is missing (run the warmup stage; a late joiner: fedlease join)")
         # lora.<module>.A|B: `local`'s LoRA, or FedLEASE's personal expert
         state.update(prefixed(unprefixed(load_tensors(adapter), "lora."), f"{keeps[0]}."))
     return state

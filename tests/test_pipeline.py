@@ -104,10 +104,12 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     cfg = config_from_dict(tiny_params(tmp_path, strategies=["fedlease", "local"]))
     run_all(cfg)
     paths = RunPaths.of(cfg)
-    stage_outputs = [paths.data, paths.warmup, paths.allocation, paths.root / "federate"]  # dvc.yaml's outs
+    stage_dirs = [paths.data, paths.warmup, paths.allocation, paths.root / "federate", paths.plots]  # dvc.yaml's outs
+    assert all(d.is_dir() for d in stage_dirs) and paths.metrics.exists() and (paths.root / "results.md").exists()
 
     def listing() -> dict[str, bytes]:
-        return {str(f): f.read_bytes() for d in stage_outputs for f in sorted(d.rglob("*")) if f.is_file()}
+        files = [f for d in stage_dirs for f in sorted(d.rglob("*")) if f.is_file()]
+        return {str(f): f.read_bytes() for f in [*files, paths.metrics, paths.root / "results.md"]}
 
     before = listing()
     newcomer = write_sentiment_csv(tmp_path / "new.csv", 30, seed=9)
@@ -127,6 +129,11 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     assert listing() == before, "a join wrote into a stage's DVC output"
     assert paths.warmup_adapter(6) == paths.late / "warmup" / "client_006.safetensors"
     assert paths.warmup_adapter(6).exists() and (paths.late / "federate" / "local" / "clients" / "client_006").is_dir()
+    # a new partition drops the joiners of the old one (their ids would shadow its clients')
+    from fedlease.data.stage import run_data_stage
+
+    run_data_stage(config_from_dict({**tiny_params(tmp_path, strategies=["fedlease", "local"]), "seed": 1}))
+    assert not paths.late.exists() and not paths.is_late(4)
 
 
 def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):

@@ -7,6 +7,7 @@ directory and renamed into place, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,9 @@ def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
         "tasks_known": all(e["task"] != UNLABELLED for e in entries),
         "clients": entries,
     }
+    # clients that joined a run of the old partition (`fedlease join`) do not belong to this one; their ids
+    # would shadow the new partition's where its client files are not here (silo mode)
+    shutil.rmtree(paths.late, ignore_errors=True)
     with atomic_dir(paths.data) as tmp:
         for c in clients:
             atomic_write_json(tmp / "clients" / f"client_{c.client_id:03d}.json", c.to_json())
