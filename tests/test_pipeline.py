@@ -129,9 +129,12 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     assert listing() == before, "a join wrote into a stage's DVC output"
     assert paths.warmup_adapter(6) == paths.late / "warmup" / "client_006.safetensors"
     assert paths.warmup_adapter(6).exists() and (paths.late / "federate" / "local" / "clients" / "client_006").is_dir()
-    # a new partition drops the joiners of the old one (their ids would shadow its clients')
+    # the same partition written again (a rerun) keeps them; a new partition drops them (their ids would
+    # shadow its clients')
     from fedlease.data.stage import run_data_stage
 
+    run_data_stage(cfg)
+    assert paths.is_late(4) and paths.warmup_adapter(6).exists()
     run_data_stage(config_from_dict({**tiny_params(tmp_path, strategies=["fedlease", "local"]), "seed": 1}))
     assert not paths.late.exists() and not paths.is_late(4)
 

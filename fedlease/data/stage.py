@@ -102,9 +102,10 @@ def run_data_stage(cfg: Config, mapper: Any = None) -> dict[str, Any]:
         "tasks_known": all(e["task"] != UNLABELLED for e in entries),
         "clients": entries,
     }
-    # clients that joined a run of the old partition (`fedlease join`) do not belong to this one; their ids
-    # would shadow the new partition's where its client files are not here (silo mode)
-    shutil.rmtree(paths.late, ignore_errors=True)
+    if paths.manifest.exists() and read_json(paths.manifest) != manifest:
+        # clients that joined a run of the old partition (`fedlease join`) do not belong to this one; their ids
+        # would shadow the new partition's where its client files are not here (silo mode)
+        shutil.rmtree(paths.late, ignore_errors=True)
     with atomic_dir(paths.data) as tmp:
         for c in clients:
             atomic_write_json(tmp / "clients" / f"client_{c.client_id:03d}.json", c.to_json())
