@@ -112,7 +112,8 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
     if fixed_m is not None:
         if not 1 <= fixed_m <= n:
             raise ValueError(f"fedlease.clustering.fixed_m: {fixed_m} is outside 1..{n} clients")
-        labels = np.zeros(n, dtype=int) if fixed_m == 1 else cluster_all(dist, [fixed_m], method, linkage, seed)[fixed_m]
+        labels = (np.zeros(n, dtype=int) if fixed_m == 1
+                  else cluster_all(dist, [fixed_m], method, linkage, seed)[fixed_m])
         return Allocation(canonical_labels(labels), fixed_m, {}, dist, time.perf_counter() - t0, method)
     if n < 3:
         raise ValueError(f"silhouette needs at least 3 clients to compare k >= 2 clusters, got {n}")

@@ -38,7 +38,8 @@ class TaskSpec(_Strict):
     source: Literal["bigbench", "rotten_tomatoes", "local", "hf"]
     path: str = Field(
         default="",
-        description="bigbench: task folder under benchmark_tasks; local: a .csv/.jsonl file; hf: a hub dataset name or a `save_to_disk` folder",
+        description="bigbench: task folder under benchmark_tasks; local: a .csv/.jsonl file; "
+                    "hf: a hub dataset name or a `save_to_disk` folder",
     )
     hf_config: str | None = Field(default=None, description="hf: the dataset's configuration (GLUE: sst2, qnli, ...)")
     hf_split: str = Field(default="train", description="hf: the split to read (the pipeline makes its own "
@@ -163,7 +164,8 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field(
         default="packaged:all-minilm-l6-v2",
-        description="packaged:all-minilm-l6-v2 | packaged:smollm2-135m | tiny:bert | tiny:llama | hub name | local path",
+        description="packaged:all-minilm-l6-v2 | packaged:smollm2-135m | tiny:bert | tiny:llama | hub name | "
+                    "local path",
     )
     max_length: PositiveInt = 64
     head_module: str = Field(default="classifier", description="Name of the task head (kept local per client)")

@@ -70,7 +70,8 @@ def export_final_model(cfg: Config, strategy: Strategy, state: ServerState, fold
             if local is not None:
                 save_tensors(tmp / "clients" / f"client_{cid:03d}.safetensors", local)
             label_names = load_client(cfg, cid).label_names
-            atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json", {"task": c["task"], "label_names": label_names})
+            atomic_write_json(tmp / "clients" / f"client_{cid:03d}.json",
+                              {"task": c["task"], "label_names": label_names})
     export_peft_adapters(cfg, strategy, state, folder.parent / "peft")
 
 
@@ -115,7 +116,8 @@ MODEL_README = """# Final {strategy} model (FedLEASE pipeline)
   (one LoRA expert per cluster, rank r, scaling alpha/r) and `router<e>.router.<module>` (the router
   of cluster e, shape (2M-1, d_in); (2M, d_in) with `fedlease.router.personal_expert`, whose personal
   LoRAs are in the clients' local states below). For the single-LoRA baselines: `lora.<module>.A|B`.
-- `cluster_map.json`: client -> expert, silhouette per k (the B-distance matrix is in the run's `allocation/distances.npy`).
+- `cluster_map.json`: client -> expert, silhouette per k (the B-distance matrix is in the run's
+  `allocation/distances.npy`).
 - `meta.json`: base model and LoRA settings; `deepspeed_config.json`: the engine config used.
 - `clients/client_NNN.safetensors`: each client's local state (its head, and what else the method keeps
   locally); `clients/client_NNN.json`: its task and label names.

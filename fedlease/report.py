@@ -81,12 +81,14 @@ def method_table(runs: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in methods:
         per = [r["methods"][name] for r in runs]
-        lines.append(_row([name, *_score_cells(per, tasks),
-                           f"{statistics.mean(p.get('local_steps_per_client', float('nan')) for p in per):.0f}",
-                           str(per[0].get("rounds", "-")),
-                           f"{statistics.mean(p.get('bytes_up_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
-                           f"{statistics.mean(p.get('bytes_down_total_per_client', float('nan')) for p in per) / 1e6:.2f}",
-                           f"{per[0]['trainable_params']:,}", f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]))
+
+        def mean(key: str, per: list[dict[str, Any]] = per) -> float:
+            return statistics.mean(p.get(key, float("nan")) for p in per)
+
+        lines.append(_row([name, *_score_cells(per, tasks), f"{mean('local_steps_per_client'):.0f}",
+                           str(per[0].get("rounds", "-")), f"{mean('bytes_up_total_per_client') / 1e6:.2f}",
+                           f"{mean('bytes_down_total_per_client') / 1e6:.2f}", f"{per[0]['trainable_params']:,}",
+                           f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]))
     floors = [m for m in (next((p.get("majority") for p in r["methods"].values() if p.get("majority")), None)
                           for r in runs) if m]
     if len(floors) == len(runs):

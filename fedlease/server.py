@@ -75,9 +75,9 @@ def fingerprint(cfg: Config, strategy: str, inputs: Sequence[Path], rounds_matte
 
     from fedlease.provenance import code_version
 
-    doc = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"tracking": True, "orchestration": True, "strategies": True,
-                                               "faults": True,
-                                               "federation": {"rounds", "exchange"}, "output_dir": True})
+    doc = cfg.model_dump(mode="json", exclude_defaults=True,
+                         exclude={"tracking": True, "orchestration": True, "strategies": True, "faults": True,
+                                  "federation": {"rounds", "exchange"}, "output_dir": True})
     version = code_version()
     schedule = cfg.federation.rounds if rounds_matter else None
     h = hashlib.sha256(json.dumps([doc, strategy, version["sources"], version["commit"], schedule],
@@ -271,7 +271,8 @@ def evaluate_clients(cfg: Config, strategy: Strategy, state: ServerState, xdir: 
     for cid, res in zip(range(n), results, strict=True):
         if isinstance(res, BaseException):
             clients[str(cid)] = {"error": f"{type(res).__name__}: {res}"}
-            _progress(f"[{strategy.name}] round {round_}: evaluation of client {cid} failed: {clients[str(cid)]['error']}")
+            _progress(f"[{strategy.name}] round {round_}: evaluation of client {cid} failed: "
+                      f"{clients[str(cid)]['error']}")
         else:
             clients[str(cid)] = res
     return summarise_eval(clients, cfg.data.kind)

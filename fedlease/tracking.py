@@ -167,7 +167,8 @@ class Tracker:
         from mlflow.entities import Param
 
         params = flatten(self.cfg)
-        key = [Param(k, v[:6000]) for k, v in params.items() if k.split(".")[0] in KEY_PARAM_SECTIONS or k in KEY_PARAMS]
+        key = [Param(k, v[:6000]) for k, v in params.items()
+               if k.split(".")[0] in KEY_PARAM_SECTIONS or k in KEY_PARAMS]
         for i in range(0, len(key), 100):
             self.client.log_batch(run.info.run_id, params=key[i : i + 100])
         state.setdefault("strategies", {})[strategy] = run.info.run_id
@@ -329,8 +330,9 @@ def register_model(tracker: Tracker, run_id: str | None, folder: Path, kind: str
         signature.inputs = Schema([ColSpec("long", "client"), ColSpec("string", "text"),
                                    ColSpec("string", "text_pair", required=False)])
     code = Path(__file__).resolve().parent
-    requirements = [line.strip() for line in (code.parent / "requirements.lock").read_text().splitlines()
-                    if line.strip() and not line.startswith(("#", "-"))] if (code.parent / "requirements.lock").exists() else []
+    lock = code.parent / "requirements.lock"
+    requirements = [line.strip() for line in lock.read_text().splitlines()
+                    if line.strip() and not line.startswith(("#", "-"))] if lock.exists() else []
     with tracker.mlflow.start_run(run_id=run_id, nested=True):
         info = tracker.mlflow.pyfunc.log_model(
             name="model", python_model=str(code / "mlflow_model.py"), artifacts={"model_dir": str(folder)},

@@ -144,7 +144,8 @@ def fedlease_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     Typed parameters (their types checked by Prefect and its UI form; their values by the params model,
     which names the key) for the usual keys: seed, rounds, the methods to compare, the output folder;
     `overrides` takes any other params key as `dotted.key=value`. Plain builtin types on purpose: a served
-    deployment rebuilds this signature from the source, where other names would not resolve. On the flow run: a progress artifact, the results table, a link to the MLflow run."""
+    deployment rebuilds this signature from the source, where other names would not resolve. On the flow run:
+    a progress artifact, the results table, a link to the MLflow run."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from fedlease.runlock import run_lock

@@ -151,7 +151,8 @@ def set_state(model: nn.Module, state: dict[str, torch.Tensor], head_module: str
     for key, value in state.items():
         t = targets[key]
         if tuple(value.shape) != tuple(t.shape):
-            raise ArtifactError(f"state key {key}: shape {tuple(value.shape)} does not match the model's {tuple(t.shape)}")
+            raise ArtifactError(f"state key {key}: shape {tuple(value.shape)} does not match the model's "
+                                f"{tuple(t.shape)}")
         if not value.dtype.is_floating_point:
             raise ArtifactError(f"state key {key}: dtype {value.dtype} is not a float type")
     with torch.no_grad():

@@ -89,8 +89,8 @@ def route(logits: torch.Tensor, slots: torch.Tensor, keep: int, renormalize: boo
           prior: torch.Tensor | None = None, always: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token expert weights (..., E) and which experts were selected (..., E bool), from
     router logits (..., S); E = M, or M + 1 with a personal expert. Pure function. Selection is by slot
-    index, so an expert whose weight underflows to 0 in float32 still counts as selected. A `prior` (S,) is added to the logits
-    the weights come from, not to those that choose the kept slots: it moves weight towards the own
+    index, so an expert whose weight underflows to 0 in float32 still counts as selected. A `prior` (S,) is
+    added to the logits the weights come from, not to those that choose the kept slots: it moves weight towards the own
     expert without keeping the foreign slots out of the top M (where they would get no gradient). Slots in
     `always` (S,) bool are kept whatever their logit (`keep` counts them)."""
     mask = torch.ones_like(logits)
