@@ -353,9 +353,11 @@ def main() -> None:
     ap.add_argument("--runs", default=str(RUNS), help="folder of the run folders (default benchmarks/runs)")
     ap.add_argument("--records", default=None,
                     help="folder of the small result records (default: --runs); a unit whose record matches its "
-                         "params and code version is read, not rerun: keep them (e.g. in git) to resume on another machine")
+                         "params and code version is read, not rerun: keep them (e.g. in git) to resume on another "
+                         "machine")
     ap.add_argument("--note", action="append", default=[],
-                    help="a line on the conditions of the run (e.g. other load on the machine), written under the tables")
+                    help="a line on the conditions of the run (e.g. other load on the machine), written under the "
+                         "tables")
     args = ap.parse_args()
     RUNS = Path(args.runs)
     RECORDS = Path(args.records) if args.records else RUNS
