@@ -25,10 +25,14 @@ LONGEST_FIRST = ("test_silo.py", "test_dvc.py", "test_silo_calls.py", "test_benc
                  "test_ray.py", "test_browser.py", "test_ranks.py", "test_isolation.py", "test_dvc_declared.py")
 
 
+def longest_first_rank(item: pytest.Item) -> int:
+    """An item's file's place in LONGEST_FIRST; every other file after them."""
+    return LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest files first (LONGEST_FIRST), every other file after them in its usual order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+    items.sort(key=longest_first_rank)  # stable: a file's tests keep their order
 
 POS = ["great", "wonderful", "excellent", "lovely", "superb", "brilliant"]
 NEG = ["awful", "terrible", "boring", "dreadful", "poor", "horrible"]

@@ -74,12 +74,11 @@ def test_silo_examples_are_valid():
 def test_the_longest_test_files_are_handed_out_first(request: pytest.FixtureRequest):
     """`make test` keeps the collection order (--no-loadscope-reorder), and the collection puts the files
     named in conftest.LONGEST_FIRST first, in that order: a renamed file would silently fall back to the end."""
-    from .conftest import LONGEST_FIRST
+    from .conftest import LONGEST_FIRST, longest_first_rank
 
     if request.config.getoption("failedfirst", False) or request.config.getoption("newfirst", False):
         pytest.skip("--ff / --nf reorder the collection after the hook")
     assert re.search(r"pytest .*--dist loadfile --no-loadscope-reorder", (REPO / "Makefile").read_text())
     assert not [name for name in LONGEST_FIRST if not (REPO / "tests" / name).exists()], "a renamed test file"
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    collected = [rank.get(item.path.name, len(rank)) for item in request.session.items]
+    collected = [longest_first_rank(item) for item in request.session.items]
     assert collected == sorted(collected), "a file of LONGEST_FIRST collected after a shorter one"
