@@ -74,7 +74,8 @@ def main() -> None:
         return
     print(f"B shapes: {args.modules} modules of {args.d_out} x {args.r}; {args.clusters} planted clusters, "
           f"rho {args.rho}; distances in {args.dtype}; m_max {args.m_max}")
-    print("| N | distances s | clustering + silhouette s | total s | peak RSS MB (inputs alone) | M | ARI | cluster map bytes |")
+    print("| N | distances s | clustering + silhouette s | total s | peak RSS MB (inputs alone) | M | ARI | "
+          "cluster map bytes |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for n in [int(x) for x in args.sizes.split(",")]:
@@ -83,7 +84,8 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"| {n} | {row['distance_s']:.1f} | {row['cluster_s']:.1f} | {row['total_s']:.1f} | "
-              f"{row['peak_rss_mb']:.0f} ({row['inputs_mb']:.0f}) | {row['m']} | {row['ari']:.3f} | {row['map_bytes']} |",
+              f"{row['peak_rss_mb']:.0f} ({row['inputs_mb']:.0f}) | {row['m']} | {row['ari']:.3f} | "
+              f"{row['map_bytes']} |",
               flush=True)
     big = rows[-1]
     print(f"largest_n_seconds: {big['total_s']:.1f}")

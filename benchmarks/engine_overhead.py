@@ -75,7 +75,8 @@ def main() -> None:
         down = Path(out) / "bench" / f"down_{i}.safetensors"
         write_download(down, strategy.download(state, cid))
         t0 = time.perf_counter()
-        res = client_train(cfg, "fedit", cid, 1 + i // n, str(down), str(Path(out) / "bench" / f"up_{i}.safetensors"), n)
+        upload = str(Path(out) / "bench" / f"up_{i}.safetensors")
+        res = client_train(cfg, "fedit", cid, 1 + i // n, str(down), upload, n)
         total = time.perf_counter() - t0
         pure_steps = res.train_seconds - res.setup_seconds
         shares.append((total - pure_steps) / total)

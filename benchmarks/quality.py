@@ -264,9 +264,9 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     heirs = [m for m in methods if strategy_class(m).inherits_warmup and m != primary]
     if warm:
+        shared = f"; {', '.join(heirs)} continue(s) from the same warm-up (rounds s exclude it too)." if heirs else "."
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
-                      "its rounds" + (f"; {', '.join(heirs)} continue(s) from the same warm-up (rounds s exclude it too)."
-                                      if heirs else ".")]
+                      f"its rounds{shared}"]
     for name in methods:
         method_aris = [r["methods"][name].get("ari_vs_task") for r in runs]
         if name != primary and all(a is not None for a in method_aris):
@@ -389,7 +389,8 @@ def main() -> None:
     headlines = [f"ari: {ari:.3f}", headline("fedlease_margin", margin, runs)]
     if args.label_skew:
         # the user's --set comes last, so it can change the skew (e.g. dirichlet_alpha=0.1)
-        skew_overrides = ((QUICK if args.quick else []) + LABEL_SKEW + [f"data.partition.dirichlet_alpha={args.skew_alpha}"]
+        skew_overrides = ((QUICK if args.quick else []) + LABEL_SKEW
+                          + [f"data.partition.dirichlet_alpha={args.skew_alpha}"]
                           + ([f"data.partition.min_test_per_client={args.skew_min_test}"] if args.skew_min_test else [])
                           + args.overrides)
         alpha = load_config(args.params, skew_overrides).data.partition.dirichlet_alpha

@@ -24,7 +24,8 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     out = tmp_path / "quality.md"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--params", str(params), "--seeds", "0,1",
-         "--set", "federation.rounds=1", "--set", "data.partition.min_test_per_client=2", "--label-skew", "--runs", str(tmp_path / "runs"), "--out", str(out)],
+         "--set", "federation.rounds=1", "--set", "data.partition.min_test_per_client=2", "--label-skew",
+         "--runs", str(tmp_path / "runs"), "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-3:]
@@ -66,7 +67,8 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
                  ["methods"]["fedit"]["mean"]) / 2
     avg_fl = sum(json.loads((tmp_path / "runs" / "task" / f"seed{s}" / "metrics.json").read_text())
                  ["methods"]["fedlease"]["mean"] for s in (0, 1)) / 2
-    assert float(again.stdout.strip().splitlines()[-2].split()[1]) == pytest.approx(100 * (avg_fl - avg_fedit), abs=0.006)
+    margin = float(again.stdout.strip().splitlines()[-2].split()[1])
+    assert margin == pytest.approx(100 * (avg_fl - avg_fedit), abs=0.006)
     # a record of other params (or code) is not reused: that unit alone runs again
     record["fingerprint"] = "0" * 16
     (unit_dir / "fedit.json").write_text(json.dumps(record))

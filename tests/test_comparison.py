@@ -189,7 +189,8 @@ def test_every_shipped_profile_draws_ifca_models_at_the_warmup_scale():
     larger (0.02 on the NLG profile, 4x its warm-up's B) gives IFCA a random start its few steps cannot undo."""
     from fedlease.config import load_config
 
-    profiles = [REPO / "params.yaml", *sorted(REPO.glob("params_*.yaml")), *sorted(REPO.glob("benchmarks/params_*.yaml"))]
+    profiles = [REPO / "params.yaml", *sorted(REPO.glob("params_*.yaml")),
+                *sorted(REPO.glob("benchmarks/params_*.yaml"))]
     assert len(profiles) >= 6
     for profile in profiles:
         cfg = load_config(profile)

@@ -41,7 +41,8 @@ def test_bad_values_name_the_key(tmp_path: Path, override: str, key: str):
 
 
 def test_override_types_and_list_index(tmp_path: Path):
-    raw = apply_overrides(tiny_params(tmp_path), ["lora.r=8", "data.tasks.0.name=renamed", "fedlease.clustering.fixed_m=2"])
+    raw = apply_overrides(tiny_params(tmp_path),
+                          ["lora.r=8", "data.tasks.0.name=renamed", "fedlease.clustering.fixed_m=2"])
     cfg = config_from_dict(raw)
     assert cfg.lora.r == 8 and cfg.data.tasks[0].name == "renamed" and cfg.fedlease.clustering.fixed_m == 2
     with pytest.raises(ConfigError, match="data.tasks.9"):

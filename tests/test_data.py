@@ -24,8 +24,9 @@ from .conftest import REPO, tiny_params
 
 def _bigbench_tarball(path: Path) -> Path:
     task = {"canary": "x", "examples": [
-        {"input": f"Evidence {i}\nClaim: claim {i}", "target_scores": {"True": int(i % 3 == 0), "False": int(i % 3 == 1),
-                                                                  "Neither": int(i % 3 == 2)}} for i in range(30)]}
+        {"input": f"Evidence {i}\nClaim: claim {i}",
+         "target_scores": {"True": int(i % 3 == 0), "False": int(i % 3 == 1), "Neither": int(i % 3 == 2)}}
+        for i in range(30)]}
     gen = {"examples": [{"input": f"Q{i}?", "target": [f"A{i}"]} for i in range(5)]}
     with tarfile.open(path, "w:gz") as tar:
         for name, doc in (("claims", task), ("gen/sub", gen)):

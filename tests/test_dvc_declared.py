@@ -40,7 +40,8 @@ def loaded(*args, **kwargs):
 config.load_config = loaded
 from fedlease.cli import main
 rc = main([sys.argv[1], "--params", sys.argv[2]])
-mods = sorted(m.__file__ for n, m in list(sys.modules.items()) if n.startswith("fedlease") and getattr(m, "__file__", None))
+mods = sorted(m.__file__ for n, m in list(sys.modules.items())
+              if n.startswith("fedlease") and getattr(m, "__file__", None))
 print(json.dumps({"rc": rc, "seen": sorted(seen), "modules": mods}))
 """
 

@@ -38,8 +38,8 @@ def test_work_pool_and_deployment_register_on_a_prefect_server(tmp_path: Path):
                "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
         for cmd in ([prefect, "work-pool", "create", "fedlease", "--type", "process",
                      "--base-job-template", str(REPO / "infra" / "prefect" / "work-pool.json")],
-                    [prefect, "--no-prompt", "deploy", "--prefect-file", str(REPO / "infra" / "prefect" / "prefect.yaml"),
-                     "--all"]):
+                    [prefect, "--no-prompt", "deploy", "--prefect-file",
+                     str(REPO / "infra" / "prefect" / "prefect.yaml"), "--all"]):
             res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
             assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
         from prefect.client.orchestration import get_client
@@ -82,3 +82,17 @@ def test_the_longest_test_files_are_handed_out_first(request: pytest.FixtureRequ
     assert not [name for name in LONGEST_FIRST if not (REPO / "tests" / name).exists()], "a renamed test file"
     collected = [longest_first_rank(item) for item in request.session.items]
     assert collected == sorted(collected), "a file of LONGEST_FIRST collected after a shorter one"
+
+
+def test_python_lines_stay_within_the_configured_length():
+    """pyproject's `line-length` (ruff's setting) holds in every Python file of the project (ruff itself is not
+    in the lock, so the rule is checked here)."""
+    import tomllib
+
+    limit = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["ruff"]["line-length"]
+    files = [p for top in ("fedlease", "flows", "tests", "benchmarks") for p in (REPO / top).rglob("*.py")
+             if "runs" not in p.relative_to(REPO).parts]
+    assert len(files) > 50
+    long = [f"{p.relative_to(REPO)}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
+            if len(line) > limit]
+    assert not long, f"lines over {limit} columns: {long}"

@@ -164,7 +164,8 @@ def test_a_silo_whose_worker_stops_is_dropped_then_rejoins(federation: LocalFede
             time.sleep(0.1)
         fed.stop("worker-east", hard=True)  # at once: a graceful stop may still take round 1's call
         events.append("stopped")
-        while time.monotonic() < deadline and not list(fed.root.glob("store/*/fedit/r0002/down_000.safetensors.sha256")):
+        round_2_sent = "store/*/fedit/r0002/down_000.safetensors.sha256"
+        while time.monotonic() < deadline and not list(fed.root.glob(round_2_sent)):
             time.sleep(0.2)
         fed.start_worker("east")
         events.append("restarted")

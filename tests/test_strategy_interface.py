@@ -104,7 +104,8 @@ def test_no_caller_tests_a_method_name_or_probes_a_strategy():
                 about_data = any("source" in ast.unparse(n) for n in operands)  # a data source named "local"
                 if any(c.value in names for c in consts) and not about_data:
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: compares with a method name")
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("hasattr", "getattr")
                     and node.args and "strateg" in ast.unparse(node.args[0]).lower()):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: probes a strategy with {node.func.id}")
     assert not offenders, "\n".join(offenders)

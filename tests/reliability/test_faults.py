@@ -173,7 +173,8 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path: Path):
         assert holder.stdout.readline().strip() == "held"
         (Path(cfg.output_dir) / "first.txt").write_text("the first run's work")
         t0 = time.perf_counter()
-        with pytest.raises(RunLocked, match=rf"output_dir {cfg.output_dir}: in use by another run \(pid {holder.pid}\)"):
+        in_use = rf"output_dir {cfg.output_dir}: in use by another run \(pid {holder.pid}\)"
+        with pytest.raises(RunLocked, match=in_use):
             run_all(cfg)
         assert time.perf_counter() - t0 < 10, "refused at once, not after waiting"
         assert (Path(cfg.output_dir) / "first.txt").read_text() == "the first run's work"

@@ -58,7 +58,8 @@ def test_clip_and_noise_hand_checked():
     update = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # norm 5
     clipped, norm = clip_and_noise(update, clip_norm=1.0, noise_multiplier=0.0, seed=0)
     assert norm == pytest.approx(5.0)
-    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0])) and torch.allclose(clipped["b"], torch.tensor([[0.8]]))
+    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0]))
+    assert torch.allclose(clipped["b"], torch.tensor([[0.8]]))
     small, _ = clip_and_noise({"a": torch.tensor([0.3, 0.4])}, 1.0, 0.0, 0)
     assert torch.allclose(small["a"], torch.tensor([0.3, 0.4])), "updates inside the ball are not scaled"
     noisy = torch.stack([clip_and_noise({"a": torch.zeros(2000)}, 0.5, 2.0, s)[0]["a"] for s in range(5)])
