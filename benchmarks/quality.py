@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -290,9 +291,9 @@ def machines_line(runs: list[dict[str, Any]]) -> str:
     return "Ran on: " + "; ".join(f"{where} ({n} method-seed(s))" for where, n in sorted(counts.items())) + "."
 
 
-def headline(name: str, margin: float, runs: list[dict[str, Any]]) -> str:
-    """A last line a reader greps: the margin, the protocol, the seeds it is the mean over."""
-    return f"{name}: {margin:.2f} (protocol {runs[0].get('protocol', '?')}, mean over {len(runs)} seed(s))"
+def headline(name: str, value: float, runs: list[dict[str, Any]], digits: int = 2) -> str:
+    """A last line a reader greps: the value, the protocol, the seeds it is the mean over."""
+    return f"{name}: {value:.{digits}f} (protocol {runs[0].get('protocol', '?')}, mean over {len(runs)} seed(s))"
 
 
 def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]:
@@ -312,24 +313,42 @@ def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]
         f"{cfg.fedlease.warmup_epochs}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, greedy "
         f"decoding of at most {cfg.training.max_new_tokens} tokens. Scores are ROUGE-L F1 x 100 on each client's "
         "held-out examples.", "", protocol_line(cfg), "", body, "", *[f"Note: {line}" for line in args.note],
-        f"NLG benchmark time (warm-up + rounds, per seed): {_seconds_list(runs)}.", ""])
+        f"NLG benchmark time (warm-up + rounds, per seed): {_seconds_list(runs)}.", "",
+        f"Headline: `{headline('nlg_margin', margin, runs)}`", ""])
     return text, margin
 
 
-def upsert_section(path: Path, heading: str, text: str) -> str:
-    """Replace the section that starts with `heading` (up to the next '## ' heading) or append it."""
+def of_version(text: str, version: dict[str, Any]) -> bool:
+    """Whether a part of a results file was made by this code version: it names it, and no other."""
+    named = set(re.findall(r"code: (commit [^,]+, sources \w+)", text))
+    return named == {describe(version)}
+
+
+def stub(heading: str, version: dict[str, Any], command: str) -> str:
+    return f"{heading}\n\nNot run yet at this code version ({describe(version)}): `{command}`.\n"
+
+
+def upsert_section(path: Path, heading: str, text: str, version: dict[str, Any]) -> str:
+    """Replace the section that starts with `heading` (up to the next '## ' heading) or append it; the rest
+    of the file is kept only when it is of the same code version (a file mixes none), else a stub says
+    what to run."""
     old = path.read_text() if path.exists() else ""
     start = old.find(heading)
-    if start < 0:
-        return old.rstrip("\n") + ("\n\n" if old else "") + text
-    end = old.find("\n## ", start + len(heading))
-    return old[:start] + text + (old[end + 1:] if end >= 0 else "")
+    end = old.find("\n## ", start + len(heading)) if start >= 0 else -1
+    before, after = (old, "") if start < 0 else (old[:start], old[end + 1:] if end >= 0 else "")
+    if (before + after).strip() and not of_version(before + after, version):
+        print(f"{path}: its classification tables are of other code; replaced by a stub", file=sys.stderr)
+        before, after = stub("# Quality benchmark", version, f"python benchmarks/quality.py --out {path}"), ""
+    return before.rstrip("\n") + ("\n\n" if before.strip() else "") + text + ("\n" + after if after else "")
 
 
-def write_doc(out: str, doc: list[str]) -> None:
-    """The classification document, keeping the NLG run's section."""
+def write_doc(out: str, doc: list[str], version: dict[str, Any]) -> None:
+    """The classification document, keeping the NLG run's section when it is of the same code version."""
     old = Path(out).read_text() if Path(out).exists() else ""
     kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""
+    if kept and not of_version(kept, version):
+        print(f"{out}: its NLG section is of other code; replaced by a stub", file=sys.stderr)
+        kept = stub(NLG_HEADING, version, f"python benchmarks/quality.py --nlg --out {out}")
     atomic_write_text(out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
 
 
@@ -368,7 +387,8 @@ def main() -> None:
         args.out = str(HERE / "results" / ("quality_quick.md" if args.quick else "quality.md"))
     if args.nlg:
         text, margin = nlg_section(args, seeds)
-        atomic_write_text(args.out, upsert_section(Path(args.out), NLG_HEADING, text))
+        version = one_code_version(args.nlg_runs)
+        atomic_write_text(args.out, upsert_section(Path(args.out), NLG_HEADING, text, version))
         print(text)
         print(headline("nlg_margin", margin, args.nlg_runs))
         return
@@ -378,6 +398,7 @@ def main() -> None:
     runs = run_setting(args.params, overrides, seeds, "quick" if args.quick else "task")
     prefix = "quick-" if args.quick else ""  # the other settings' run folders, kept apart by budget
     main_table, ari, margin = table(runs)
+    version = one_code_version(runs)
     cfg = load_config(args.params, overrides)
     doc = [f"# Quality benchmark ({'quick' if args.quick else 'full'})", "",
            f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`; seeds {seeds}; "
@@ -386,7 +407,7 @@ def main() -> None:
            f"{cfg.fedlease.warmup_epochs} epochs, rank {cfg.lora.r}, lr {cfg.training.lr}, model {cfg.model.name}.", "",
            protocol_line(cfg), "",
            "## Task heterogeneity (accuracy %, mean ± std over seeds)", "", main_table, ""]
-    headlines = [f"ari: {ari:.3f}", headline("fedlease_margin", margin, runs)]
+    headlines = [headline("ari", ari, runs, digits=3), headline("fedlease_margin", margin, runs)]
     if args.label_skew:
         # the user's --set comes last, so it can change the skew (e.g. dirichlet_alpha=0.1)
         skew_overrides = ((QUICK if args.quick else []) + LABEL_SKEW
@@ -403,7 +424,7 @@ def main() -> None:
                 skew_table, ""]
         headlines.append(headline("skew_margin", skew_margin, skew_runs))
     if args.ablations:  # hours more: what is done so far lands in the file first
-        write_doc(args.out, doc + ["(ablations running)", ""])
+        write_doc(args.out, doc + ["(ablations running)", ""], version)
         ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]
         same = [r for r in runs if r["seed"] in ablation_seeds]
         m = max(r["allocation"]["num_experts"] for r in same if "allocation" in r)
@@ -414,11 +435,12 @@ def main() -> None:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs], prefix), ""]
     doc += [f"Note: {line}" for line in args.note] + ([""] if args.note else [])
-    doc += ["## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
+    doc += ["Headline lines (the benchmark's last lines):", "", "```", *headlines, "```", "",
+            "## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
             f"Compute time of the main table (warm-up + rounds of every method, per seed): "
             f"{_seconds_list(runs)}; this invocation took "
             f"{time.perf_counter() - t0:.0f} s in all."]
-    write_doc(args.out, doc)
+    write_doc(args.out, doc, version)
     print("\n".join(doc))
     print("\n".join(headlines))
 

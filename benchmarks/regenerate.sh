@@ -37,7 +37,7 @@ option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's 
         nlg_setting=(--setting "NLG, SmolLM2 (quick)=$records/nlg-quick,$r/nlg-quick")
     fi
     { echo "## $label (\`$*\`), quick size, 3 seeds"; echo
-      "$py" "$tree/benchmarks/robustness_table.py" --column "$label" \
+      "$py" "$table" --column "$label" \
           --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
           --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
           --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
@@ -65,6 +65,9 @@ main() {
     fi
     py=${PYTHON:-$root/.venv/bin/python}
     quality="$tree/benchmarks/quality.py"
+    # the tables of issue 20 are assembled by this checkout's script: it only reads the records (which name
+    # the code version that made them), and later fixes to the assembly apply to COMMIT's runs too
+    table="$root/benchmarks/robustness_table.py"
     runs="$root/benchmarks/runs/regen-$commit"
     out="$root/benchmarks/results"
     records="$out/records/$commit"
@@ -97,7 +100,7 @@ main() {
 
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
-    "$py" "$tree/benchmarks/robustness_table.py" --out "$out/robustness.md" \
+    "$py" "$table" --out "$out/robustness.md" \
         --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
         --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
         --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \

@@ -34,15 +34,38 @@ HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEA
 
 
 def load_runs(folder: str) -> dict[str, dict[str, Any]]:
-    """A setting folder's runs by seed folder name; refused when a run is of the paper protocol or has a
-    failed client evaluation (it would be out of its method's mean)."""
+    """A setting folder's runs by seed folder name; refused when a run is of the paper protocol, has a
+    failed client evaluation (it would be out of its method's mean) or is stale (see `merged_from_units`)."""
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(folder).glob("seed*/metrics.json"))}
     if not runs:
         raise SystemExit(f"error: {folder}: no seed*/metrics.json (run quality.py first)")
     if {r.get("protocol") for r in runs.values()} != {"equal_compute"}:
         raise SystemExit(f"error: {folder}: every run must use the equal-compute protocol")
+    for seed, run in runs.items():
+        merged_from_units(Path(folder) / seed, run)
     no_failed_evaluations(list(runs.values()))
     return runs
+
+
+def merged_from_units(seed_dir: Path, run: dict[str, Any]) -> None:
+    """A seed's metrics.json is quality.py's merge of the unit records beside it (`units/*.json`); one that
+    its units no longer give (a unit removed or rerun since the merge) is stale, and refused by name."""
+    units = [json.loads(p.read_text())["metrics"] for p in sorted((seed_dir / "units").glob("*.json"))]
+    by_name = {name: m for unit in units for name, m in unit["methods"].items()}
+    stale = sorted(name for name, m in run["methods"].items() if by_name.get(name, {}).get("mean") != m["mean"])
+    if stale:
+        raise SystemExit(f"error: {seed_dir / 'metrics.json'} is not the merge of its unit records (missing or "
+                         f"different: {', '.join(stale)}); rerun quality.py on that setting")
+
+
+def shown(value: float, goal: float, spec: str) -> str:
+    """`value` in `spec`, with one more decimal when the rounding would put it on the other side of the goal
+    (a margin of 0.996 reads +0.996, not +1.00 beside a failed check)."""
+    text = format(value, spec)
+    if (float(text) >= goal) != (value >= goal):
+        digits = int(spec.rstrip("f").split(".")[1]) + 1
+        text = format(value, spec.split(".")[0] + f".{digits}f")
+    return text
 
 
 def mean_of(runs: list[dict[str, Any]], method: str) -> float:
@@ -56,7 +79,7 @@ def majority_floor(runs: list[dict[str, Any]]) -> float | None:
     return None if any(f is None for f in floors) else 100 * statistics.mean(f["mean"] for f in floors)
 
 
-def allocation(runs: list[dict[str, Any]]) -> tuple[str, str, float | None]:
+def allocation(runs: list[dict[str, Any]], goal_ari: float) -> tuple[str, str, float | None]:
     """M per seed (cap marked), the ARI of the clusters against the true tasks per seed, and the lowest ARI
     (the goal holds on every seed; None when a run has no allocation or its clients' tasks are not known)."""
     allocs = [r.get("allocation") or {} for r in runs]
@@ -64,7 +87,7 @@ def allocation(runs: list[dict[str, Any]]) -> tuple[str, str, float | None]:
     aris = [a.get("ari_vs_task") for a in allocs]
     if any(x is None for x in aris):
         return ms, "-", None
-    return ms, ", ".join(f"{x:.2f}" for x in aris), min(aris)
+    return ms, ", ".join(shown(x, goal_ari, ".2f") for x in aris), min(aris)
 
 
 def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], goal_margin: float,
@@ -78,18 +101,22 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     floor = floors[0]
     baselines = {m: mean_of(paper, m) for m in methods if m != primary and m not in floors}
     best = max(baselines, key=baselines.get) if baselines else None
-    # a shipped default that changes the warm-up changes `local` too; runs without `local` share the paper's warm-up
-    local_score = mean_of(shipped if all(floor in r["methods"] for r in shipped) else paper, floor)
-    best_other = max([local_score, *([baselines[best]] if best else [])])
+    # a shipped default that changes the warm-up changes `local` too (its runs carry their own): then both
+    # `local`s are other methods a user could run, and the margin is over the better one
+    local_paper = mean_of(paper, floor)
+    own_local = shipped[0] is not paper[0] and all(floor in r["methods"] for r in shipped)
+    local_shipped = mean_of(shipped, floor) if own_local else local_paper
+    best_other = max([local_paper, local_shipped, *([baselines[best]] if best else [])])
     fl_paper, fl_shipped = mean_of(paper, primary), mean_of(shipped, primary)
     margin = fl_shipped - best_other
-    ms, aris, ari = allocation(shipped)
+    ms, aris, ari = allocation(shipped, goal_ari)
     majority = majority_floor(paper)
     margin_met = margin >= goal_margin
     ari_met = ari is None or ari >= goal_ari  # on every seed; no known tasks: nothing to recover
-    line = (f"| {label} | {len(paper)} | {'-' if majority is None else f'{majority:.2f}'} | {local_score:.2f} | "
+    local_cell = f"{local_paper:.2f}" + (f" (with its warm-up: {local_shipped:.2f})" if own_local else "")
+    line = (f"| {label} | {len(paper)} | {'-' if majority is None else f'{majority:.2f}'} | {local_cell} | "
             f"{f'{best} {baselines[best]:.2f}' if best else '-'} | {fl_paper:.2f} | {fl_shipped:.2f} | "
-            f"{margin:+.2f} | {'yes' if margin_met else '**no**'} | {ms} | {aris} | "
+            f"{shown(margin, goal_margin, '+.2f')} | {'yes' if margin_met else '**no**'} | {ms} | {aris} | "
             f"{'-' if ari is None else 'yes' if ari_met else '**no**'} |")
     return line, margin_met and ari_met
 
@@ -130,11 +157,11 @@ def main() -> None:
     if shared:
         lines.append(f"Same runs in both FedLEASE columns (the {args.column} is the paper rule there): "
                      f"{'; '.join(shared)}.")
+    lines += ["", f"robustness_goal: met in {sum(met)} of {len(met)} settings ({args.column})"]
     text = "\n".join(lines)
     if args.out:
         atomic_write_text(Path(args.out), text + "\n")
     print(text)
-    print(f"robustness_goal: met in {sum(met)} of {len(met)} settings ({args.column})")
 
 
 if __name__ == "__main__":

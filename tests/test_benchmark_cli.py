@@ -29,10 +29,11 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
         capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-3:]
-    assert re.fullmatch(r"ari: -?\d+\.\d{3}", last[0])
+    assert re.fullmatch(r"ari: -?\d+\.\d{3} \(protocol equal_compute, mean over 2 seed\(s\)\)", last[0]), last[0]
     for line, name in zip(last[1:], ("fedlease_margin", "skew_margin"), strict=True):
         assert re.fullmatch(name + r": -?\d+\.\d{2} \(protocol equal_compute, mean over 2 seed\(s\)\)", line), line
     text = out.read_text()
+    assert "```\n" + "\n".join(last) + "\n```" in text  # the file carries them too
     # both seeds ran in their own folders under --runs, with the override applied: one round, and fedit
     # one more (the warm-up's epoch, equal compute); the printed margin is the one of those metrics
     margins = {}
@@ -103,9 +104,11 @@ def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float | Non
     methods = {m: {"mean": s, "majority": {"mean": 0.4} if majority else None, "code_version": version}
                for m, s in scores.items()}
     out = folder / f"seed{seed}" / "metrics.json"
-    out.parent.mkdir(parents=True)
-    out.write_text(json.dumps({"methods": methods, "protocol": protocol, "code_version": version,
-                               "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari}}))
+    (out.parent / "units").mkdir(parents=True)
+    run = {"methods": methods, "protocol": protocol, "code_version": version,
+           "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari}}
+    out.write_text(json.dumps(run))
+    (out.parent / "units" / "all.json").write_text(json.dumps({"fingerprint": "f", "metrics": run}))  # quality.py's
 
 
 def _in_process(main: Callable[[], None], argv: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -151,7 +154,8 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     assert skew[4:9] == ["fedit 52.00", "50.00", "50.00", "-5.50", "**no**"] and skew[11] == "**no** |"
     assert nlg[2:5] == ["-", "28.00", "-"] and nlg[7:9] == ["+2.00", "yes"] and nlg[10:] == ["-", "- |"]
     assert proc.stdout.splitlines()[-1] == "robustness_goal: met in 1 of 3 settings (shipped default)"
-    assert (tmp_path / "robustness.md").read_text() in proc.stdout
+    written = (tmp_path / "robustness.md").read_text()
+    assert written in proc.stdout and written.splitlines()[-1] == proc.stdout.splitlines()[-1]  # the goal line too
     # an option's runs without `local` (same warm-up): the paper runs' `local` is the floor it must beat
     for seed in (0, 1):
         _metrics(tmp_path / "prior", seed, {"fedlease": 0.60}, 1.0)
@@ -159,6 +163,24 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     assert option.returncode == 0, option.stderr
     assert "FedLEASE, own prior b = 2" in option.stdout.splitlines()[0]
     assert rows(option.stdout)["mix"][3:9] == ["65.00", "ifca 68.00", "71.00", "60.00", "-8.00", "**no**"]
+    # an option that reruns `local` with its own warm-up: the margin is over the better `local` of the two (the
+    # paper's 55.50 here, not the option's 50.00), and a margin just under the goal is not shown rounded onto it
+    _metrics(tmp_path / "balanced", 0, {"fedlease": 0.56496, "local": 0.50}, 0.5)
+    option = table(f"skew={tmp_path / 'skew'},{tmp_path / 'balanced'}", extra=("--column", "balanced loss"))
+    assert option.returncode == 0, option.stderr
+    assert rows(option.stdout)["skew"][3:9] == ["55.50 (with its warm-up: 50.00)", "fedit 52.00", "50.00", "56.50",
+                                                "+0.996", "**no**"]
+    # a seed's metrics.json that its unit records no longer give (a unit rerun or removed since) is refused
+    unit = tmp_path / "mix" / "seed1" / "units" / "all.json"
+    record = json.loads(unit.read_text())
+    record["metrics"]["methods"]["ifca"]["mean"] = 0.69
+    unit.write_text(json.dumps(record))
+    stale = table(f"mix={tmp_path / 'mix'}")
+    assert stale.returncode != 0 and "seed1/metrics.json is not the merge of its unit records" in stale.stderr
+    assert "different: ifca" in stale.stderr
+    unit.unlink()
+    assert "different: fedit, fedlease, ifca, local" in table(f"mix={tmp_path / 'mix'}").stderr
+    unit.write_text(json.dumps({**record, "metrics": json.loads((unit.parent.parent / "metrics.json").read_text())}))
     # refused, each by a clear error: another code version, the paper protocol, different seeds
     _metrics(tmp_path / "other", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, commit="c" * 40)
     _metrics(tmp_path / "paper", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, protocol="paper")
@@ -167,3 +189,39 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
                               ((f"mix={tmp_path / 'mix'},{tmp_path / 'skew'}",), "['seed0', 'seed1']")]:
         refused = table(*settings)
         assert refused.returncode != 0 and message in refused.stderr, (settings, refused.stderr)
+
+
+def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """quality.py writes the classification tables and the NLG section into one file by two invocations: a
+    part made by other code is replaced by a stub naming the command, never kept beside the new one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality import NLG_HEADING, upsert_section, write_doc
+
+    from fedlease.provenance import describe
+
+    old, new = {"commit": "a" * 40, "sources": "s1"}, {"commit": "b" * 40, "sources": "s2"}
+    out = tmp_path / "quality.md"
+
+    def classification(version: dict[str, str]) -> None:
+        write_doc(str(out), ["# Quality benchmark", "", f"task table; code: {describe(version)}.", ""], version)
+
+    def nlg(version: dict[str, str]) -> None:
+        text = f"{NLG_HEADING} (full)\n\nnlg table; code: {describe(version)}.\n"
+        out.write_text(upsert_section(out, NLG_HEADING, text, version))
+
+    classification(old)
+    nlg(old)
+    assert out.read_text().count("code: commit aaaaaaaaaaaa, sources s1") == 2  # same version: both kept
+    classification(new)  # the old NLG section goes
+    text = out.read_text()
+    assert "nlg table" not in text and "code: commit bbbbbbbbbbbb, sources s2" in text
+    assert f"{NLG_HEADING}\n\nNot run yet at this code version (commit bbbbbbbbbbbb, sources s2): " in text
+    assert "--nlg --out" in text and "its NLG section is of other code" in capsys.readouterr().err
+    nlg(new)  # replaces the stub, keeps the same version's tables
+    text = out.read_text()
+    assert "Not run yet" not in text and text.count("code: commit bbbbbbbbbbbb, sources s2") == 2
+    nlg(old)  # an NLG run of other code: the classification part becomes a stub
+    text = out.read_text()
+    assert "task table" not in text and "code: commit bbbb" not in text and "nlg table; code: commit aaaa" in text
+    assert text.startswith("# Quality benchmark\n\nNot run yet at this code version (commit aaaaaaaaaaaa")
+
