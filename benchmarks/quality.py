@@ -319,13 +319,17 @@ def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]
 
 
 def of_version(text: str, version: dict[str, Any]) -> bool:
-    """Whether a part of a results file was made by this code version: it names it, and no other."""
-    named = set(re.findall(r"code: (commit [^,]+, sources \w+)", text))
-    return named == {describe(version)}
+    """Whether a part of a results file was made by this code version: it names it, and no other. As for
+    the runs' fingerprints, the commit and the sources hash decide, not `-dirty` (writing a results file
+    into the checkout makes it dirty)."""
+    named = {(commit.removesuffix("-dirty"), sources)
+             for commit, sources in re.findall(r"code: commit ([^,]+), sources (\w+)", text)}
+    return named == {((version.get("commit") or "no git commit")[:12], str(version.get("sources")))}
 
 
-def stub(heading: str, version: dict[str, Any], command: str) -> str:
-    return f"{heading}\n\nNot run yet at this code version ({describe(version)}): `{command}`.\n"
+def stub(heading: str, version: dict[str, Any], what: str) -> str:
+    return (f"{heading}\n\nNot run yet at this code version (code: {describe(version)}): run "
+            f"`benchmarks/quality.py` {what} with `--out` naming this file (and `--quick` for the quick tables).\n")
 
 
 def upsert_section(path: Path, heading: str, text: str, version: dict[str, Any]) -> str:
@@ -337,8 +341,9 @@ def upsert_section(path: Path, heading: str, text: str, version: dict[str, Any])
     end = old.find("\n## ", start + len(heading)) if start >= 0 else -1
     before, after = (old, "") if start < 0 else (old[:start], old[end + 1:] if end >= 0 else "")
     if (before + after).strip() and not of_version(before + after, version):
-        print(f"{path}: its classification tables are of other code; replaced by a stub", file=sys.stderr)
-        before, after = stub("# Quality benchmark", version, f"python benchmarks/quality.py --out {path}"), ""
+        print(f"{path}: its classification tables are not of this code version; replaced by a stub",
+              file=sys.stderr)
+        before, after = stub("# Quality benchmark", version, "for the classification tables"), ""
     return before.rstrip("\n") + ("\n\n" if before.strip() else "") + text + ("\n" + after if after else "")
 
 
@@ -347,8 +352,8 @@ def write_doc(out: str, doc: list[str], version: dict[str, Any]) -> None:
     old = Path(out).read_text() if Path(out).exists() else ""
     kept = old[old.find(NLG_HEADING):] if NLG_HEADING in old else ""
     if kept and not of_version(kept, version):
-        print(f"{out}: its NLG section is of other code; replaced by a stub", file=sys.stderr)
-        kept = stub(NLG_HEADING, version, f"python benchmarks/quality.py --nlg --out {out}")
+        print(f"{out}: its NLG section is not of this code version; replaced by a stub", file=sys.stderr)
+        kept = stub(NLG_HEADING, version, "with `--nlg`")
     atomic_write_text(out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
 
 

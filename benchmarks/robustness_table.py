@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.provenance import describe  # noqa: E402
 from fedlease.strategies import floor_names, primary_name  # noqa: E402
-from quality import no_failed_evaluations, one_code_version  # noqa: E402
+from quality import method_units, no_failed_evaluations, one_code_version  # noqa: E402
 
 HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, {column} | "
           "margin of the {column} over the best other (`local` included) | >= goal | M per seed | "
@@ -48,23 +48,36 @@ def load_runs(folder: str) -> dict[str, dict[str, Any]]:
 
 
 def merged_from_units(seed_dir: Path, run: dict[str, Any]) -> None:
-    """A seed's metrics.json is quality.py's merge of the unit records beside it (`units/*.json`); one that
-    its units no longer give (a unit removed or rerun since the merge) is stale, and refused by name."""
-    units = [json.loads(p.read_text())["metrics"] for p in sorted((seed_dir / "units").glob("*.json"))]
-    by_name = {name: m for unit in units for name, m in unit["methods"].items()}
+    """A seed's metrics.json is quality.py's merge of the unit records beside it (`units/<unit>.json`, the
+    units its methods run in); one that its units no longer give (a unit removed or rerun since the merge) is
+    stale, and refused by name."""
+    by_name: dict[str, Any] = {}
+    for unit in method_units(list(run["methods"])):
+        path = seed_dir / "units" / f"{'+'.join(unit)}.json"
+        if path.exists():
+            try:
+                by_name.update(json.loads(path.read_text())["metrics"]["methods"])
+            except (ValueError, KeyError) as exc:
+                raise SystemExit(f"error: {path}: not a unit record ({exc!r})") from None
     stale = sorted(name for name, m in run["methods"].items() if by_name.get(name, {}).get("mean") != m["mean"])
     if stale:
         raise SystemExit(f"error: {seed_dir / 'metrics.json'} is not the merge of its unit records (missing or "
                          f"different: {', '.join(stale)}); rerun quality.py on that setting")
 
 
+def meets(value: float, goal: float) -> bool:
+    """value >= goal, up to float noise (100 * 0.565 - 100 * 0.555 is 0.99999999999998, a margin of 1.00)."""
+    return value >= goal - 1e-9
+
+
 def shown(value: float, goal: float, spec: str) -> str:
-    """`value` in `spec`, with one more decimal when the rounding would put it on the other side of the goal
+    """`value` in `spec`, with more decimals while the rounding would put it on the other side of the goal
     (a margin of 0.996 reads +0.996, not +1.00 beside a failed check)."""
-    text = format(value, spec)
-    if (float(text) >= goal) != (value >= goal):
-        digits = int(spec.rstrip("f").split(".")[1]) + 1
-        text = format(value, spec.split(".")[0] + f".{digits}f")
+    sign, digits = spec.rstrip("f").split(".")
+    for places in range(int(digits), 10):
+        text = format(value, f"{sign}.{places}f")
+        if meets(float(text), goal) == meets(value, goal):
+            break
     return text
 
 
@@ -111,8 +124,8 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     margin = fl_shipped - best_other
     ms, aris, ari = allocation(shipped, goal_ari)
     majority = majority_floor(paper)
-    margin_met = margin >= goal_margin
-    ari_met = ari is None or ari >= goal_ari  # on every seed; no known tasks: nothing to recover
+    margin_met = meets(margin, goal_margin)
+    ari_met = ari is None or meets(ari, goal_ari)  # on every seed; no known tasks: nothing to recover
     local_cell = f"{local_paper:.2f}" + (f" (with its warm-up: {local_shipped:.2f})" if own_local else "")
     line = (f"| {label} | {len(paper)} | {'-' if majority is None else f'{majority:.2f}'} | {local_cell} | "
             f"{f'{best} {baselines[best]:.2f}' if best else '-'} | {fl_paper:.2f} | {fl_shipped:.2f} | "

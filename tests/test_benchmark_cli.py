@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -108,7 +109,11 @@ def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float | Non
     run = {"methods": methods, "protocol": protocol, "code_version": version,
            "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari}}
     out.write_text(json.dumps(run))
-    (out.parent / "units" / "all.json").write_text(json.dumps({"fingerprint": "f", "metrics": run}))  # quality.py's
+    from quality import method_units
+
+    for unit in method_units(list(methods)):  # the unit records quality.py merges metrics.json from
+        part = {**run, "methods": {m: methods[m] for m in unit}}
+        (out.parent / "units" / f"{'+'.join(unit)}.json").write_text(json.dumps({"fingerprint": "f", "metrics": part}))
 
 
 def _in_process(main: Callable[[], None], argv: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -170,17 +175,24 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     assert option.returncode == 0, option.stderr
     assert rows(option.stdout)["skew"][3:9] == ["55.50 (with its warm-up: 50.00)", "fedit 52.00", "50.00", "56.50",
                                                 "+0.996", "**no**"]
+    # a margin of 1.00 up to float noise (100 * 0.565 - 100 * 0.555 = 0.99999999999998) meets a goal of 1
+    _metrics(tmp_path / "one", 0, {"fedlease": 0.565, "local": 0.555}, 1.0)
+    assert rows(table(f"one={tmp_path / 'one'}").stdout)["one"][7:9] == ["+1.00", "yes"]
     # a seed's metrics.json that its unit records no longer give (a unit rerun or removed since) is refused
-    unit = tmp_path / "mix" / "seed1" / "units" / "all.json"
-    record = json.loads(unit.read_text())
+    shutil.copytree(tmp_path / "mix", tmp_path / "stale")
+    units = tmp_path / "stale" / "seed1" / "units"
+    (units / "fedlease.json").write_text("{}")  # a leftover file of no unit of these methods: not read
+    record = json.loads((units / "ifca.json").read_text())
     record["metrics"]["methods"]["ifca"]["mean"] = 0.69
-    unit.write_text(json.dumps(record))
-    stale = table(f"mix={tmp_path / 'mix'}")
+    (units / "ifca.json").write_text(json.dumps(record))
+    stale = table(f"stale={tmp_path / 'stale'}")
     assert stale.returncode != 0 and "seed1/metrics.json is not the merge of its unit records" in stale.stderr
-    assert "different: ifca" in stale.stderr
-    unit.unlink()
-    assert "different: fedit, fedlease, ifca, local" in table(f"mix={tmp_path / 'mix'}").stderr
-    unit.write_text(json.dumps({**record, "metrics": json.loads((unit.parent.parent / "metrics.json").read_text())}))
+    assert "different: ifca)" in stale.stderr
+    (units / "ifca.json").unlink()
+    (units / "fedlease+local.json").unlink()
+    assert "different: fedlease, ifca, local)" in table(f"stale={tmp_path / 'stale'}").stderr
+    (units / "fedit.json").write_text("{}")
+    assert "fedit.json: not a unit record" in table(f"stale={tmp_path / 'stale'}").stderr
     # refused, each by a clear error: another code version, the paper protocol, different seeds
     _metrics(tmp_path / "other", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, commit="c" * 40)
     _metrics(tmp_path / "paper", 0, {"fedlease": 0.5, "local": 0.4}, 1.0, protocol="paper")
@@ -200,6 +212,7 @@ def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.Ca
     from fedlease.provenance import describe
 
     old, new = {"commit": "a" * 40, "sources": "s1"}, {"commit": "b" * 40, "sources": "s2"}
+    dirty = {**new, "dirty": True}  # writing a results file into the checkout dirties it: still the same version
     out = tmp_path / "quality.md"
 
     def classification(version: dict[str, str]) -> None:
@@ -215,13 +228,19 @@ def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.Ca
     classification(new)  # the old NLG section goes
     text = out.read_text()
     assert "nlg table" not in text and "code: commit bbbbbbbbbbbb, sources s2" in text
-    assert f"{NLG_HEADING}\n\nNot run yet at this code version (commit bbbbbbbbbbbb, sources s2): " in text
-    assert "--nlg --out" in text and "its NLG section is of other code" in capsys.readouterr().err
-    nlg(new)  # replaces the stub, keeps the same version's tables
+    assert f"{NLG_HEADING}\n\nNot run yet at this code version (code: commit bbbbbbbbbbbb, sources s2): " in text
+    assert "its NLG section is not of this code version" in capsys.readouterr().err
+    assert "run `benchmarks/quality.py` with `--nlg` with `--out` naming this file" in text
+    classification(new)  # a stub of this version is kept as it is, without a word
+    assert out.read_text() == text and "not of this code version" not in capsys.readouterr().err
+    nlg(dirty)  # replaces the stub, keeps the same version's tables
     text = out.read_text()
-    assert "Not run yet" not in text and text.count("code: commit bbbbbbbbbbbb, sources s2") == 2
+    assert "Not run yet" not in text and text.count("code: commit bbbbbbbbbbbb, sources s2") == 1
+    assert text.count("code: commit bbbbbbbbbbbb-dirty, sources s2") == 1
+    classification(new)  # and the other way round: a section stamped -dirty is of the same version
+    assert out.read_text().count("nlg table; code: commit bbbbbbbbbbbb-dirty") == 1
     nlg(old)  # an NLG run of other code: the classification part becomes a stub
     text = out.read_text()
     assert "task table" not in text and "code: commit bbbb" not in text and "nlg table; code: commit aaaa" in text
-    assert text.startswith("# Quality benchmark\n\nNot run yet at this code version (commit aaaaaaaaaaaa")
+    assert text.startswith("# Quality benchmark\n\nNot run yet at this code version (code: commit aaaaaaaaaaaa")
 
