@@ -231,6 +231,24 @@ def test_generation_encoding_masks_prompt_and_rejects_empty_answers(tmp_path: Pa
         encode_generation(rt.tokenizer, [{"prompt": "p", "response": ""}], 16)
 
 
+def test_a_long_prompt_keeps_its_end_in_evaluation_as_in_training(tmp_path: Path):
+    """Generation is scored on what training taught: the prompt's end (the question, the assistant turn)."""
+    from fedlease.engine.batching import chat_prompt
+    from fedlease.engine.evaluate import encode_prompts
+
+    rt = ClientRuntime(config_from_dict(tiny_generation_params(tmp_path)))
+    rt.build(ModelSpec(r=2))
+    prompt = "some long context " * 20 + "and the question at the end"
+    full = rt.tokenizer(chat_prompt(rt.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    assert len(full) > 16
+    evaluated = encode_prompts(rt.tokenizer, [prompt, "short"], 16)["input_ids"][0].tolist()
+    assert evaluated == full[-16:]
+    trained = encode_generation(rt.tokenizer, [{"prompt": prompt, "response": "yes"}], 16)
+    prompt_part = trained["input_ids"][0][trained["labels"][0] == -100].tolist()
+    assert evaluated[-len(prompt_part):] == prompt_part
+    assert rt.tokenizer.truncation_side == "right" and rt.tokenizer.padding_side == "right"  # restored
+
+
 def test_generation_loss_scores_response_tokens_only_and_matches_full_logits():
     """compute_loss asks the LM head only for positions that predict a response token; the loss and
     gradients must equal the plain full-logits cross entropy over the same labels."""

@@ -35,14 +35,16 @@ def classification_metrics(preds: list[int], labels: list[int], num_labels: int)
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Prompts with the chat template, left-padded, as generation reads them."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    """Prompts with the chat template, left-padded, as generation reads them. A prompt over `max_length` loses
+    its start, as in training (`encode_generation`): its end holds the question and the template's assistant
+    turn, which the answer follows."""
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         enc = tokenizer([chat_prompt(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length, add_special_tokens=False)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return {k: enc[k] for k in ("input_ids", "attention_mask")}
 
 
