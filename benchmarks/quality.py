@@ -322,9 +322,8 @@ def of_version(text: str, version: dict[str, Any]) -> bool:
     """Whether a part of a results file was made by this code version: it names it, and no other. As for
     the runs' fingerprints, the commit and the sources hash decide, not `-dirty` (writing a results file
     into the checkout makes it dirty)."""
-    named = {(commit.removesuffix("-dirty"), sources)
-             for commit, sources in re.findall(r"code: commit ([^,]+), sources (\w+)", text)}
-    return named == {((version.get("commit") or "no git commit")[:12], str(version.get("sources")))}
+    named = {line.replace("-dirty,", ",") for line in re.findall(r"code: (commit [^,]+, sources \w+)", text)}
+    return named == {describe({**version, "dirty": False})}
 
 
 def stub(heading: str, version: dict[str, Any], what: str) -> str:

@@ -16,6 +16,8 @@ import yaml
 
 from .conftest import REPO, tiny_params
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts' modules: quality, robustness_table
+
 pytestmark = pytest.mark.slow
 
 
@@ -84,7 +86,6 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
 def test_a_unit_record_is_not_reused_across_params_faults_or_seeds(tmp_path: Path):
     """The record fingerprint changes with any param that changes results, the injected faults included
     (the rounds' own fingerprint leaves those out), and not with where the run folder is."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from quality import record_fingerprint
 
     from fedlease.config import config_from_dict
@@ -135,7 +136,6 @@ def _in_process(main: Callable[[], None], argv: list[str], monkeypatch: pytest.M
 
 def test_robustness_table_takes_the_margin_over_the_best_other_method_local_included(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from robustness_table import main
 
     def table(*settings: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
@@ -205,8 +205,7 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
 
 def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     """quality.py writes the classification tables and the NLG section into one file by two invocations: a
-    part made by other code is replaced by a stub naming the command, never kept beside the new one."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    part made by other code is replaced by a stub saying what to run, never kept beside the new one."""
     from quality import NLG_HEADING, upsert_section, write_doc
 
     from fedlease.provenance import describe
@@ -243,4 +242,3 @@ def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.Ca
     text = out.read_text()
     assert "task table" not in text and "code: commit bbbb" not in text and "nlg table; code: commit aaaa" in text
     assert text.startswith("# Quality benchmark\n\nNot run yet at this code version (code: commit aaaaaaaaaaaa")
-

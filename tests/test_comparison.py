@@ -20,6 +20,8 @@ from fedlease.strategies import make_strategy
 
 from .conftest import REPO, tiny_params
 
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts' modules: quality
+
 
 def test_equal_compute_gives_baselines_the_warmup_epochs_as_extra_rounds(tmp_path: Path):
     """warm-up 3 epochs, 2 rounds x 2 epochs: FedLEASE trains 3 + 4 = 7 epochs; FedIT 2 + 2 rounds of
@@ -67,7 +69,6 @@ def test_sources_hash_follows_every_package_file(tmp_path: Path):
 
 
 def test_benchmark_refuses_runs_of_different_code(monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import quality
 
     same = {"sources": "s", "commit": "c"}
@@ -85,7 +86,6 @@ def test_benchmark_refuses_runs_of_different_code(monkeypatch):
 def test_a_failed_client_evaluation_is_counted_and_refused_by_the_benchmark():
     """A client whose evaluation failed is out of the means: summarise_eval names it, and the benchmark
     refuses to publish a table with it (it could move a method either way)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import quality
 
     ok = {"task": "t", "accuracy": 0.5, "num_test": 4, "macro_f1": 0.4, "majority_accuracy": 0.5}
