@@ -104,8 +104,10 @@ def allocation(runs: list[dict[str, Any]], goal_ari: float) -> tuple[str, str, f
 
 
 def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], goal_margin: float,
-        goal_ari: float) -> tuple[str, bool]:
-    """One setting's line, and whether the second column (the shipped default, or an option) meets the goals."""
+        goal_ari: float, runs_of_its_own: bool) -> tuple[str, bool]:
+    """One setting's line, and whether the second column (the shipped default, or an option) meets the goals.
+
+    `runs_of_its_own`: the second column has run folders of its own (else the paper rule's runs stand for it)."""
     methods = list(paper[0]["methods"])
     primary = primary_name(methods)
     floors = floor_names(methods)
@@ -117,7 +119,7 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     # a shipped default that changes the warm-up changes `local` too (its runs carry their own): then both
     # `local`s are other methods a user could run, and the margin is over the better one
     local_paper = mean_of(paper, floor)
-    own_local = shipped[0] is not paper[0] and all(floor in r["methods"] for r in shipped)
+    own_local = runs_of_its_own and all(floor in r["methods"] for r in shipped)
     local_shipped = mean_of(shipped, floor) if own_local else local_paper
     best_other = max([local_paper, local_shipped, *([baselines[best]] if best else [])])
     fl_paper, fl_shipped = mean_of(paper, primary), mean_of(shipped, primary)
@@ -160,7 +162,8 @@ def main() -> None:
         if not shipped_dir:
             shared.append(label)
         every += [*paper.values(), *shipped.values()]
-        line, ok = row(label, list(paper.values()), list(shipped.values()), args.goal_margin, args.goal_ari)
+        line, ok = row(label, list(paper.values()), list(shipped.values()), args.goal_margin, args.goal_ari,
+                       runs_of_its_own=bool(shipped_dir))
         lines.append(line)
         met.append(ok)
     version = one_code_version(every)  # every run and every method's rounds: one code version
