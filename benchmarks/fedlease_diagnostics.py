@@ -4,8 +4,8 @@
 
 Per run: the warm-up's score and FedLEASE's per round (does the switch from warm-up to mixture cost
 accuracy?); the own expert's share of the router weight per round (mean over clients, and by layer at
-round 1 and the last round); the allocation (M, silhouette by k, whether the cap was hit); the
-B-distance structure (mean 1 - cos within and across tasks, and, within a task, its correlation with the
+round 1 and the last round); the allocation (M, silhouette by k, whether the cap was hit) and the one each
+`fedlease.clustering.distance` would make of the same warm-up adapters; the B-distance structure (mean 1 - cos within and across tasks, and, within a task, its correlation with the
 distance between the clients' training label mixes: do clients group by label mix rather than task?).
 """
 
@@ -22,6 +22,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def warmup_adapters(run: Path) -> list[dict]:
+    from fedlease.io import load_tensors
+
+    return [load_tensors(p) for p in sorted((run / "warmup").glob("client_*.safetensors"))]
+
+
+def by_distance(run: Path, tasks: list[str], k_max: int | None) -> str:
+    """The allocation each `fedlease.clustering.distance` makes of the run's warm-up adapters (silhouette
+    argmax up to the run's largest k), and its ARI against the tasks."""
+    if k_max is None:
+        return "allocation by distance: - (M was fixed)"
+    from sklearn.metrics import adjusted_rand_score
+
+    from fedlease.allocation import DISTANCES, choose_experts, distance_matrix
+
+    adapters = warmup_adapters(run)
+    parts = []
+    for kind in DISTANCES:
+        alloc = choose_experts(distance_matrix(adapters, kind), k_max + 1)
+        parts.append(f"{kind} M = {alloc.num_experts}, ARI {adjusted_rand_score(tasks, alloc.assignment):.3f}")
+    return "allocation by distance (recomputed from the warm-up adapters): " + "; ".join(parts)
 
 
 def diagnose(run: Path) -> list[str]:
@@ -55,14 +78,14 @@ def diagnose(run: Path) -> list[str]:
     sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))
     lines.append(f"allocation: M = {cmap['num_experts']}{' (cap)' if cmap.get('capped') else ''}, ARI "
                  f"{cmap['ari_vs_task']:.3f}; silhouette {sil}")
-    if (run / "allocation" / "distances.npy").exists():
-        dist = np.load(run / "allocation" / "distances.npy", allow_pickle=False)
-    else:  # recompute from the warm-up adapters
-        from fedlease.allocation import b_distance_matrix
-        from fedlease.io import load_tensors
-
-        dist = b_distance_matrix([load_tensors(p) for p in sorted((run / "warmup").glob("client_*.safetensors"))])
     tasks = [c["task"] for c in stats]
+    dist = np.load(run / "allocation" / "distances.npy", allow_pickle=False) if (
+        run / "allocation" / "distances.npy").exists() else None
+    lines.append(by_distance(run, tasks, max(int(k) for k in cmap["silhouette"]) if cmap["silhouette"] else None))
+    if dist is None:  # recompute from the warm-up adapters
+        from fedlease.allocation import b_distance_matrix
+
+        dist = b_distance_matrix(warmup_adapters(run))
     mix = [np.array(c["train_labels"], dtype=float) / max(1, sum(c["train_labels"])) for c in stats]
     n = len(tasks)
     same = [dist[i, j] for i in range(n) for j in range(i + 1, n) if tasks[i] == tasks[j]]

@@ -1,7 +1,11 @@
 """Stage 1 of FedLEASE: B-matrix distances, clustering, silhouette choice of M, expert init.
 
 Pure functions over tensors and numpy arrays, readable in one sitting:
-  d(i, j) = mean over adapted modules l of (1 - cos(vec B_i^l, vec B_j^l))
+  d(i, j) = mean over adapted modules l of (1 - cos(vec B_i^l, vec B_j^l))          (the paper: `cosine`)
+  d(i, j) = mean over l of (1 - ||U_i^l' U_j^l||_F^2 / max(rank B_i^l, rank B_j^l))   (`subspace`, beyond it)
+    with U^l an orthonormal basis of B^l's column space: blind to B's sign and to rotations within that
+    space. Under label skew within a task the clients' B matrices point in opposite directions (cos < 0,
+    measured: benchmarks/README.md), so `cosine` puts them further apart than clients of other tasks.
   M = argmax_k silhouette(D, labels_k), k = 2..min(M_max, N-1)
   expert_j = per-module mean of (A_i, B_i) over the clients of cluster j
 
@@ -51,6 +55,56 @@ def b_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "flo
     out += out.T  # symmetric to the last bit, in place
     out /= 2
     return np.clip(out, 0.0, 2.0, out=out)
+
+
+RANK_TOLERANCE = 1e-6  # singular values below this share of the largest do not span B's column space
+SUBSPACE_BLOCK = 2**24  # entries of one block of basis inner products (chunks the rows at large N)
+
+
+def _orthonormal_columns(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """An orthonormal basis of B's column space (d, r), columns beyond its numerical rank set to zero."""
+    u, sv, _ = torch.linalg.svd(b.to(dtype), full_matrices=False)
+    rank = int((sv > sv.max().clamp_min(1e-30) * RANK_TOLERANCE).sum())
+    u[:, rank:] = 0.0
+    return u, rank
+
+
+def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "float64") -> np.ndarray:
+    """(N, N) mean-over-modules subspace distance 1 - ||U_i' U_j||_F^2 / max(rank_i, rank_j) between the
+    column spaces of the clients' B matrices (0: the same space, whatever the sign or rotation; 1: orthogonal;
+    a zero B is at 1 from everyone). Built in row blocks of basis inner products to bound memory at large N."""
+    keys = b_keys(adapters[0])
+    n = len(adapters)
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    dist = torch.zeros((n, n), dtype=tdtype)
+    for key in keys:
+        bases, ranks = zip(*(_orthonormal_columns(a[key], tdtype) for a in adapters))
+        r = bases[0].shape[1]
+        flat = torch.cat([u.T for u in bases])  # (N r, d): client i's basis vectors in rows i r .. i r + r - 1
+        rank = torch.tensor(ranks, dtype=tdtype)
+        norm = torch.maximum(rank[:, None], rank[None, :]).clamp_min(1.0)
+        rows = max(1, SUBSPACE_BLOCK // max(1, n * r * r))
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            inner = flat[start * r:stop * r] @ flat.T  # (block r, N r)
+            overlap = inner.square().reshape(stop - start, r, n, r).sum(dim=(1, 3))
+            dist[start:stop] += 1.0 - overlap / norm[start:stop]
+        del flat
+    out = dist.numpy() / len(keys)
+    np.fill_diagonal(out, 0.0)
+    out = (out + out.T) / 2
+    return np.clip(out, 0.0, 1.0)
+
+
+DISTANCES = {"cosine": b_distance_matrix, "subspace": b_subspace_distance_matrix}
+
+
+def distance_matrix(adapters: list[dict[str, torch.Tensor]], kind: str = "cosine",
+                    dtype: str = "float64") -> np.ndarray:
+    """The clients' (N, N) distances by `fedlease.clustering.distance`: `cosine` (the paper) or `subspace`."""
+    if kind not in DISTANCES:
+        raise ValueError(f"fedlease.clustering.distance: {kind!r} is not one of {sorted(DISTANCES)}")
+    return DISTANCES[kind](adapters, dtype)
 
 
 def cluster_all(dist: np.ndarray, ks: list[int], method: str = "agglomerative", linkage: str = "average",
@@ -136,8 +190,9 @@ def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation
 
 
 def assign_late_joiner(adapter: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]],
-                       allocation: Allocation) -> tuple[int, list[float]]:
-    """Expert of the cluster with the smallest mean B-distance to the newcomer (no re-clustering)."""
-    dist = b_distance_matrix([adapter, *adapters])[0, 1:]
+                       allocation: Allocation, distance: str = "cosine") -> tuple[int, list[float]]:
+    """Expert of the cluster with the smallest mean B-distance to the newcomer (no re-clustering), by the
+    distance the allocation used."""
+    dist = distance_matrix([adapter, *adapters], distance)[0, 1:]
     means = [float(np.mean([dist[i] for i in allocation.members(j)])) for j in range(allocation.num_experts)]
     return int(np.argmin(means)), means

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fedlease.aggregation import weighted_mean
-from fedlease.allocation import Allocation, assign_late_joiner, b_distance_matrix, choose_experts, init_experts
+from fedlease import allocation
+from fedlease.allocation import (Allocation, assign_late_joiner, b_distance_matrix, b_subspace_distance_matrix,
+                                 choose_experts, distance_matrix, init_experts)
 
 
 def _adapter(b1: list[float], b2: list[float], a: float = 0.0) -> dict[str, torch.Tensor]:
@@ -24,6 +26,63 @@ def test_distance_is_mean_over_modules_of_one_minus_cosine():
     assert d[0, 2] == pytest.approx(2.0)
     assert d[1, 2] == pytest.approx((1.0 + 2.0) / 2)
     assert np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+
+
+def _b(*modules: list[list[float]]) -> dict[str, torch.Tensor]:
+    return {f"lora.m{i}.B": torch.tensor(b, dtype=torch.float64) for i, b in enumerate(modules)}
+
+
+E12 = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]  # B (d = 3, r = 2) spanning the first two axes
+
+
+def test_subspace_distance_is_one_minus_the_overlap_of_the_column_spaces():
+    x = _b(E12, E12)
+    flipped = _b([[-1.0, 0.0], [0.0, -1.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])  # -B; columns swapped
+    rotated = _b([[0.6, -0.8], [0.8, 0.6], [0.0, 0.0]], [[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])  # B R; B scaled
+    half = _b([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]], E12)  # module 0 shares one of two axes (1 - 1/2), module 1 all
+    rank1 = _b([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]], E12)  # module 0 spans one axis inside x's two: 1 - 1/max(1, 2)
+    zero = _b([[0.0, 0.0]] * 3, E12)  # a zero B spans nothing: 1 from everyone in that module
+    r = 0.5**0.5
+    tilted = _b([[r, 0.0], [0.0, 1.0], [r, 0.0]], E12)  # module 0: e2 shared, e1 at 45 degrees: 1 - (1/2 + 1)/2
+    rank1_too = _b([[-2.0, 0.0], [0.0, 0.0], [0.0, 0.0]], E12)  # the same one axis as rank1: 0, not 1 - 1/r
+    d = b_subspace_distance_matrix([x, flipped, rotated, half, rank1, zero, tilted, rank1_too])
+    assert d[0, 6] == pytest.approx((0.25 + 0.0) / 2)
+    assert d[4, 7] == pytest.approx(0.0, abs=1e-12)
+    assert d[0, 1] == pytest.approx(0.0, abs=1e-12) and d[0, 2] == pytest.approx(0.0, abs=1e-12)
+    assert d[0, 3] == pytest.approx((0.5 + 0.0) / 2)
+    assert d[0, 4] == pytest.approx((0.5 + 0.0) / 2)
+    assert d[0, 5] == pytest.approx((1.0 + 0.0) / 2)
+    assert d[3, 4] == pytest.approx((0.5 + 0.0) / 2)  # e1 lies in half's span {e1, e3}: 1 - 1/2
+    assert np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+    assert b_distance_matrix([x, flipped])[0, 1] == pytest.approx((2.0 + 1.0) / 2)  # the paper's cosine: far apart
+
+
+def test_subspace_distance_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch):
+    gen = torch.Generator().manual_seed(0)
+    adapters = [{"lora.m.B": torch.randn(6, 3, generator=gen, dtype=torch.float64)} for _ in range(7)]
+    whole = b_subspace_distance_matrix(adapters)
+    monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 9 * 7 * 2)  # two clients' rows per block, the last one short
+    assert np.allclose(b_subspace_distance_matrix(adapters), whole, atol=1e-12)
+    assert np.allclose(b_subspace_distance_matrix(adapters, "float32"), whole, atol=1e-5)
+
+
+def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_not():
+    """Label skew within a task, planted: each task's clients share B's column space but half of them hold the
+    opposite label mix and learn -B (measured under Dirichlet 0.1: within-task 1 - cos > across-task)."""
+    gen = torch.Generator().manual_seed(1)
+    tasks = [torch.linalg.qr(torch.randn(8, 2, generator=gen, dtype=torch.float64))[0] for _ in range(3)]
+    adapters, truth = [], []
+    for t, basis in enumerate(tasks):
+        for sign in (1.0, -1.0, 1.0, -1.0):
+            mix = torch.eye(2, dtype=torch.float64) + 0.1 * torch.randn(2, 2, generator=gen, dtype=torch.float64)
+            adapters.append({"lora.m.B": sign * basis @ mix})
+            truth.append(t)
+    by_subspace = choose_experts(distance_matrix(adapters, "subspace"), 6)
+    by_cosine = choose_experts(distance_matrix(adapters, "cosine"), 6)
+    assert by_subspace.assignment == [0] * 4 + [1] * 4 + [2] * 4
+    assert by_cosine.assignment != by_subspace.assignment
+    with pytest.raises(ValueError, match="fedlease.clustering.distance"):
+        distance_matrix(adapters, "euclid")
 
 
 def _planted(k: int, per: int, seed: int = 0, noise: float = 0.05) -> list[dict[str, torch.Tensor]]:
@@ -97,6 +156,15 @@ def test_late_joiner_lands_in_nearest_cluster():
     assert expert == alloc.assignment[7]
     assert means[expert] == min(means)
 
+
+
+def test_late_joiner_is_placed_by_the_distance_the_allocation_used():
+    """A newcomer holding the opposite label mix of cluster 0's task (-B in its column space)."""
+    peers = [_b([[1.0], [0.0], [0.0]]), _b([[1.0], [0.1], [0.0]]), _b([[0.0], [0.0], [1.0]]), _b([[0.0], [0.1], [1.0]])]
+    newcomer = _b([[-1.0], [0.0], [0.0]])
+    alloc = Allocation([0, 0, 1, 1], 2)
+    assert assign_late_joiner(newcomer, peers, alloc, "subspace")[0] == 0
+    assert assign_late_joiner(newcomer, peers, alloc, "cosine")[0] == 1  # 1 - cos = 2 from its own task's clients
 
 def test_allocation_json_round_trip():
     alloc = Allocation([0, 1, 1], 2, {2: 0.5}, [[0.0]], 0.1)

@@ -145,7 +145,8 @@ class FedLEASE(Strategy):
         """Beyond the paper: a client joining after allocation takes the expert of the cluster whose
         members' warm-up B matrices are nearest on average to its own (no re-clustering)."""
         assert self.allocation is not None
-        expert, means = assign_late_joiner(adapter, peers, self.allocation)
+        expert, means = assign_late_joiner(adapter, peers, self.allocation,
+                                           self.cfg.fedlease.clustering.distance)
         assignment = list(state.meta["assignment"])
         assignment += [-1] * (client_id + 1 - len(assignment))
         assignment[client_id] = expert
