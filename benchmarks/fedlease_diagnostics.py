@@ -5,8 +5,9 @@
 Per run: the warm-up's score and FedLEASE's per round (does the switch from warm-up to mixture cost
 accuracy?); the own expert's share of the router weight per round (mean over clients, and by layer at
 round 1 and the last round); the allocation (M, silhouette by k, whether the cap was hit) and the one each
-`fedlease.clustering.distance` would make of the same warm-up adapters; the B-distance structure (mean 1 - cos within and across tasks, and, within a task, its correlation with the
-distance between the clients' training label mixes: do clients group by label mix rather than task?).
+`fedlease.clustering.distance` would make of the same warm-up adapters; the B-distance structure (mean
+1 - cos within and across tasks, and, within a task, its correlation with the distance between the
+clients' training label mixes: do clients group by label mix rather than task?).
 """
 
 from __future__ import annotations
