@@ -227,7 +227,15 @@ class RouterConfig(_Strict):
                                    "client (label skew within a cluster) it can lean on its own fit")
 
 
+# FedLEASE's robustness options at the paper's values: what `fedlease.variant: paper` sets, whatever else is written
+PAPER_RULE: dict[str, Any] = {"warmup_balanced_loss": False, "clustering.silhouette_tolerance": 0.0,
+                              "clustering.distance": "cosine", "router.own_prior": 0.0, "router.personal_expert": False}
+
+
 class FedLeaseConfig(_Strict):
+    variant: Literal["configured", "paper"] = Field(
+        default="configured", description="paper: every robustness option at the paper's value (PAPER_RULE), "
+                                          "whatever the file says; configured: the options as written")
     warmup_epochs: PositiveInt = 2
     warmup_balanced_loss: bool = Field(
         default=False, description="weight the warm-up's loss by each client's inverse label frequencies, so the "
@@ -236,6 +244,24 @@ class FedLeaseConfig(_Strict):
     clustering: ClusteringConfig = ClusteringConfig()
     router: RouterConfig = RouterConfig()
     weighting: Literal["examples", "uniform"] = "examples"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_variant(cls, data: Any) -> Any:
+        """`variant: paper` puts the paper's rule back over a params file whose options say otherwise (one
+        `--set fedlease.variant=paper` instead of one per option)."""
+        if not isinstance(data, dict) or data.get("variant") != "paper":
+            return data
+        data = dict(data)
+        for dotted, value in PAPER_RULE.items():
+            section, _, key = dotted.rpartition(".")
+            if not section:
+                data[key] = value
+                continue
+            sub = data.get(section, {})
+            sub = sub.model_dump() if isinstance(sub, BaseModel) else dict(sub or {})
+            data[section] = {**sub, key: value}
+        return data
 
 
 class DeepSpeedConfig(_Strict):

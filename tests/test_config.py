@@ -76,3 +76,23 @@ def test_missing_and_non_utf8_params(tmp_path: Path):
     p.write_bytes(b"seed: 1\nname: \xe9\xff\n")
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(p)
+
+
+def test_paper_variant_puts_every_robustness_option_back_to_the_paper(tmp_path: Path):
+    from fedlease.config import PAPER_RULE, FedLeaseConfig
+
+    def value_at(obj: object, dotted: str) -> object:
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    raw = tiny_params(tmp_path)
+    raw["fedlease"] = {**raw.get("fedlease", {}), "warmup_balanced_loss": True,
+                       "clustering": {"silhouette_tolerance": 0.02, "distance": "subspace", "method": "spectral"},
+                       "router": {"own_prior": 2.0, "personal_expert": True, "init_std": 0.1}}
+    configured = config_from_dict(raw).fedlease
+    assert [value_at(configured, d) for d in PAPER_RULE] == [True, 0.02, "subspace", 2.0, True]
+    paper = config_from_dict(apply_overrides(raw, ["fedlease.variant=paper"])).fedlease
+    assert {d: value_at(paper, d) for d in PAPER_RULE} == PAPER_RULE
+    assert paper.clustering.method == "spectral" and paper.router.init_std == 0.1  # not options: as written
+    assert {d: value_at(FedLeaseConfig(), d) for d in PAPER_RULE} == PAPER_RULE  # no option is on in the code
