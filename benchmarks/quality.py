@@ -443,7 +443,8 @@ def main() -> None:
             "## For reference: the paper's GLUE table (RoBERTa-Large, not this setup)", "", PAPER, "",
             f"Compute time of the main table (warm-up + rounds of every method, per seed): "
             f"{_seconds_list(runs)}; this invocation took "
-            f"{time.perf_counter() - t0:.0f} s in all."]
+            f"{time.perf_counter() - t0:.0f} s in all (a unit found in its record is read, not rerun: the "
+            "per-seed times are the units' own)."]
     write_doc(args.out, doc, version)
     print("\n".join(doc))
     print("\n".join(headlines))

@@ -74,10 +74,10 @@ main() {
     local notes=()
     for note in "$@"; do notes+=(--note "$note"); done
 
-    # The order: the full task table's 3 seeds (issue 19's headline), then every quick setting and the
-    # options' rows (issue 20's evidence, cheap), then the long full-size label skew, ablations and NLG. Every
-    # step reads the records the steps before it left, so the last documents are assembled from all of them.
-    step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"
+    # The order: every quick setting and the options' rows (issue 20's evidence and its choice of the shipped
+    # default, ~5 hours), then the full task table's 3 seeds (issue 19's headline), the long full-size label
+    # skew, ablations and NLG. Every step reads the records the steps before it left, so the last documents are
+    # assembled from all of them.
     step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" ${notes[@]+"${notes[@]}"}
     step --quick --nlg --seeds 0,1,2 --runs "$runs" --out "$out/quality_quick.md"
     # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come below)
@@ -92,12 +92,16 @@ main() {
     rm -f "$runs/robustness_options.md.part"
     option personal "personal expert" fedlease yes fedlease.router.personal_expert=true
     option own_prior2 "own prior b = 2" fedlease yes fedlease.router.own_prior=2
-    option tolerance0.005 "silhouette tolerance 0.005" fedlease no fedlease.clustering.silhouette_tolerance=0.005
+    option tolerance0.005 "silhouette tolerance 0.005" fedlease yes fedlease.clustering.silhouette_tolerance=0.005
     option balanced "class-balanced warm-up loss" fedlease,local no fedlease.warmup_balanced_loss=true
+    option subspace "subspace distance" fedlease yes fedlease.clustering.distance=subspace
+    option subspace_personal "subspace distance + personal expert" fedlease yes \
+        fedlease.clustering.distance=subspace fedlease.router.personal_expert=true
     { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
       cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
     mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"
 
+    step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
     "$py" "$table" --out "$out/robustness.md" \

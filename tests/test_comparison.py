@@ -196,6 +196,8 @@ def test_every_shipped_profile_draws_ifca_models_at_the_warmup_scale():
         cfg = load_config(profile)
         scale = WARMUP_B_STD[cfg.data.kind]
         assert scale / 2 <= cfg.baselines.ifca_init_std <= 2 * scale, profile.name
+        if profile.parent.name == "benchmarks" and "ifca" in cfg.strategies:  # IFCA gets the number of tasks
+            assert cfg.baselines.ifca_clusters == len(cfg.data.tasks), profile.name
 
 
 @pytest.mark.slow
