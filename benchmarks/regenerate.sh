@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every published quality table from one code version: results/quality.md (task heterogeneity and label
 # skew over 3 seeds, the ablations, NLG), results/quality_quick.md, results/robustness.md (issue 20's
-# settings) and results/robustness_options.md (its options' ablation rows). Runs the benchmark of COMMIT
+# settings), results/robustness_options.md (its options' ablation rows) and results/shipped_default.md (the
+# option the pre-registered rule picks, whose full-size rows then join robustness.md). Runs the benchmark of COMMIT
 # from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
 # methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
 # come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
@@ -36,8 +37,11 @@ option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's 
         sub=/opt-$name step --quick --nlg --seeds 0,1,2 "${sets[@]}" --runs "$o" --out "$o/robust-nlg.md"
         nlg_setting=(--setting "NLG, SmolLM2 (quick)=$records/nlg-quick,$r/nlg-quick")
     fi
+    mkdir -p "$runs/verdicts"  # what choose_default.py reads: each option's verdicts, its overrides, NLG or not
+    printf '%s\n' "strategies=[$methods]" "$@" > "$runs/verdicts/$name.sets"
+    echo "$nlg" > "$runs/verdicts/$name.nlg"
     { echo "## $label (\`$*\`), quick size, 3 seeds"; echo
-      "$py" "$table" --column "$label" \
+      "$py" "$table" --column "$label" --verdicts "$runs/verdicts/$name.json" \
           --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
           --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
           --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
@@ -100,18 +104,39 @@ main() {
     { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
       cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
     mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"
+    # the rule fixed before these rows were read (benchmarks/README.md) picks the shipped default
+    "$py" "$root/benchmarks/choose_default.py" "$runs"/verdicts/*.json --sets-dir "$runs/verdicts" \
+        --out "$out/shipped_default.md"
+    local chosen
+    chosen=$(tail -n 1 "$out/shipped_default.md" | sed 's/^shipped_default: //')
 
     step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+
+    # an option chosen as the shipped default gets its full-size rows (FedLEASE, and `local` when it changes the
+    # warm-up) beside the paper rule's; its quick rows are the option's above. Paper chosen: one set of runs.
+    local c_full="" c_skew="" c_quick="" c_skew01="" c_mix3="" c_mix5="" c_nlg=""
+    if [ "$chosen" != paper ]; then
+        local kvs=() sets=() o="$runs/shipped-$chosen" s="$records/shipped-$chosen" r="$records/opt-$chosen"
+        mapfile -t kvs < "$runs/verdicts/$chosen.sets"
+        for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done
+        sub=/shipped-$chosen step --seeds 0,1,2 --label-skew "${sets[@]}" --runs "$o" --out "$o/full.md"
+        c_full=",$s/task" c_skew=",$s/label_skew_a0.5" c_quick=",$r/quick" c_skew01=",$r/quick-label_skew_a0.1"
+        c_mix3=",$r/mix3/quick" c_mix5=",$r/mix5/quick"
+        if [ "$(cat "$runs/verdicts/$chosen.nlg")" = yes ]; then
+            sub=/shipped-$chosen step --nlg --seeds 0 "${sets[@]}" --runs "$o" --out "$o/full-nlg.md"
+            c_nlg=",$s/nlg"
+        fi
+    fi
     "$py" "$table" --out "$out/robustness.md" \
-        --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task" \
-        --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5" \
-        --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick" \
-        --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1" \
-        --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick" \
-        --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick" \
-        --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg"
+        --setting "task mix, 4 tasks (the default; full: 16 clients, 3 rounds)=$records/task$c_full" \
+        --setting "task + label skew, alpha 0.5 (full)=$records/label_skew_a0.5$c_skew" \
+        --setting "task mix, 4 tasks (quick: 8 clients, 2 rounds)=$records/quick$c_quick" \
+        --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1$c_skew01" \
+        --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick$c_mix3" \
+        --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick$c_mix5" \
+        --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg$c_nlg"
     echo "=== done ($(date -u +%FT%TZ)); results in $out"
 }
 

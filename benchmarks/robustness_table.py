@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--column", default="shipped default",
                     help="what the second folders hold (e.g. 'own prior b = 2' for an option's ablation rows)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--verdicts", default=None, metavar="JSON",
+                    help="also write each setting's verdicts (goal met, margin) of the column and of the paper rule, "
+                         "for choose_default.py")
     args = ap.parse_args()
     if not args.setting:
         ap.error("name at least one --setting")
@@ -202,6 +205,12 @@ def main() -> None:
     text = "\n".join(lines)
     if args.out:
         atomic_write_text(Path(args.out), text + "\n")
+    if args.verdicts:
+        labels = [item.partition("=")[0] for item in args.setting]
+        doc = {"column": args.column, "code": describe(version),
+               "settings": {lab: asdict(v) for lab, v in zip(labels, verdicts)},
+               "paper_rule": {lab: asdict(v) for lab, v in zip(labels, paper_verdicts)}}
+        atomic_write_text(Path(args.verdicts), json.dumps(doc, indent=1) + "\n")
     print(text)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -179,7 +180,11 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
                                                 "+0.996", "**no**"]
     # the decision rule's counts, on the same settings: the option's, and the paper rule's (over its own `local`)
     option = table(f"skew={tmp_path / 'skew'},{tmp_path / 'balanced'}", f"nlg={tmp_path / 'nlg'}",
-                   extra=("--column", "balanced loss"))
+                   extra=("--column", "balanced loss", "--verdicts", str(tmp_path / "balanced.json")))
+    verdicts = json.loads((tmp_path / "balanced.json").read_text())  # what choose_default.py reads
+    assert verdicts["settings"]["skew"]["met"] is False and verdicts["settings"]["skew"]["margin"] == pytest.approx(
+        0.996) and verdicts["paper_rule"]["skew"]["margin"] == pytest.approx(-5.5)
+    assert verdicts["settings"]["nlg"] == verdicts["paper_rule"]["nlg"] == {"met": True, "margin": pytest.approx(2.0)}
     assert option.stdout.splitlines()[-2:] == [
         "robustness_goal_paper_rule: met in 1 of 2 settings (paper rule); smallest margin -5.50",
         "robustness_goal: met in 1 of 2 settings (balanced loss); smallest margin +0.996"]
@@ -250,3 +255,36 @@ def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.Ca
     text = out.read_text()
     assert "task table" not in text and "code: commit bbbb" not in text and "nlg table; code: commit aaaa" in text
     assert text.startswith("# Quality benchmark\n\nNot run yet at this code version (code: commit aaaaaaaaaaaa")
+
+
+def test_the_shipped_default_is_chosen_by_the_rule_fixed_before_the_rows(tmp_path: Path):
+    """benchmarks/README.md's rule: most settings meeting the goal, ties to the higher smallest margin, and the
+    paper rule replaced only by a higher count or, on an equal count, a smallest margin >= 0.5 points higher."""
+    from choose_default import PAPER, choose
+
+    def v(met: bool, margin: float) -> dict[str, Any]:
+        return {"met": met, "margin": margin}
+
+    paper = {"mix": v(True, 1.2), "skew": v(False, -4.0), "nlg": v(False, -2.0)}
+
+    def block(settings: dict[str, dict[str, Any]], code: str = "c1") -> dict[str, Any]:
+        return {"column": "x", "code": code, "settings": settings,
+                "paper_rule": {label: paper[label] for label in settings}}
+
+    more = block({"mix": v(True, 1.5), "skew": v(True, 1.1), "nlg": v(False, -1.0)})  # 2 settings against 1
+    near = block({"mix": v(True, 1.3), "skew": v(False, -3.6), "nlg": v(False, -1.0)})  # 1, smallest +0.4 higher
+    clear = block({"mix": v(True, 1.3), "skew": v(False, -3.4), "nlg": v(False, -1.0)})  # 1, smallest +0.6 higher
+    chosen, standings = choose({"near": near, "more": more}, 0.5)
+    assert chosen == "more" and standings["more"] == (2, -1.0) and standings[PAPER] == (1, -4.0)
+    assert choose({"near": near}, 0.5)[0] == PAPER
+    assert choose({"near": near, "clear": clear}, 0.5)[0] == "clear"
+    # an option that did not run generation (no labels to balance) gets the paper rule's verdict there
+    balanced = block({"mix": v(True, 1.4), "skew": v(True, 1.0)})
+    chosen, standings = choose({"balanced": balanced, "near": near}, 0.5)
+    assert chosen == "balanced" and standings["balanced"] == (2, -2.0)
+    with pytest.raises(SystemExit, match="different code versions"):
+        choose({"more": more, "other": block({"mix": v(True, 9.0)}, code="c2")}, 0.5)
+    odd = block({"mix": v(True, 1.5)})
+    odd["paper_rule"]["mix"] = v(True, 1.25)
+    with pytest.raises(SystemExit, match="not the same runs"):
+        choose({"more": more, "odd": odd}, 0.5)

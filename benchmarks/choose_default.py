@@ -1,0 +1,96 @@
+"""Issue 20's choice of the shipped default, by the rule fixed in benchmarks/README.md before any option row
+was read ("How the shipped default will be chosen"), from the verdicts robustness_table.py wrote per option.
+
+    python benchmarks/choose_default.py VERDICTS.json ... [--sets-dir DIR] [--out FILE]
+
+Each VERDICTS.json is one candidate option's block (its settings' goal checks and margins, and the paper
+rule's on the same settings). Per candidate, every setting any block ran counts: where the option did not
+run (the class-balanced loss on generation, which has no labels), the paper rule's verdict stands for it. The
+winner meets the goal in the most settings, ties to the higher smallest margin; it replaces the paper rule
+only with a higher count, or an equal count and a smallest margin at least `--replace-by` points higher.
+Prints `shipped_default: NAME` last; with `--sets-dir`, NAME's `--set` overrides are read from DIR/NAME.sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedlease.io import atomic_write_text  # noqa: E402
+
+PAPER = "paper"
+
+
+def paper_verdicts(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The paper rule's verdict per setting, the same in every block that ran the setting (one set of runs)."""
+    paper: dict[str, dict[str, Any]] = {}
+    for name, block in blocks.items():
+        for label, verdict in block["paper_rule"].items():
+            if label in paper and paper[label] != verdict:
+                raise SystemExit(f"error: {name}: the paper rule's verdict on {label!r} differs from another "
+                                 f"block's ({verdict} vs {paper[label]}): not the same runs")
+            paper[label] = verdict
+    return paper
+
+
+def standing(verdicts: dict[str, dict[str, Any]]) -> tuple[int, float]:
+    """Settings where the goal is met, and the smallest margin (the tie-break)."""
+    return sum(bool(v["met"]) for v in verdicts.values()), min(v["margin"] for v in verdicts.values())
+
+
+def choose(blocks: dict[str, dict[str, Any]], replace_by: float) -> tuple[str, dict[str, tuple[int, float]]]:
+    """The shipped default's name (an option's or PAPER) and every candidate's standing."""
+    if not blocks:
+        raise SystemExit("error: no option's verdicts to choose from")
+    codes = {block["code"] for block in blocks.values()}
+    if len(codes) != 1:
+        raise SystemExit(f"error: the options' verdicts come from different code versions: {sorted(codes)}")
+    paper = paper_verdicts(blocks)
+    standings = {PAPER: standing(paper)}
+    for name, block in blocks.items():
+        standings[name] = standing({**paper, **block["settings"]})
+    best = max(blocks, key=lambda name: standings[name])  # the first listed wins an exact tie
+    (count, smallest), (paper_count, paper_smallest) = standings[best], standings[PAPER]
+    if count > paper_count or (count == paper_count and smallest >= paper_smallest + replace_by):
+        return best, standings
+    return PAPER, standings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("verdicts", nargs="+", help="an option's verdicts (robustness_table.py --verdicts); its name: "
+                                                "the file's stem")
+    ap.add_argument("--replace-by", type=float, default=0.5,
+                    help="on an equal count, how much higher an option's smallest margin must be than the paper's")
+    ap.add_argument("--sets-dir", default=None, help="where NAME.sets holds the winner's --set overrides")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    blocks = {Path(f).stem: json.loads(Path(f).read_text()) for f in args.verdicts}
+    chosen, standings = choose(blocks, args.replace_by)
+    columns = {PAPER: "paper rule", **{name: block["column"] for name, block in blocks.items()}}
+    settings = sorted({label for block in blocks.values() for label in block["settings"]})
+    lines = [f"# The shipped default (issue 20), by the rule fixed before the rows were read "
+             f"(benchmarks/README.md); code: {next(iter(blocks.values()))['code']}", "",
+             f"Settings ({len(settings)}): {'; '.join(settings)}. A setting an option did not run counts as the "
+             "paper rule's there.", "",
+             "| candidate | settings meeting the goal | smallest margin |", "|---|---|---|"]
+    lines += [f"| {columns[name]} | {count} of {len(settings)} | {smallest:+.2f} |"
+              for name, (count, smallest) in standings.items()]
+    sets = ""
+    if chosen != PAPER and args.sets_dir:
+        sets = (Path(args.sets_dir) / f"{chosen}.sets").read_text().strip()
+    lines += ["", f"Chosen: {columns[chosen]}" + (f" (`{sets}`)" if sets else "") + ".", "",
+              f"shipped_default: {chosen}"]
+    text = "\n".join(lines)
+    if args.out:
+        atomic_write_text(Path(args.out), text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
