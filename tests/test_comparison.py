@@ -46,12 +46,17 @@ def test_fingerprint_names_the_code_version(tmp_path: Path, monkeypatch):
     from fedlease.server import fingerprint
 
     cfg = config_from_dict(tiny_params(tmp_path))
-    here = fingerprint(cfg, "fedit", [])
-    monkeypatch.setattr(provenance, "code_version", lambda: {"sources": "0" * 16, "commit": "abc", "dirty": False})
-    assert fingerprint(cfg, "fedit", []) != here
-    version = provenance.code_version()
-    monkeypatch.setattr(provenance, "code_version", lambda: {**version, "commit": "def"})
-    assert fingerprint(cfg, "fedit", []) != fingerprint(cfg.model_copy(), "fedlease", [])
+    base = {"sources": "0" * 16, "commit": "abc", "dirty": False}
+
+    def made_by(**version: object) -> str:
+        monkeypatch.setattr(provenance, "code_version", lambda: {**base, **version})
+        return fingerprint(cfg, "fedit", [])
+
+    here = made_by()
+    assert made_by() == here  # the same code: reused
+    assert made_by(commit="def") != here  # the commit alone
+    assert made_by(sources="1" * 16) != here  # the sources alone
+    assert made_by(dirty=True) == here  # uncommitted edits show in the sources hash, not in a flag
 
 
 def test_sources_hash_follows_every_package_file(tmp_path: Path):
@@ -270,3 +275,46 @@ def test_warmup_balanced_loss_is_an_option_of_the_warmup_only(tmp_path: Path):
     assert not any(p.class_balanced for p in make_strategy("local", cfg, 4).local_phases(1))
     off = config_from_dict(tiny_params(tmp_path))
     assert [p.class_balanced for p in warmup_strategy(off, 4).local_phases(1)] == [False]
+
+
+def test_ifca_client_adopts_the_lowest_loss_cluster_over_its_whole_training_set(tmp_path: Path, monkeypatch):
+    """IFCA (Ghosh et al.): each client takes the cluster model with the lowest loss on its data, here the whole
+    training set unless `baselines.ifca_choice_batches` names a number of batches."""
+    import fedlease.client as client
+    from fedlease.engine.batching import encode_classification
+    from fedlease.engine.trainer import compute_loss
+    from fedlease.models.adapters import get_state, set_state
+    from fedlease.runtime import runtime_for
+    from fedlease.strategies.base import Download, InitContext, ModelSpec
+
+    cfg = config_from_dict(tiny_params(tmp_path, training__eval_batch_size=4))
+    rt = runtime_for(cfg)
+    ifca = make_strategy("ifca", cfg, 4)
+    state = ifca.init_state(InitContext(rt.common_init(ModelSpec(r=cfg.lora.r))))
+    candidates = ifca.candidates(Download(state.tensors, {}))
+    model = rt.build(ModelSpec(r=cfg.lora.r)).model
+    words = ["great", "awful", "fine", "dull", "superb", "bad", "moving", "boring", "fun", "slow"]
+    records = [{"text": f"the film was {w} and {words[(i * 3) % 10]}", "label": i % 2} for i, w in
+               enumerate(words * 2)]  # 20 examples: 5 batches of 4
+    whole = {}
+    with torch.no_grad():
+        for group, cand in candidates.items():
+            set_state(model, cand, rt.head_module())
+            whole[group] = float(compute_loss(model, encode_classification(rt.tokenizer, records, 64), cfg.data.kind))
+    assert len(set(whole.values())) == len(whole), "distinct cluster models give distinct losses"
+    calls = []
+    monkeypatch.setattr(client, "compute_loss", lambda *a, **k: calls.append(1) or compute_loss(*a, **k))
+    with torch.no_grad():
+        chosen = client.adopt_lowest_loss(rt, model, candidates, records, seed=0)
+    assert chosen == min(whole, key=whole.__getitem__)
+    assert len(calls) == 5 * len(candidates)  # every batch of the training set, for every candidate
+    held = get_state(model, rt.head_module(), groups=("lora",))
+    shared = [k for k in candidates[chosen] if k in held]
+    assert shared and all(torch.equal(held[k], candidates[chosen][k]) for k in shared)  # the chosen one is loaded
+    calls.clear()
+    limited = config_from_dict(tiny_params(tmp_path, training__eval_batch_size=4, baselines__ifca_choice_batches=2))
+    monkeypatch.setattr(rt, "cfg", limited)
+    with torch.no_grad():
+        client.adopt_lowest_loss(rt, model, candidates, records, seed=0)
+    assert len(calls) == 2 * len(candidates)
+
