@@ -179,18 +179,32 @@ def test_torch_engine_gradient_accumulation_averages_before_each_step(tmp_path: 
     enc = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
            "labels": torch.tensor([0, 1])}
 
+    first_step_grads: dict[int, list[torch.Tensor]] = {}
+
     def lora_after(accum: int, batches: int) -> dict[str, torch.Tensor]:
         model = rt.fresh_model(ModelSpec(r=2), 2)
         for m in model.modules():  # no dropout: the three runs see exactly the same forward passes
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         params = set_trainable(model, ("lora",), None)
-        engine = TorchEngine(cfg.training.model_copy(update={"gradient_accumulation_steps": accum}))
+        engine = TorchEngine(cfg.training.model_copy(update={"gradient_accumulation_steps": accum,
+                                                              "gradient_clipping": 0.0}))
+        step = engine._step
+
+        def recording_step(opt: torch.optim.Optimizer, ps: list[torch.nn.Parameter]) -> None:
+            first_step_grads.setdefault(accum, [p.grad.detach().clone() for p in ps if p.grad is not None])
+            step(opt, ps)
+
+        engine._step = recording_step  # type: ignore[method-assign]
         res = engine.train(model, params, [Batch(enc, 2)] * batches, "classification")
         assert res.steps == batches
         return get_state(model, None, ("lora",))
 
     accumulated, two_steps, six_steps = lora_after(3, 6), lora_after(1, 2), lora_after(1, 6)
+    # the gradient a step takes is the mean over the accumulated batches, not their sum (Adam's update is
+    # nearly blind to that scale, so the weights alone would not tell)
+    assert first_step_grads[3] and len(first_step_grads[3]) == len(first_step_grads[1])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-9) for a, b in zip(first_step_grads[3], first_step_grads[1]))
     # float32 sums of thirds differ in the last bits, which Adam's normalisation magnifies to ~1e-6;
     # six real steps differ by ~1e-2
     assert all(torch.allclose(accumulated[k], two_steps[k], atol=2e-5) for k in accumulated)
