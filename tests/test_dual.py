@@ -90,7 +90,7 @@ def test_inference_weights_each_input_by_its_similarity_to_the_references(tmp_pa
         assert torch.allclose(logits[i], alone[0], atol=1e-5)
 
 
-def test_feddpa_rounds_train_global_first_then_local_and_global(tmp_path: Path):
+def test_feddpa_rounds_train_global_first_then_local_and_global(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from fedlease.client import train_phases
     from fedlease.strategies import make_strategy
     from fedlease.strategies.base import ModelSpec
@@ -99,15 +99,30 @@ def test_feddpa_rounds_train_global_first_then_local_and_global(tmp_path: Path):
     cfg = rt.cfg.model_copy(update={"training": rt.cfg.training.model_copy(update={"local_epochs": 2})})
     rt.cfg = cfg
     dpa = make_strategy("feddpa", cfg, 4)
-    train = [{**r, "label": i % 2} for i, r in enumerate(records * 4)]
+    train_records = [{**r, "label": i % 2} for i, r in enumerate(records * 4)]
     for round_, local_moves in ((1, False), (2, True)):
         before = get_state(model, None, ("lora", "dual"))
-        result = train_phases(rt, dpa, model, train, round_, seed=0, spec=ModelSpec(r=2, dual=True))
+        result = train_phases(rt, dpa, model, train_records, round_, seed=0, spec=ModelSpec(r=2, dual=True))
         after = get_state(model, None, ("lora", "dual"))
         moved = {k for k in before if not torch.equal(before[k], after[k])}
         assert any(k.startswith("lora.") for k in moved), "the global LoRA trains every round"
         assert any(k.startswith("dual.") and k.endswith((".A", ".B")) for k in moved) == local_moves
         assert result.steps == 2 * 3  # 2 epochs of 3 batches of 8: in one phase, or 3 + 3 in two
+    # round 2's order and freezing, phase by phase: the local LoRA first with the global one frozen, then the
+    # global one with the local one frozen (the paper's alternating schedule)
+    moved_by_phase = []
+    train = rt.engine.train
+
+    def recording_train(model_: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        before = get_state(model_, None, ("lora", "dual"))
+        out = train(model_, *args, **kwargs)
+        after = get_state(model_, None, ("lora", "dual"))
+        moved_by_phase.append({k.split(".")[0] for k in before if not torch.equal(before[k], after[k])})
+        return out
+
+    monkeypatch.setattr(rt.engine, "train", recording_train)
+    train_phases(rt, dpa, model, train_records, 3, seed=0, spec=ModelSpec(r=2, dual=True))
+    assert moved_by_phase == [{"dual"}, {"lora"}]
     with pytest.raises(ValueError, match="hidden size"):
         bad = torch.zeros(1, 3, dtype=torch.long)
         for layer in dual_layers(model):
