@@ -40,15 +40,18 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert "```\n" + "\n".join(last) + "\n```" in text  # the file carries them too
     # both seeds ran in their own folders under --runs, with the override applied: one round, and fedit
     # one more (the warm-up's epoch, equal compute); the printed margin is the one of those metrics
-    margins = {}
+    margins, aris = {}, []
     for setting in ("task", "label_skew_a0.5"):
         means = []
         for seed in (0, 1):
             metrics = json.loads((tmp_path / "runs" / setting / f"seed{seed}" / "metrics.json").read_text())
+            if setting == "task":
+                aris.append(metrics["allocation"]["ari_vs_task"])
             assert {n: m["rounds"] for n, m in metrics["methods"].items()} == {"fedlease": 1, "local": 1, "fedit": 2}
             means.append({n: m["mean"] for n, m in metrics["methods"].items()})
         avg = {n: sum(m[n] for m in means) / 2 for n in means[0]}
         margins[setting] = 100 * (avg["fedlease"] - max(avg["local"], avg["fedit"]))
+    assert float(last[0].split()[1]) == pytest.approx(sum(aris) / 2, abs=0.0006)  # ari: FedLEASE's, over the seeds
     assert float(last[1].split()[1]) == pytest.approx(margins["task"], abs=0.006)
     assert float(last[2].split()[1]) == pytest.approx(margins["label_skew_a0.5"], abs=0.006)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
