@@ -27,7 +27,7 @@ def _final(metrics: dict) -> dict:
     return {m: (v["mean"], v["per_task"], v["bytes_up_per_client_round"]) for m, v in metrics["methods"].items()}
 
 
-def test_end_to_end_outputs_and_determinism(tmp_path: Path):
+def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     cfg = config_from_dict(tiny_params(tmp_path / "a"))
     metrics = run_all(cfg)
     paths = RunPaths.of(cfg)
@@ -48,6 +48,17 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path):
     # same params and seed -> identical metrics
     again = run_all(config_from_dict(tiny_params(tmp_path / "b")))
     assert _final(again) == _final(metrics)
+    # the allocation says when M is the m_max cap (the silhouette had no larger k), in the map and the CLI line
+    assert cmap["capped"] == (cmap["num_experts"] == min(cfg.fedlease.m_max, 3))  # 4 clients: k = 2..3
+    from fedlease.cli import main
+
+    params = tmp_path / "a.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(tmp_path / "a")))
+    for override, capped in (("fedlease.m_max=2", True), ("fedlease.clustering.fixed_m=3", False)):
+        assert main(["allocate", "--params", str(params), "--set", override]) == 0
+        line = capsys.readouterr().out
+        assert read_json(paths.cluster_map)["capped"] is capped, override
+        assert ("the fedlease.m_max cap" in line) is capped, line
 
 
 def test_finished_run_is_a_noop_and_params_change_restarts(tmp_path: Path):
