@@ -3,11 +3,11 @@
     python benchmarks/fedlease_diagnostics.py RUN_FOLDER [RUN_FOLDER ...]
 
 Per run: the warm-up's score and FedLEASE's per round (does the switch from warm-up to mixture cost
-accuracy?); the own expert's share of the router weight per round (mean over clients, and by layer at
-round 1 and the last round); the allocation (M, silhouette by k, whether the cap was hit) and the one each
-`fedlease.clustering.distance` would make of the same warm-up adapters; the B-distance structure (mean
-1 - cos within and across tasks, and, within a task, its correlation with the distance between the
-clients' training label mixes: do clients group by label mix rather than task?).
+accuracy?); the own expert's share of the router weight per round (mean over clients, by layer at round 1
+and the last round, and by client every round); the allocation (M, silhouette by k, whether the cap was
+hit) and the one each `fedlease.clustering.distance` would make of the same warm-up adapters; the
+B-distance structure (mean 1 - cos within and across tasks, and, within a task, its correlation with the
+distance between the clients' training label mixes: do clients group by label mix rather than task?).
 """
 
 from __future__ import annotations
@@ -60,22 +60,25 @@ def diagnose(run: Path) -> list[str]:
     own, personal = [], []
     m = cmap["num_experts"]
     for h in hist:
-        clients = [c for c in h.get("eval", {}).get("clients", {}).values() if "router" in c]
+        clients = {cid: c for cid, c in h.get("eval", {}).get("clients", {}).items() if "router" in c}
         if clients:
-            shares = np.array([[module["expert_weight_share"] for module in c["router"].values()] for c in clients])
+            shares = np.array([[module["expert_weight_share"] for module in c["router"].values()]
+                               for c in clients.values()])  # (client, layer, expert slot: own first)
             share = shares[..., 0].mean(axis=0)
-            own.append((h["round"], float(share.mean()), share))
+            own.append((h["round"], float(share.mean()), share, dict(zip(clients, shares[..., 0].mean(axis=1)))))
             if shares.shape[-1] == m + 1:  # the personal expert's column (fedlease.router.personal_expert)
                 personal.append((h["round"], float(shares[..., -1].mean())))
     if own:
         slots = 2 * m if personal else 2 * m - 1  # a uniform softmax over the router's slots
         lines.append(f"own-expert weight share (uniform router: {m}/{slots} = {m / slots:.2f}): "
-                     + ", ".join(f"r{r} {s:.3f}" for r, s, _ in own))
+                     + ", ".join(f"r{r} {s:.3f}" for r, s, _, _ in own))
         if personal:
             lines.append(f"personal-expert weight share (uniform router: 1/{slots} = {1 / slots:.2f}): "
                          + ", ".join(f"r{r} {s:.3f}" for r, s in personal))
         lines.append("  by layer, first eval: " + " ".join(f"{v:.2f}" for v in own[0][2])
                      + " | last: " + " ".join(f"{v:.2f}" for v in own[-1][2]))
+        for r, _, _, by_client in own:
+            lines.append(f"  by client, r{r}: " + " ".join(f"{c}:{v:.2f}" for c, v in by_client.items()))
     sil = ", ".join(f"k={k} {v:.3f}" for k, v in sorted(cmap["silhouette"].items(), key=lambda kv: int(kv[0])))
     lines.append(f"allocation: M = {cmap['num_experts']}{' (cap)' if cmap.get('capped') else ''}, ARI "
                  f"{cmap['ari_vs_task']:.3f}; silhouette {sil}")
