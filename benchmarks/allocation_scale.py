@@ -6,6 +6,7 @@ modules of 384 x r) and planted clusters in the near-orthogonal regime measured 
 in its own process, so its peak memory is its own.
 
     python benchmarks/allocation_scale.py [--sizes 100,1000,10000] [--dtype float64|float32] [--clusters 8]
+                                          [--distance cosine|subspace]
 
 Prints a table row per N (seconds for distances, for clustering + silhouette over k = 2..m_max, peak
 RSS, chosen M, ARI against the planted clusters) and the cluster map's size in bytes.
@@ -42,12 +43,12 @@ def one_size(args: argparse.Namespace, n: int) -> dict[str, float]:
     from sklearn.metrics import adjusted_rand_score
 
     from common import peak_rss_mb
-    from fedlease.allocation import b_distance_matrix, choose_experts
+    from fedlease.allocation import choose_experts, distance_matrix
 
     adapters, truth = synthetic_b(n, args.clusters, args.modules, args.d_out, args.r, args.rho, args.seed)
     base_mb = peak_rss_mb()
     t0 = time.perf_counter()
-    dist = b_distance_matrix(adapters, args.dtype)
+    dist = distance_matrix(adapters, args.distance, args.dtype)
     t1 = time.perf_counter()
     alloc = choose_experts(dist, args.m_max)
     t2 = time.perf_counter()
@@ -60,6 +61,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    ap.add_argument("--distance", default="cosine", choices=["cosine", "subspace"],
+                    help="fedlease.clustering.distance (subspace: r times the cosine's inner products)")
     ap.add_argument("--clusters", type=int, default=6)
     ap.add_argument("--m-max", type=int, default=8)
     ap.add_argument("--modules", type=int, default=12)
@@ -73,7 +76,7 @@ def main() -> None:
         print(json.dumps(one_size(args, args.one)))
         return
     print(f"B shapes: {args.modules} modules of {args.d_out} x {args.r}; {args.clusters} planted clusters, "
-          f"rho {args.rho}; distances in {args.dtype}; m_max {args.m_max}")
+          f"rho {args.rho}; {args.distance} distances in {args.dtype}; m_max {args.m_max}")
     print("| N | distances s | clustering + silhouette s | total s | peak RSS MB (inputs alone) | M | ARI | "
           "cluster map bytes |")
     print("|---|---|---|---|---|---|---|---|")

@@ -61,12 +61,13 @@ RANK_TOLERANCE = 1e-6  # singular values below this share of the largest do not 
 SUBSPACE_BLOCK = 2**24  # entries of one block of basis inner products (chunks the rows at large N)
 
 
-def _orthonormal_columns(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """An orthonormal basis of B's column space (d, r), columns beyond its numerical rank set to zero."""
-    u, sv, _ = torch.linalg.svd(b.to(dtype), full_matrices=False)
-    rank = int((sv > sv.max().clamp_min(1e-30) * RANK_TOLERANCE).sum())
-    u[:, rank:] = 0.0
-    return u, rank
+def _column_bases(bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the column spaces of a stack of B (N, d, r), one batched SVD, the columns beyond
+    each B's numerical rank set to zero; and the ranks (N,)."""
+    u, sv, _ = torch.linalg.svd(bs, full_matrices=False)
+    ranks = (sv > sv.amax(dim=1, keepdim=True).clamp_min(1e-30) * RANK_TOLERANCE).sum(dim=1)
+    keep = torch.arange(bs.shape[2]) < ranks[:, None]  # singular values come largest first
+    return torch.where(keep[:, None, :], u, torch.zeros((), dtype=u.dtype)), ranks
 
 
 def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "float64") -> np.ndarray:
@@ -78,10 +79,10 @@ def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: s
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     dist = torch.zeros((n, n), dtype=tdtype)
     for key in keys:
-        bases, ranks = zip(*(_orthonormal_columns(a[key], tdtype) for a in adapters))
-        r = bases[0].shape[1]
-        flat = torch.cat([u.T for u in bases])  # (N r, d): client i's basis vectors in rows i r .. i r + r - 1
-        rank = torch.tensor(ranks, dtype=tdtype)
+        bases, ranks = _column_bases(torch.stack([a[key] for a in adapters]).to(tdtype))
+        r = bases.shape[2]
+        flat = bases.transpose(1, 2).reshape(n * r, -1)  # (N r, d): client i's basis in rows i r .. i r + r - 1
+        rank = ranks.to(tdtype)
         norm = torch.maximum(rank[:, None], rank[None, :]).clamp_min(1.0)
         rows = max(1, SUBSPACE_BLOCK // max(1, n * r * r))
         for start in range(0, n, rows):
