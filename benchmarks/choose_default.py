@@ -6,8 +6,9 @@ was read ("How the shipped default will be chosen"), from the verdicts robustnes
 Each VERDICTS.json is one candidate option's block (its settings' goal checks and margins, and the paper
 rule's on the same settings). Per candidate, every setting any block ran counts: where the option did not
 run (the class-balanced loss on generation, which has no labels), the paper rule's verdict stands for it. The
-winner meets the goal in the most settings, ties to the higher smallest margin; it replaces the paper rule
-only with a higher count, or an equal count and a smallest margin at least `--replace-by` points higher.
+winner meets the goal in the most settings, ties to the higher smallest margin (an exact tie between options:
+the first name in alphabetical order); it replaces the paper rule only with a higher count, or an equal count and
+a smallest margin at least `--replace-by` points higher (up to float noise).
 Prints `shipped_default: NAME` last; with `--sets-dir`, NAME's `--set` overrides are read from DIR/NAME.sets.
 """
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlease.io import atomic_write_text  # noqa: E402
 
 PAPER = "paper"
+FLOAT_NOISE = 1e-9  # margins are differences of percentages: 0.5 apart may read 0.49999999999999
 
 
 def paper_verdicts(blocks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -54,9 +56,9 @@ def choose(blocks: dict[str, dict[str, Any]], replace_by: float) -> tuple[str, d
     standings = {PAPER: standing(paper)}
     for name, block in blocks.items():
         standings[name] = standing({**paper, **block["settings"]})
-    best = max(blocks, key=lambda name: standings[name])  # the first listed wins an exact tie
+    best = max(sorted(blocks), key=lambda name: standings[name])  # an exact tie: the first name in order
     (count, smallest), (paper_count, paper_smallest) = standings[best], standings[PAPER]
-    if count > paper_count or (count == paper_count and smallest >= paper_smallest + replace_by):
+    if count > paper_count or (count == paper_count and smallest >= paper_smallest + replace_by - FLOAT_NOISE):
         return best, standings
     return PAPER, standings
 
@@ -83,7 +85,7 @@ def main() -> None:
               for name, (count, smallest) in standings.items()]
     sets = ""
     if chosen != PAPER and args.sets_dir:
-        sets = (Path(args.sets_dir) / f"{chosen}.sets").read_text().strip()
+        sets = " ".join((Path(args.sets_dir) / f"{chosen}.sets").read_text().split())
     lines += ["", f"Chosen: {columns[chosen]}" + (f" (`{sets}`)" if sets else "") + ".", "",
               f"shipped_default: {chosen}"]
     text = "\n".join(lines)

@@ -11,8 +11,9 @@
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
 # Environment: PYTHON (default .venv/bin/python), REGEN_WORKTREE (default benchmarks/runs/worktree-COMMIT).
-# Everything runs from `main` on the last line: bash has read the whole file before the first step, so the
-# script can be edited while a regeneration runs.
+# Everything runs from `main "$@"; exit` on the last line: bash has parsed every function and that whole line
+# before the first step and never reads the file again, so the script can be edited while a regeneration runs
+# (bash reads a script as it goes: with `exit` on a line of its own, an edit would shift what it reads next).
 set -euo pipefail
 
 step() {  # quality.py of the worktree; `sub` (optional) places the records under a sub-folder
@@ -93,7 +94,7 @@ main() {
 
     # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
     # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
-    rm -f "$runs/robustness_options.md.part"
+    rm -rf "$runs/robustness_options.md.part" "$runs/verdicts"  # no verdict of an option no longer listed
     option personal "personal expert" fedlease yes fedlease.router.personal_expert=true
     option own_prior2 "own prior b = 2" fedlease yes fedlease.router.own_prior=2
     option tolerance0.005 "silhouette tolerance 0.005" fedlease yes fedlease.clustering.silhouette_tolerance=0.005
@@ -140,5 +141,4 @@ main() {
     echo "=== done ($(date -u +%FT%TZ)); results in $out"
 }
 
-main "$@"
-exit
+main "$@"; exit

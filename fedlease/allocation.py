@@ -66,7 +66,7 @@ def _column_bases(bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     each B's numerical rank set to zero; and the ranks (N,)."""
     u, sv, _ = torch.linalg.svd(bs, full_matrices=False)
     ranks = (sv > sv.amax(dim=1, keepdim=True).clamp_min(1e-30) * RANK_TOLERANCE).sum(dim=1)
-    keep = torch.arange(bs.shape[2]) < ranks[:, None]  # singular values come largest first
+    keep = torch.arange(u.shape[2]) < ranks[:, None]  # singular values come largest first; min(d, r) of them
     return torch.where(keep[:, None, :], u, torch.zeros((), dtype=u.dtype)), ranks
 
 
@@ -98,6 +98,7 @@ def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: s
 
 
 DISTANCES = {"cosine": b_distance_matrix, "subspace": b_subspace_distance_matrix}
+DISTANCE_RANGE = {"cosine": 2.0, "subspace": 1.0}  # the largest value each distance takes
 
 
 def distance_matrix(adapters: list[dict[str, torch.Tensor]], kind: str = "cosine",
@@ -109,9 +110,10 @@ def distance_matrix(adapters: list[dict[str, torch.Tensor]], kind: str = "cosine
 
 
 def cluster_all(dist: np.ndarray, ks: list[int], method: str = "agglomerative", linkage: str = "average",
-                seed: int = 0) -> dict[int, np.ndarray]:
+                seed: int = 0, max_distance: float = 2.0) -> dict[int, np.ndarray]:
     """Labels for every k in `ks`. Agglomerative: one linkage tree on the precomputed distances, cut
-    at each k (the tree sklearn's AgglomerativeClustering builds for every k anew)."""
+    at each k (the tree sklearn's AgglomerativeClustering builds for every k anew). Spectral: on the
+    similarity 1 - dist / max_distance (the distance's range: DISTANCE_RANGE)."""
     if method == "agglomerative":
         from scipy.cluster.hierarchy import cut_tree
         from scipy.cluster.hierarchy import linkage as build_tree
@@ -120,7 +122,7 @@ def cluster_all(dist: np.ndarray, ks: list[int], method: str = "agglomerative", 
         tree = build_tree(squareform(dist, checks=False), method=linkage)
         cuts = cut_tree(tree, n_clusters=ks)
         return {k: cuts[:, i] for i, k in enumerate(ks)}
-    affinity = np.clip(1.0 - dist / 2.0, 0.0, 1.0)  # cosine distance in [0, 2] -> similarity in [0, 1]
+    affinity = np.clip(1.0 - dist / max_distance, 0.0, 1.0)  # similarity in [0, 1]
     return {k: SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(affinity)
             for k in ks}
 
@@ -157,7 +159,8 @@ class Allocation:
 
 
 def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", linkage: str = "average",
-                   fixed_m: int | None = None, seed: int = 0, tolerance: float = 0.0) -> Allocation:
+                   fixed_m: int | None = None, seed: int = 0, tolerance: float = 0.0,
+                   max_distance: float = 2.0) -> Allocation:
     """Cluster for k = 2..min(m_max, N-1) and keep the silhouette-best k (or `fixed_m`).
 
     With `tolerance` > 0 the smallest k whose silhouette is within `tolerance` of the best wins
@@ -168,11 +171,11 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
         if not 1 <= fixed_m <= n:
             raise ValueError(f"fedlease.clustering.fixed_m: {fixed_m} is outside 1..{n} clients")
         labels = (np.zeros(n, dtype=int) if fixed_m == 1
-                  else cluster_all(dist, [fixed_m], method, linkage, seed)[fixed_m])
+                  else cluster_all(dist, [fixed_m], method, linkage, seed, max_distance)[fixed_m])
         return Allocation(canonical_labels(labels), fixed_m, {}, dist, time.perf_counter() - t0, method)
     if n < 3:
         raise ValueError(f"silhouette needs at least 3 clients to compare k >= 2 clusters, got {n}")
-    labels_of = cluster_all(dist, list(range(2, min(m_max, n - 1) + 1)), method, linkage, seed)
+    labels_of = cluster_all(dist, list(range(2, min(m_max, n - 1) + 1)), method, linkage, seed, max_distance)
     scores = {k: float(silhouette_score(dist, labels, metric="precomputed")) for k, labels in labels_of.items()}
     top = max(scores.values())
     k = min(k for k, score in scores.items() if score >= top - tolerance)

@@ -259,8 +259,11 @@ class FedLeaseConfig(_Strict):
                 data[key] = value
                 continue
             sub = data.get(section, {})
-            sub = sub.model_dump() if isinstance(sub, BaseModel) else dict(sub or {})
-            data[section] = {**sub, key: value}
+            if isinstance(sub, BaseModel):  # an assignment re-validates the model: its sections stay models
+                data[section] = sub.model_copy(update={key: value})
+            elif isinstance(sub, dict):
+                data[section] = {**sub, key: value}
+            # anything else is left for the field's own validation, which names the key
         return data
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlease.allocation import choose_experts, distance_matrix, init_experts
+from fedlease.allocation import DISTANCE_RANGE, choose_experts, distance_matrix, init_experts
 from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config
 from fedlease.data.stage import load_manifest, run_data_stage
@@ -118,7 +118,7 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     fl = cfg.fedlease
     dist = distance_matrix(adapters, fl.clustering.distance, fl.clustering.distance_dtype)
     alloc = choose_experts(dist, fl.m_max, fl.clustering.method, fl.clustering.linkage, fl.clustering.fixed_m,
-                           cfg.seed, fl.clustering.silhouette_tolerance)
+                           cfg.seed, fl.clustering.silhouette_tolerance, DISTANCE_RANGE[fl.clustering.distance])
     weights = [float(c["train"]) for c in manifest["clients"]] if fl.weighting == "examples" else None
     experts = init_experts(adapters, alloc, weights)
     tensors = {}

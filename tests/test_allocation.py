@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedlease.aggregation import weighted_mean
 from fedlease import allocation
-from fedlease.allocation import (Allocation, assign_late_joiner, b_distance_matrix, b_subspace_distance_matrix,
-                                 choose_experts, distance_matrix, init_experts)
+from fedlease.aggregation import weighted_mean
+from fedlease.allocation import (DISTANCE_RANGE, Allocation, assign_late_joiner, b_distance_matrix,
+                                 b_subspace_distance_matrix, choose_experts, distance_matrix, init_experts)
 
 
 def _adapter(b1: list[float], b2: list[float], a: float = 0.0) -> dict[str, torch.Tensor]:
@@ -80,6 +80,10 @@ def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_
     by_subspace = choose_experts(distance_matrix(adapters, "subspace"), 6)
     by_cosine = choose_experts(distance_matrix(adapters, "cosine"), 6)
     assert by_subspace.assignment == [0] * 4 + [1] * 4 + [2] * 4
+    assert set(DISTANCE_RANGE) == set(allocation.DISTANCES) and DISTANCE_RANGE["subspace"] == 1.0
+    spectral = choose_experts(distance_matrix(adapters, "subspace"), 6, method="spectral",
+                              max_distance=DISTANCE_RANGE["subspace"])
+    assert spectral.assignment == by_subspace.assignment
     assert by_cosine.assignment != by_subspace.assignment
     with pytest.raises(ValueError, match="fedlease.clustering.distance"):
         distance_matrix(adapters, "euclid")

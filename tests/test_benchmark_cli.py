@@ -188,6 +188,13 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     assert verdicts["settings"]["skew"]["met"] is False and verdicts["settings"]["skew"]["margin"] == pytest.approx(
         0.996) and verdicts["paper_rule"]["skew"]["margin"] == pytest.approx(-5.5)
     assert verdicts["settings"]["nlg"] == verdicts["paper_rule"]["nlg"] == {"met": True, "margin": pytest.approx(2.0)}
+    # the paper rule's verdict: its margin over its own `local` (not the option's better one), its ARI checked too
+    _metrics(tmp_path / "strong", 0, {"fedlease": 0.70, "local": 0.60}, 0.5)  # +10 points, clusters not the tasks
+    _metrics(tmp_path / "strong_opt", 0, {"fedlease": 0.72, "local": 0.69}, 1.0)  # its warm-up: local 69
+    table(f"strong={tmp_path / 'strong'},{tmp_path / 'strong_opt'}", extra=("--verdicts", str(tmp_path / "s.json")))
+    strong = json.loads((tmp_path / "s.json").read_text())
+    assert strong["paper_rule"]["strong"] == {"met": False, "margin": pytest.approx(10.0)}
+    assert strong["settings"]["strong"] == {"met": True, "margin": pytest.approx(3.0)}
     assert option.stdout.splitlines()[-2:] == [
         "robustness_goal_paper_rule: met in 1 of 2 settings (paper rule); smallest margin -5.50",
         "robustness_goal: met in 1 of 2 settings (balanced loss); smallest margin +0.996"]
@@ -287,7 +294,31 @@ def test_the_shipped_default_is_chosen_by_the_rule_fixed_before_the_rows(tmp_pat
     assert chosen == "balanced" and standings["balanced"] == (2, -2.0)
     with pytest.raises(SystemExit, match="different code versions"):
         choose({"more": more, "other": block({"mix": v(True, 9.0)}, code="c2")}, 0.5)
+    # the 0.5-point bar holds at equality, up to float noise (margins are differences of percentages)
+    at_bar = block({"mix": v(True, 1.3), "skew": v(False, -4.0 + 0.5 - 1e-12), "nlg": v(False, -1.0)})
+    assert choose({"at_bar": at_bar}, 0.5)[0] == "at_bar"
     odd = block({"mix": v(True, 1.5)})
     odd["paper_rule"]["mix"] = v(True, 1.25)
     with pytest.raises(SystemExit, match="not the same runs"):
         choose({"more": more, "odd": odd}, 0.5)
+
+
+def test_choose_default_names_the_winner_and_its_overrides_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]):
+    """What regenerate.sh reads: the last line `shipped_default: NAME` (NAME = the verdicts file's stem) and the
+    overrides from NAME.sets in the written file."""
+    from choose_default import main
+
+    paper = {"mix": {"met": False, "margin": -1.0}}
+    for name, margin in (("subspace", 2.0), ("own_prior2", -0.5)):
+        doc = {"column": name, "code": "c1", "settings": {"mix": {"met": margin >= 1, "margin": margin}},
+               "paper_rule": paper}
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    (tmp_path / "subspace.sets").write_text("strategies=[fedlease]\nfedlease.clustering.distance=subspace\n")
+    out = tmp_path / "shipped_default.md"
+    proc = _in_process(main, ["choose_default.py", str(tmp_path / "subspace.json"), str(tmp_path / "own_prior2.json"),
+                              "--sets-dir", str(tmp_path), "--out", str(out)], monkeypatch, capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "shipped_default: subspace" == out.read_text().splitlines()[-1]
+    assert "Chosen: subspace (`strategies=[fedlease] fedlease.clustering.distance=subspace`)." in out.read_text()
+    assert "| paper rule | 0 of 1 | -1.00 |" in proc.stdout

@@ -96,3 +96,12 @@ def test_paper_variant_puts_every_robustness_option_back_to_the_paper(tmp_path: 
     assert {d: value_at(paper, d) for d in PAPER_RULE} == PAPER_RULE
     assert paper.clustering.method == "spectral" and paper.router.init_std == 0.1  # not options: as written
     assert {d: value_at(FedLeaseConfig(), d) for d in PAPER_RULE} == PAPER_RULE  # no option is on in the code
+    # an assignment re-validates the model (validate_assignment): its sections stay models, the options reset
+    assigned = config_from_dict(raw).fedlease
+    assigned.variant = "paper"
+    assigned.m_max = 4
+    assert {d: value_at(assigned, d) for d in PAPER_RULE} == PAPER_RULE and assigned.m_max == 4
+    # a section of the wrong type is the field's error, naming the key, not a crash in the variant
+    raw["fedlease"] = {"variant": "paper", "router": 5}
+    with pytest.raises(ConfigError, match="fedlease.router"):
+        config_from_dict(raw)

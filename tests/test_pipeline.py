@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -59,6 +60,14 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.Captu
         line = capsys.readouterr().out
         assert read_json(paths.cluster_map)["capped"] is capped, override
         assert ("the fedlease.m_max cap" in line) is capped, line
+    # the configured distance is the one the allocation clusters (saved beside the map for small N)
+    from fedlease.allocation import distance_matrix
+    from fedlease.io import load_tensors
+
+    assert main(["allocate", "--params", str(params), "--set", "fedlease.clustering.distance=subspace"]) == 0
+    warm = [load_tensors(paths.warmup_adapter(c)) for c in range(4)]
+    saved = np.load(paths.allocation / "distances.npy", allow_pickle=False)
+    assert np.array_equal(saved, distance_matrix(warm, "subspace")) and not np.allclose(saved, distance_matrix(warm))
 
 
 def test_finished_run_is_a_noop_and_params_change_restarts(tmp_path: Path):
