@@ -148,6 +148,21 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     # the joins wrote nothing into a stage's output: `dvc status` stays clean, `dvc repro` has nothing to redo
     assert listing() == before, "a join wrote into a stage's DVC output"
     assert paths.warmup_adapter(6) == paths.late / "warmup" / "client_006.safetensors"
+    # the joiner is placed by the distance the allocation is configured with (here the subspace one)
+    from fedlease.allocation import distance_matrix
+    from fedlease.io import load_tensors
+    from fedlease.runtime import strategy_for
+    from fedlease.strategies.base import ServerState
+
+    subspace = cfg.model_copy(deep=True)
+    subspace.fedlease.clustering.distance = "subspace"
+    joiner = load_tensors(paths.warmup_adapter(4))
+    peers = [load_tensors(paths.warmup_adapter(c)) for c in range(4)]
+    _, placed = strategy_for(subspace, "fedlease", 4).admit(ServerState({}, {"assignment": list(
+        cmap["assignment"].values())}), 7, joiner, peers)
+    to_peers = distance_matrix([joiner, *peers], "subspace")[0, 1:]
+    members = [[c for c in range(4) if cmap["assignment"][str(c)] == e] for e in range(cmap["num_experts"])]
+    assert placed["mean_distances"] == [float(np.mean([to_peers[c] for c in m])) for m in members]
     assert paths.warmup_adapter(6).exists() and (paths.late / "federate" / "local" / "clients" / "client_006").is_dir()
     # the same partition written again (a rerun) keeps them; a new partition drops them (their ids would
     # shadow its clients')
