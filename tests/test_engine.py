@@ -173,42 +173,52 @@ def test_zero3_is_rejected_with_a_reason():
 
 def test_torch_engine_gradient_accumulation_averages_before_each_step(tmp_path: Path):
     """Accumulating 3 identical batches then stepping is one step on that batch: 6 batches at
-    accumulation 3 must land where 2 batches at accumulation 1 do, and not where 6 steps do."""
+    accumulation 3 must land where 2 batches at accumulation 1 do, and not where 6 steps do; and the
+    gradient a step takes over 3 different batches is the mean of their 3 gradients."""
     cfg = config_from_dict(tiny_params(tmp_path))
     rt = ClientRuntime(cfg)
-    enc = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
-           "labels": torch.tensor([0, 1])}
 
-    first_step_grads: dict[int, list[torch.Tensor]] = {}
+    def batch(token: int, labels: list[int]) -> Batch:
+        ids = torch.full((2, 4), token, dtype=torch.long)
+        return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(labels)}, 2)
 
-    def lora_after(accum: int, batches: int) -> dict[str, torch.Tensor]:
+    def train(accum: int, batches: list[Batch]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """The LoRA after training, and the gradient its first optimiser step took."""
         model = rt.fresh_model(ModelSpec(r=2), 2)
-        for m in model.modules():  # no dropout: the three runs see exactly the same forward passes
+        for m in model.modules():  # no dropout: the runs see exactly the same forward passes
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         params = set_trainable(model, ("lora",), None)
         engine = TorchEngine(cfg.training.model_copy(update={"gradient_accumulation_steps": accum,
                                                               "gradient_clipping": 0.0}))
-        step = engine._step
+        step, first_grad = engine._step, []
 
         def recording_step(opt: torch.optim.Optimizer, ps: list[torch.nn.Parameter]) -> None:
-            first_step_grads.setdefault(accum, [p.grad.detach().clone() for p in ps if p.grad is not None])
+            if not first_grad:
+                first_grad.extend(p.grad.detach().clone() for p in ps if p.grad is not None)
             step(opt, ps)
 
         engine._step = recording_step  # type: ignore[method-assign]
-        res = engine.train(model, params, [Batch(enc, 2)] * batches, "classification")
-        assert res.steps == batches
-        return get_state(model, None, ("lora",))
+        res = engine.train(model, params, batches, "classification")
+        assert res.steps == len(batches) and first_grad
+        return get_state(model, None, ("lora",)), first_grad
 
-    accumulated, two_steps, six_steps = lora_after(3, 6), lora_after(1, 2), lora_after(1, 6)
-    # the gradient a step takes is the mean over the accumulated batches, not their sum (Adam's update is
-    # nearly blind to that scale, so the weights alone would not tell)
-    assert first_step_grads[3] and len(first_step_grads[3]) == len(first_step_grads[1])
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-9) for a, b in zip(first_step_grads[3], first_step_grads[1]))
+    same = batch(1, [0, 1])
+    (accumulated, grad3), (two_steps, grad1), (six_steps, _) = (train(3, [same] * 6), train(1, [same] * 2),
+                                                                train(1, [same] * 6))
     # float32 sums of thirds differ in the last bits, which Adam's normalisation magnifies to ~1e-6;
     # six real steps differ by ~1e-2
     assert all(torch.allclose(accumulated[k], two_steps[k], atol=2e-5) for k in accumulated)
     assert not all(torch.allclose(accumulated[k], six_steps[k], atol=1e-3) for k in accumulated)
+    # the gradient is the mean over the accumulated batches, not their sum nor the last one (Adam's update is
+    # nearly blind to a scale, so the weights alone would not tell)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-9) for a, b in zip(grad3, grad1, strict=True))
+    different = [batch(1, [0, 1]), batch(2, [1, 1]), batch(3, [0, 0])]
+    _, mixed = train(3, different)
+    alone = [train(1, [b])[1] for b in different]
+    mean = [sum(gs) / 3 for gs in zip(*alone, strict=True)]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-9) for a, b in zip(mixed, mean, strict=True))
+    assert not all(torch.allclose(a, b, rtol=1e-2) for a, b in zip(mixed, alone[-1], strict=True))
 
 
 def test_communication_bytes_equal_closed_form(tmp_path: Path):
