@@ -58,12 +58,18 @@ def test_subspace_distance_is_one_minus_the_overlap_of_the_column_spaces():
 
 
 def test_subspace_distance_in_row_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch):
+    """One block computes every pair; the blocked upper half (by memory, or by the minimum count of blocks)
+    must give the same matrix, mirrored."""
     gen = torch.Generator().manual_seed(0)
     adapters = [{"lora.m.B": torch.randn(6, 3, generator=gen, dtype=torch.float64)} for _ in range(7)]
+    monkeypatch.setattr(allocation, "SUBSPACE_MIN_BLOCKS", 1)
     whole = b_subspace_distance_matrix(adapters)
-    monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 9 * 7 * 2)  # two clients' rows per block, the last one short
+    monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 9 * 7 * 2)  # two clients' rows at first, more as j >= i narrows
     assert np.allclose(b_subspace_distance_matrix(adapters), whole, atol=1e-12)
     assert np.allclose(b_subspace_distance_matrix(adapters, "float32"), whole, atol=1e-5)
+    monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 2**24)
+    monkeypatch.setattr(allocation, "SUBSPACE_MIN_BLOCKS", 3)  # rows of 3, 3, 1 clients
+    assert np.allclose(b_subspace_distance_matrix(adapters), whole, atol=1e-12)
 
 
 def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_not():
