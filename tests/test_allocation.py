@@ -70,6 +70,9 @@ def test_subspace_distance_in_row_blocks_equals_one_block(monkeypatch: pytest.Mo
     monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 2**24)
     monkeypatch.setattr(allocation, "SUBSPACE_MIN_BLOCKS", 3)  # rows of 3, 3, 1 clients
     assert np.allclose(b_subspace_distance_matrix(adapters), whole, atol=1e-12)
+    upper = np.triu(whole, 1) + np.tril(np.full_like(whole, 9.0))  # junk below and on the diagonal
+    allocation._mirror_upper_in_place(upper, rows=3)  # bands of 3, 3, 1 rows
+    assert np.array_equal(upper, np.triu(whole, 1) + np.triu(whole, 1).T)
 
 
 def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_not():
