@@ -6,7 +6,7 @@
 # from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
 # methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
 # come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
-# resume round by round, do not survive a machine). About 10 hours on a 2-core CPU: benchmarks/README.md.
+# resume round by round, do not survive a machine). About 15 hours on a 2-core CPU: benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
@@ -79,10 +79,10 @@ main() {
     local notes=()
     for note in "$@"; do notes+=(--note "$note"); done
 
-    # The order: every quick setting and the options' rows (issue 20's evidence and its choice of the shipped
-    # default, ~5 hours), then the full task table's 3 seeds (issue 19's headline), the long full-size label
-    # skew, ablations and NLG. Every step reads the records the steps before it left, so the last documents are
-    # assembled from all of them.
+    # The order: every quick setting, then the full-size tables of quality.md (the task table's 3 seeds, issue
+    # 19's headline; the label skew, ablations and NLG), then issue 20's options' rows, the choice of the shipped
+    # default and its full-size rows. Every step reads the records the steps before it left, so the last
+    # documents are assembled from all of them.
     step --quick --label-skew --ablations --runs "$runs" --out "$out/quality_quick.md" ${notes[@]+"${notes[@]}"}
     step --quick --nlg --seeds 0,1,2 --runs "$runs" --out "$out/quality_quick.md"
     # issue 20's other settings at quick size, 3 seeds (the default mix and alpha 0.5 at full size come below)
@@ -91,6 +91,12 @@ main() {
         --out "$runs/robust-mix3.md"
     sub=/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" --runs "$runs/mix5" \
         --out "$runs/robust-mix5.md"
+
+    # issue 19's full tables (quality.md) before issue 20's options: they need no option, and finished first they
+    # make issue 19's comparison complete hours before issue 20's (whose last rows need the option chosen below)
+    step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
+    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
+    step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
 
     # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
     # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
@@ -110,10 +116,6 @@ main() {
         --out "$out/shipped_default.md"
     local chosen
     chosen=$(tail -n 1 "$out/shipped_default.md" | sed 's/^shipped_default: //')
-
-    step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
-    step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
-    step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
 
     # an option chosen as the shipped default gets its full-size rows (FedLEASE, and `local` when it changes the
     # warm-up) beside the paper rule's; its quick rows are the option's above. Paper chosen: one set of runs.
