@@ -59,7 +59,7 @@ def b_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "flo
 
 RANK_TOLERANCE = 1e-6  # singular values below this share of the largest do not span B's column space
 SUBSPACE_BLOCK = 2**24  # entries of one block of basis inner products (chunks the rows at large N)
-SUBSPACE_MIN_BLOCKS = 8  # row blocks at least, so the symmetric half is all that is computed at any N
+SUBSPACE_MIN_BLOCKS = 8  # row blocks at least, so about half the pairs are computed at any N ((k + 1) / 2k)
 
 
 def _column_bases(bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,21 +86,30 @@ def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: s
         r = bases.shape[2]
         flat = bases.to(tdtype).transpose(1, 2).reshape(n * r, -1)  # (N r, d): client i's basis in rows i r ..
         rank = ranks.to(tdtype)
-        start = 0
-        while start < n:
+        for start, stop in _row_blocks(n, r):
             width = n - start  # clients j >= start
-            rows = min(SUBSPACE_BLOCK // max(1, width * r * r), -(-n // SUBSPACE_MIN_BLOCKS))
-            stop = min(n, start + max(1, rows))
             inner = flat[start * r:stop * r] @ flat[start * r:].T  # (block r, width r)
             overlap = inner.square_().reshape(stop - start, r, width, r).sum(dim=(1, 3))
             norm = torch.maximum(rank[start:stop, None], rank[None, start:]).clamp_min(1.0)
             dist[start:stop, start:] += 1.0 - overlap / norm
-            start = stop
         del flat
     out = dist.numpy()  # the same memory: at N = 10,000 in float64 one more (N, N) copy is 0.8 GB
     out /= len(keys)
     _mirror_upper_in_place(out)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _row_blocks(n: int, r: int) -> list[tuple[int, int]]:
+    """Contiguous row blocks [start, stop) over N clients, each paired with the clients j >= start: a block's
+    (rows r, (N - start) r) inner products stay within SUBSPACE_BLOCK entries (unless one row alone exceeds
+    it), and there are at least min(N, SUBSPACE_MIN_BLOCKS) blocks."""
+    blocks, start = [], 0
+    while start < n:
+        rows = min(SUBSPACE_BLOCK // max(1, (n - start) * r * r), n // SUBSPACE_MIN_BLOCKS)
+        stop = min(n, start + max(1, rows))
+        blocks.append((start, stop))
+        start = stop
+    return blocks
 
 
 def _mirror_upper_in_place(out: np.ndarray, rows: int = 1024) -> None:

@@ -53,7 +53,7 @@ def test_subspace_distance_is_one_minus_the_overlap_of_the_column_spaces():
     assert d[0, 4] == pytest.approx((0.5 + 0.0) / 2)
     assert d[0, 5] == pytest.approx((1.0 + 0.0) / 2)
     assert d[3, 4] == pytest.approx((0.5 + 0.0) / 2)  # e1 lies in half's span {e1, e3}: 1 - 1/2
-    assert np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+    assert np.array_equal(d, d.T) and np.array_equal(np.diag(d), np.zeros(len(d)))
     assert b_distance_matrix([x, flipped])[0, 1] == pytest.approx((2.0 + 1.0) / 2)  # the paper's cosine: far apart
 
 
@@ -62,6 +62,7 @@ def test_subspace_distance_in_row_blocks_equals_one_block(monkeypatch: pytest.Mo
     must give the same matrix, mirrored."""
     gen = torch.Generator().manual_seed(0)
     adapters = [{"lora.m.B": torch.randn(6, 3, generator=gen, dtype=torch.float64)} for _ in range(7)]
+    adapters[4]["lora.m.B"][:, 2] = adapters[4]["lora.m.B"][:, 0]  # rank 2 among rank 3: max(rank_i, rank_j) by pair
     monkeypatch.setattr(allocation, "SUBSPACE_MIN_BLOCKS", 1)
     whole = b_subspace_distance_matrix(adapters)
     monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", 9 * 7 * 2)  # two clients' rows at first, more as j >= i narrows
@@ -73,6 +74,23 @@ def test_subspace_distance_in_row_blocks_equals_one_block(monkeypatch: pytest.Mo
     upper = np.triu(whole, 1) + np.tril(np.full_like(whole, 9.0))  # junk below and on the diagonal
     allocation._mirror_upper_in_place(upper, rows=3)  # bands of 3, 3, 1 rows
     assert np.array_equal(upper, np.triu(whole, 1) + np.triu(whole, 1).T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 13, 300])
+@pytest.mark.parametrize("block", [1, 40, 2**24])
+@pytest.mark.parametrize("min_blocks", [1, 3, 8])
+def test_subspace_row_blocks_cover_the_clients_within_the_memory_bound(monkeypatch: pytest.MonkeyPatch, n: int,
+                                                                       block: int, min_blocks: int):
+    """The blocks' inner products stay within SUBSPACE_BLOCK entries (a single row may exceed it) and pair each
+    block with the clients j >= its start only; there are at least min(N, SUBSPACE_MIN_BLOCKS) of them."""
+    monkeypatch.setattr(allocation, "SUBSPACE_BLOCK", block)
+    monkeypatch.setattr(allocation, "SUBSPACE_MIN_BLOCKS", min_blocks)
+    r = 4
+    blocks = allocation._row_blocks(n, r)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])) and all(lo < hi for lo, hi in blocks)
+    assert all(hi - lo == 1 or (hi - lo) * (n - lo) * r * r <= block for lo, hi in blocks)
+    assert len(blocks) >= min(n, min_blocks)
 
 
 def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_not():
