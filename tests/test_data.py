@@ -206,6 +206,24 @@ def test_pinned_archives_are_fetched_through_pip_and_its_settings(tmp_path: Path
     assert "pypi.org" not in source and "pythonhosted" not in source
 
 
+def test_asking_pip_for_its_index_leaves_setuptools_importable():
+    """pip's default index is asked in a subprocess: pip imported in this process makes setuptools' distutils
+    hack fail setuptools' import later (Python < 3.12), and DeepSpeed's op builder imports setuptools on a
+    client's first step. A fresh clone's `make run` downloads the data then trains in one process: it failed so."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PIP_INDEX_URL"}
+    env["PIP_CONFIG_FILE"] = os.devnull  # no pip.conf: pip's own default is the answer
+    code = ("import sys; from fedlease.data.sources import pip_index_url; url = pip_index_url(); "
+            "assert 'pip' not in sys.modules; import setuptools, distutils.core; "
+            "assert '_distutils' in distutils.core.__file__, distutils.core.__file__; print(url)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith("http")
+
+
 def test_uneven_clients_per_task_and_size_skew(tmp_path: Path):
     """Clients as they come: 3 / 1 clients for two tasks, and sizes that vary (lognormal, seeded)."""
     raw = tiny_params(tmp_path)

@@ -82,16 +82,20 @@ def _download_with_pip(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
 
 
 def pip_index_url() -> str:
-    """The package index pip itself would use: PIP_INDEX_URL, else pip.conf's index-url, else pip's default."""
+    """The package index pip itself would use: PIP_INDEX_URL, else pip.conf's index-url, else pip's default.
+    pip is asked in subprocesses only: importing pip in this process makes setuptools' distutils hack refuse
+    setuptools later on (Python < 3.12), and DeepSpeed's op builder imports setuptools on a client's first step."""
     if os.environ.get("PIP_INDEX_URL"):
         return os.environ["PIP_INDEX_URL"]
     conf = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True,
                           text=True, timeout=60)
     if conf.returncode == 0 and conf.stdout.strip():
         return conf.stdout.strip()
-    from pip._internal.models.index import PyPI  # pip's own default, not an address of ours
-
-    return str(PyPI.simple_url)
+    default = subprocess.run([sys.executable, "-c", "from pip._internal.models.index import PyPI; "
+                              "print(PyPI.simple_url)"], capture_output=True, text=True, timeout=60)
+    if default.returncode != 0 or not default.stdout.strip():  # pip's own default, not an address of ours
+        raise DataError(f"could not ask pip for its default index: {default.stderr.strip()[-300:]}")
+    return default.stdout.strip()
 
 
 def _download_from_pip_index(spec: ArchiveSpec, dest: Path, timeout_s: int) -> None:
