@@ -75,8 +75,9 @@ def _column_bases(bs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def b_subspace_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "float64") -> np.ndarray:
     """(N, N) mean-over-modules subspace distance 1 - ||U_i' U_j||_F^2 / max(rank_i, rank_j) between the
     column spaces of the clients' B matrices (0: the same space, whatever the sign or rotation; 1: orthogonal;
-    a zero B is at 1 from everyone). Only the pairs j >= i are computed (the distance is symmetric: half the
-    r^2 N^2 d multiply-adds), in row blocks of basis inner products that bound memory at large N."""
+    a zero B is at 1 from everyone). Only the pairs j >= i are computed, and both orders within a block of
+    rows (the distance is symmetric: about half the r^2 N^2 d multiply-adds), in row blocks of basis inner
+    products that bound memory at large N."""
     keys = b_keys(adapters[0])
     n = len(adapters)
     tdtype = torch.float64 if dtype == "float64" else torch.float32
