@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import statistics
 import sys
@@ -356,6 +357,23 @@ def write_doc(out: str, doc: list[str], version: dict[str, Any]) -> None:
     atomic_write_text(out, "\n".join(doc) + "\n" + ("\n" + kept if kept else ""))
 
 
+def pinned_tracking_uri(args: argparse.Namespace) -> str:
+    """One store, fixed before the first run: the one asked for (--tracking-uri, tracking.uri, then
+    $MLFLOW_TRACKING_URI), else a SQLite store beside the run folders. Not the project's rule of a local server
+    when one answers: a benchmark runs for hours, and a server someone else started and stops under it ended one
+    regeneration step with `Connection refused` (benchmarks/README)."""
+    if args.tracking_uri:
+        return args.tracking_uri
+    params = args.params or (NLG_PARAMS if args.nlg else str(HERE / "params_quality.yaml"))
+    configured = load_config(params, args.overrides).tracking.uri
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    RUNS.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(RUNS / 'mlflow.db').resolve()}"
+
+
 def main() -> None:
     global RUNS, RECORDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -378,12 +396,16 @@ def main() -> None:
                     help="folder of the small result records (default: --runs); a unit whose record matches its "
                          "params and code version is read, not rerun: keep them (e.g. in git) to resume on another "
                          "machine")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="where its runs are tracked (default: tracking.uri or $MLFLOW_TRACKING_URI when set, else "
+                         "a SQLite store in --runs; never a server it merely finds running)")
     ap.add_argument("--note", action="append", default=[],
                     help="a line on the conditions of the run (e.g. other load on the machine), written under the "
                          "tables")
     args = ap.parse_args()
     RUNS = Path(args.runs)
     RECORDS = Path(args.records) if args.records else RUNS
+    args.overrides.append(f"tracking.uri={pinned_tracking_uri(args)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.ablation_seeds and not {int(s) for s in args.ablation_seeds.split(",")} <= set(seeds):
         ap.error("--ablation-seeds must be among --seeds (the ablations are read beside full FedLEASE on them)")

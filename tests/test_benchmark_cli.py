@@ -322,3 +322,50 @@ def test_choose_default_names_the_winner_and_its_overrides_last(tmp_path: Path, 
     assert proc.stdout.splitlines()[-1] == "shipped_default: subspace" == out.read_text().splitlines()[-1]
     assert "Chosen: subspace (`strategies=[fedlease] fedlease.clustering.distance=subspace`)." in out.read_text()
     assert "| paper rule | 0 of 1 | -1.00 |" in proc.stdout
+
+
+def test_a_benchmark_tracks_to_its_own_store_not_to_a_server_it_finds_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server found answering on the project's port is what the pipeline tracks to (the one UI), but a
+    benchmark runs for hours: one that tracked to a server someone stopped died mid-step. It pins its store
+    before the first run: what was asked for, else SQLite beside its run folders."""
+    import argparse
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import quality
+    from fedlease.tracking import tracking_uri
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.chdir(REPO)  # the project folder, where the pipeline's rule looks for the stack's server
+        monkeypatch.setenv("MLFLOW_PORT", str(server.server_address[1]))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        params = tmp_path / "mix.yaml"
+        raw = tiny_params(tmp_path)
+        raw["tracking"] = {"enabled": True}
+        params.write_text(yaml.safe_dump(raw))
+        from fedlease.config import load_config
+
+        found = tracking_uri(load_config(params))
+        assert found == f"http://127.0.0.1:{server.server_address[1]}"  # the pipeline's rule finds the server
+        monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+        args = argparse.Namespace(tracking_uri=None, params=str(params), nlg=False, overrides=[])
+        assert quality.pinned_tracking_uri(args) == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")  # asked for: kept
+        assert quality.pinned_tracking_uri(args) == "http://tracking.example:5000"
+        args.overrides = ["tracking.uri=sqlite:///elsewhere.db"]
+        assert quality.pinned_tracking_uri(args) == "sqlite:///elsewhere.db"
+        args.tracking_uri = "sqlite:///flag.db"
+        assert quality.pinned_tracking_uri(args) == "sqlite:///flag.db"
+    finally:
+        server.shutdown()
