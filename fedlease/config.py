@@ -228,7 +228,8 @@ class RouterConfig(_Strict):
 
 
 # FedLEASE's robustness options at the paper's values: what `fedlease.variant: paper` sets, whatever else is written
-PAPER_RULE: dict[str, Any] = {"warmup_balanced_loss": False, "clustering.silhouette_tolerance": 0.0,
+PAPER_RULE: dict[str, Any] = {"warmup_balanced_loss": False, "warmup_head_epochs": 0,
+                              "clustering.silhouette_tolerance": 0.0,
                               "clustering.distance": "cosine", "router.own_prior": 0.0, "router.personal_expert": False}
 
 
@@ -240,10 +241,21 @@ class FedLeaseConfig(_Strict):
     warmup_balanced_loss: bool = Field(
         default=False, description="weight the warm-up's loss by each client's inverse label frequencies, so the "
                                    "B matrices it clusters follow the task more than the label mix (label skew)")
+    warmup_head_epochs: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="the first this many of the warm-up's epochs train the head alone (the LoRA stays "
+                               "at its init), so the B matrices then follow a head fitted to the client's data, "
+                               "not the initial head that every task with the same number of labels shares")
     m_max: Annotated[int, Field(ge=2)] = 8
     clustering: ClusteringConfig = ClusteringConfig()
     router: RouterConfig = RouterConfig()
     weighting: Literal["examples", "uniform"] = "examples"
+
+    @model_validator(mode="after")
+    def _lora_keeps_a_warmup_epoch(self) -> FedLeaseConfig:
+        if self.warmup_head_epochs >= self.warmup_epochs:
+            raise ValueError(f"warmup_head_epochs: {self.warmup_head_epochs} leaves none of the {self.warmup_epochs} "
+                             "warm-up epochs to the LoRA the allocation clusters (it must be below warmup_epochs)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -537,6 +549,9 @@ class Config(_Strict):
                                  "(s3://bucket/prefix, or a shared path)")
         elif any(c.silo is not None for c in self.data.clients):
             raise ValueError("data.clients: clients with a silo need orchestration.task_runner: silo")
+        if self.fedlease.warmup_head_epochs and self.data.kind != "classification":
+            raise ValueError(f"fedlease.warmup_head_epochs: {self.fedlease.warmup_head_epochs} head-only epochs, "
+                             f"but data.kind {self.data.kind} has no classification head (set it to 0)")
         ranks = self.training.deepspeed.ranks_per_client
         if ranks > 1 and self.orchestration.task_runner == "threads":
             raise ValueError(f"training.deepspeed.ranks_per_client: {ranks} devices per client with "

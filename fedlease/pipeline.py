@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlease.allocation import DISTANCE_RANGE, choose_experts, distance_matrix, init_experts
+import numpy as np
+
+from fedlease.allocation import DISTANCE_RANGE, Allocation, choose_experts, distance_matrix, init_experts
 from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config
 from fedlease.data.stage import load_manifest, run_data_stage
@@ -28,7 +30,7 @@ from fedlease.runlock import run_lock
 from fedlease.runtime import runtime_for, strategy_for
 from fedlease.server import ClientMapper, Clients, run_rounds, sequential_mapper
 from fedlease.strategies import needs_allocation, needs_warmup, warmup_strategy
-from fedlease.strategies.base import InitContext, Strategy, prefixed, unprefixed
+from fedlease.strategies.base import InitContext, Strategy, Tensors, prefixed, unprefixed
 from fedlease.tracking import Tracker, register_model
 
 
@@ -107,6 +109,15 @@ def export_warmup_adapters(cfg: Config, warmup: Strategy, n: int) -> None:
                       f"client {c}'s warm-up LoRA (FedLEASE Stage 1), before any federation.", len(labels))
 
 
+def allocate(cfg: Config, adapters: list[Tensors], distance: str | None = None) -> tuple[np.ndarray, Allocation]:
+    """The distance matrix and allocation the run's settings make of these warm-up adapters (`distance`:
+    another `fedlease.clustering.distance` than the configured one, for diagnostics)."""
+    clustering, kind = cfg.fedlease.clustering, distance or cfg.fedlease.clustering.distance
+    dist = distance_matrix(adapters, kind, clustering.distance_dtype)
+    return dist, choose_experts(dist, cfg.fedlease.m_max, clustering.method, clustering.linkage, clustering.fixed_m,
+                                cfg.seed, clustering.silhouette_tolerance, DISTANCE_RANGE[kind])
+
+
 def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dict[str, Any]:
     """B-distance clustering, silhouette choice of M, cluster-mean expert init."""
     from fedlease.plots import plot_allocation
@@ -116,9 +127,7 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     n = len(manifest["clients"])
     adapters = [load_tensors(paths.warmup_adapter(c)) for c in range(n)]
     fl = cfg.fedlease
-    dist = distance_matrix(adapters, fl.clustering.distance, fl.clustering.distance_dtype)
-    alloc = choose_experts(dist, fl.m_max, fl.clustering.method, fl.clustering.linkage, fl.clustering.fixed_m,
-                           cfg.seed, fl.clustering.silhouette_tolerance, DISTANCE_RANGE[fl.clustering.distance])
+    dist, alloc = allocate(cfg, adapters)
     weights = [float(c["train"]) for c in manifest["clients"]] if fl.weighting == "examples" else None
     experts = init_experts(adapters, alloc, weights)
     tensors = {}

@@ -12,9 +12,10 @@ import torch
 
 from fedlease.allocation import b_distance_matrix, choose_experts
 from fedlease.client import majority_accuracy
-from fedlease.config import config_from_dict
+from fedlease.config import ConfigError, config_from_dict
 from fedlease.data.partition import partition
 from fedlease.data.sources import DataError, TaskData
+from fedlease.models.adapters import get_state
 from fedlease.server import summarise_eval
 from fedlease.strategies import make_strategy
 
@@ -275,6 +276,41 @@ def test_warmup_balanced_loss_is_an_option_of_the_warmup_only(tmp_path: Path):
     assert not any(p.class_balanced for p in make_strategy("local", cfg, 4).local_phases(1))
     off = config_from_dict(tiny_params(tmp_path))
     assert [p.class_balanced for p in warmup_strategy(off, 4).local_phases(1)] == [False]
+
+
+def test_warmup_head_epochs_train_the_head_alone_first_then_lora_within_the_same_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`fedlease.warmup_head_epochs`: the warm-up's first epochs fit the head with the LoRA at its init (B = 0),
+    so B then learns behind a head fitted to the client's data; the warm-up's epochs (and steps) stay the same."""
+    from fedlease.client import train_phases
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies import warmup_strategy
+    from fedlease.strategies.base import ModelSpec
+
+    cfg = config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3, fedlease__warmup_head_epochs=1))
+    warmup = warmup_strategy(cfg, 4)
+    assert [(p.train_groups, p.epochs) for p in warmup.local_phases(1)] == [(("head",), 1), (("lora", "head"), 2)]
+    plain = warmup_strategy(config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3)), 4)
+    assert [(p.train_groups, p.epochs) for p in plain.local_phases(1)] == [(("lora", "head"), 3)]
+    rt = ClientRuntime(cfg)
+    model = rt.fresh_model(ModelSpec(r=2), 2)
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(["a good film", "a bad film", "lovely", "awful"] * 4)]
+    moved_by_phase = []
+    train = rt.engine.train
+
+    def recording_train(model_: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        before = get_state(model_, "classifier", ("lora", "head"))
+        out = train(model_, *args, **kwargs)
+        after = get_state(model_, "classifier", ("lora", "head"))
+        moved_by_phase.append({k.split(".")[0] for k in before if not torch.equal(before[k], after[k])})
+        return out
+
+    monkeypatch.setattr(rt.engine, "train", recording_train)
+    result = train_phases(rt, warmup, model, records, 1, seed=0, spec=ModelSpec(r=2), num_labels=2)
+    assert moved_by_phase == [{"head"}, {"lora", "head"}]
+    assert result.steps == 3 * 2  # 3 epochs of 2 batches of 8, one of them the head's alone
+    with pytest.raises(ConfigError, match="warmup_head_epochs: 3 leaves none of the 3"):
+        config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3, fedlease__warmup_head_epochs=3))
 
 
 def test_ifca_client_adopts_the_lowest_loss_cluster_over_its_whole_training_set(tmp_path: Path, monkeypatch):

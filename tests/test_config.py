@@ -87,11 +87,12 @@ def test_paper_variant_puts_every_robustness_option_back_to_the_paper(tmp_path: 
         return obj
 
     raw = tiny_params(tmp_path)
-    raw["fedlease"] = {**raw.get("fedlease", {}), "warmup_balanced_loss": True,
+    raw["fedlease"] = {**raw.get("fedlease", {}), "warmup_balanced_loss": True, "warmup_epochs": 3,
+                       "warmup_head_epochs": 1,
                        "clustering": {"silhouette_tolerance": 0.02, "distance": "subspace", "method": "spectral"},
                        "router": {"own_prior": 2.0, "personal_expert": True, "init_std": 0.1}}
     configured = config_from_dict(raw).fedlease
-    assert [value_at(configured, d) for d in PAPER_RULE] == [True, 0.02, "subspace", 2.0, True]
+    assert [value_at(configured, d) for d in PAPER_RULE] == [True, 1, 0.02, "subspace", 2.0, True]
     paper = config_from_dict(apply_overrides(raw, ["fedlease.variant=paper"])).fedlease
     assert {d: value_at(paper, d) for d in PAPER_RULE} == PAPER_RULE
     assert paper.clustering.method == "spectral" and paper.router.init_std == 0.1  # not options: as written

@@ -38,10 +38,15 @@ class Warmup(Strategy):
         return self.cfg.fedlease.warmup_epochs
 
     def local_phases(self, round_: int) -> list[Phase]:
-        """One phase; with `fedlease.warmup_balanced_loss` the loss weighs every label of the client alike,
-        so its B matrices carry its task more than its label mix (label skew)."""
-        return [Phase(self.train_groups, self.local_epochs(round_),
-                      class_balanced=self.cfg.fedlease.warmup_balanced_loss)]
+        """One phase, or two with `fedlease.warmup_head_epochs`: the head alone first, then LoRA and head;
+        with `fedlease.warmup_balanced_loss` the loss weighs every label of the client alike, so its B
+        matrices carry its task more than its label mix (label skew)."""
+        fl = self.cfg.fedlease
+        balanced = fl.warmup_balanced_loss
+        lora = Phase(self.train_groups, self.local_epochs(round_) - fl.warmup_head_epochs, class_balanced=balanced)
+        if fl.warmup_head_epochs == 0:
+            return [lora]
+        return [Phase(("head",), fl.warmup_head_epochs, class_balanced=balanced), lora]
 
     def rounds(self) -> int:
         return 1
