@@ -169,6 +169,10 @@ class ModelConfig(_Strict):
     )
     max_length: PositiveInt = 64
     head_module: str = Field(default="classifier", description="Name of the task head (kept local per client)")
+    head_init_std: Annotated[float, Field(ge=0)] = Field(
+        default=0.02, description="the std of the common head's initial weights, drawn once per label count; 0: a "
+                                  "zero head, whose first steps send the encoder no gradient, so the LoRA B matrices "
+                                  "then follow a head fitted to the client's data, not a shared random draw")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         default="none", description="load the frozen base model in 8-bit or 4-bit (QLoRA: NF4, bf16 compute) "
                                     "through bitsandbytes, prepared for k-bit training by peft; needs a CUDA GPU")

@@ -93,7 +93,8 @@ class ClientRuntime:
         head = self.head_module()
         if head is not None:
             linear = set_head_classes(built.model.get_base_model(), head, num_labels).to(device())
-            init = head_init(linear.in_features, num_labels, self.cfg.seed, linear.bias is not None)
+            init = head_init(linear.in_features, num_labels, self.cfg.seed, linear.bias is not None,
+                             self.cfg.model.head_init_std)
             set_state(built.model, {f"head.{k}": v for k, v in init.items()}, head)
         return built.model
 

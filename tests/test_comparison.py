@@ -313,6 +313,26 @@ def test_warmup_head_epochs_train_the_head_alone_first_then_lora_within_the_same
         config_from_dict(tiny_params(tmp_path, fedlease__warmup_epochs=3, fedlease__warmup_head_epochs=3))
 
 
+def test_the_common_head_is_one_draw_per_label_count_scaled_by_model_head_init_std(tmp_path: Path):
+    """Every client of a label count starts from the same head (the common init), N(0, std^2) with
+    `model.head_init_std`; 0 gives a zero head, which sends the encoder no gradient until it has learnt."""
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies.base import ModelSpec
+
+    heads = {}
+    for std in (0.02, 0.1, 0.0):
+        rt = ClientRuntime(config_from_dict(tiny_params(tmp_path, model__head_init_std=std)))
+        heads[std] = {labels: get_state(rt.fresh_model(ModelSpec(r=2), labels), "classifier", ("head",))
+                      for labels in (2, 3)}
+        again = get_state(rt.fresh_model(ModelSpec(r=2), 2), "classifier", ("head",))
+        assert all(torch.equal(again[k], heads[std][2][k]) for k in again)  # one draw per label count
+    weight = next(k for k in heads[0.02][2] if k.endswith("weight"))
+    assert torch.allclose(heads[0.1][2][weight], 5 * heads[0.02][2][weight])
+    assert 0.015 < float(heads[0.02][2][weight].std()) < 0.025
+    assert not torch.equal(heads[0.02][2][weight][:2], heads[0.02][3][weight][:2])  # another label count, another draw
+    assert all(float(t.abs().max()) == 0.0 for t in heads[0.0][2].values())
+
+
 def test_ifca_client_adopts_the_lowest_loss_cluster_over_its_whole_training_set(tmp_path: Path, monkeypatch):
     """IFCA (Ghosh et al.): each client takes the cluster model with the lowest loss on its data, here the whole
     training set unless `baselines.ifca_choice_batches` names a number of batches."""

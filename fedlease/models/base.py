@@ -175,10 +175,11 @@ def set_head_classes(model: nn.Module, head_module: str, num_labels: int) -> nn.
     return head
 
 
-def head_init(in_features: int, num_labels: int, seed: int, bias: bool = True) -> dict[str, torch.Tensor]:
+def head_init(in_features: int, num_labels: int, seed: int, bias: bool = True, std: float = 0.02
+              ) -> dict[str, torch.Tensor]:
     """The common head initialisation the server sends for a label space (seeded by its size)."""
     gen = torch.Generator().manual_seed(seed * 1000 + num_labels)
-    state = {"weight": torch.randn(num_labels, in_features, generator=gen) * 0.02}
+    state = {"weight": torch.randn(num_labels, in_features, generator=gen) * std}
     if bias:
         state["bias"] = torch.zeros(num_labels)
     return state
