@@ -4,7 +4,7 @@
 
 Every client's classification head starts from one draw seeded by (run seed, number of labels)
 (`fedlease/models/base.py::head_init`), so two binary tasks share their initial head. On the 5-task mix
-the subspace distance merges exactly those two tasks (benchmarks/README). This runs the quick-size warm-up
+the subspace distance merges exactly those two tasks (benchmarks/README). This runs the (quick-size) warm-up
 twice per seed, once as shipped and once with each task's head drawn from its own seed (a diagnostic patch,
 not an option: a head seeded by the task would hand the allocation the task's identity), and prints the
 allocation each distance makes of each, with its ARI against the tasks. If the per-task heads separate the
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--try", dest="tries", action="append", default=[], metavar="KEY=VALUE",
                     help="also a warm-up with this override (shared heads, as shipped): e.g. an option meant to "
                          "make the allocation follow the data rather than the initial head")
+    ap.add_argument("--full", action="store_true", help="the params' own size (default: quality.py's quick size)")
     ap.add_argument("--only-tries", action="store_true",
                     help="only the --try warm-ups (the shipped and per-task ones already measured)")
     args = ap.parse_args()
@@ -107,7 +108,7 @@ def main() -> None:
     variants += [(f"shipped heads, {kv}", kv.replace("=", "-").replace(".", "_"), [kv], False) for kv in args.tries]
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name, folder_name, extra, per_task in variants:
-            overrides = [*QUICK, f"seed={seed}", *extra]
+            overrides = [*([] if args.full else QUICK), f"seed={seed}", *extra]
             folder = Path(args.runs) / f"seed{seed}" / folder_name
             tasks, adapters = warm_up(args.params, overrides, folder, per_task)
             print(f"seed {seed}, {name}: {allocations(args.params, overrides, tasks, adapters)}", flush=True)

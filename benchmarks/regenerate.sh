@@ -6,7 +6,7 @@
 # from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
 # methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
 # come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
-# resume round by round, do not survive a machine). About 15 hours on a 2-core CPU: benchmarks/README.md.
+# resume round by round, do not survive a machine). About 17 hours on a 2-core CPU: benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
@@ -33,6 +33,8 @@ option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's 
         --runs "$o/mix3" --out "$o/robust-mix3.md"
     sub=/opt-$name/mix5 step --quick --seeds 0,1,2 --params "$tree/benchmarks/params_mix5.yaml" "${sets[@]}" \
         --runs "$o/mix5" --out "$o/robust-mix5.md"
+    sub=/opt-$name/binary4 step --quick --seeds 0,1,2 --params "$binary4" "${sets[@]}" \
+        --runs "$o/binary4" --out "$o/robust-binary4.md"
     local nlg_setting=()
     if [ "$nlg" = yes ]; then
         sub=/opt-$name step --quick --nlg --seeds 0,1,2 "${sets[@]}" --runs "$o" --out "$o/robust-nlg.md"
@@ -46,7 +48,8 @@ option() {  # NAME "COLUMN LABEL" METHODS NLG(yes|no) KEY=VALUE...: an option's 
           --setting "task mix, 4 tasks (quick)=$records/quick,$r/quick" \
           --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1,$r/quick-label_skew_a0.1" \
           --setting "3-task mix: emotion, intent, dialog (quick)=$records/mix3/quick,$r/mix3/quick" \
-          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick" ${nlg_setting[@]+"${nlg_setting[@]}"}
+          --setting "5-task mix (quick)=$records/mix5/quick,$r/mix5/quick" \
+          --setting "4 binary tasks (quick)=$records/binary4/quick,$r/binary4/quick" ${nlg_setting[@]+"${nlg_setting[@]}"}
       echo; } >> "$runs/robustness_options.md.part"
 }
 
@@ -73,6 +76,9 @@ main() {
     # the tables of issue 20 are assembled by this checkout's script: it only reads the records (which name
     # the code version that made them), and later fixes to the assembly apply to COMMIT's runs too
     table="$root/benchmarks/robustness_table.py"
+    # the 4-binary-task mix came after 5e719ba: a params file (data, not code) is read from this checkout; its
+    # content enters every record's fingerprint
+    binary4="$root/benchmarks/params_binary4.yaml"
     runs="$root/benchmarks/runs/regen-$commit"
     out="$root/benchmarks/results"
     records="$out/records/$commit"
@@ -97,6 +103,10 @@ main() {
     step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
+    # issue 20's sixth quick setting, added after the full-size tables' first start: four binary tasks, where no
+    # label count tells the tasks apart (benchmarks/README.md)
+    sub=/binary4 step --quick --seeds 0,1,2 --params "$binary4" --runs "$runs/binary4" \
+        --out "$runs/robust-binary4.md"
 
     # issue 20's options, each an ablation row per quick setting beside the paper rule's runs above; an option
     # that changes the warm-up reruns `local` with it (the floor it must beat), the others run FedLEASE alone
@@ -119,14 +129,14 @@ main() {
 
     # an option chosen as the shipped default gets its full-size rows (FedLEASE, and `local` when it changes the
     # warm-up) beside the paper rule's; its quick rows are the option's above. Paper chosen: one set of runs.
-    local c_full="" c_skew="" c_quick="" c_skew01="" c_mix3="" c_mix5="" c_nlg=""
+    local c_full="" c_skew="" c_quick="" c_skew01="" c_mix3="" c_mix5="" c_binary4="" c_nlg=""
     if [ "$chosen" != paper ]; then
         local kvs=() sets=() o="$runs/shipped-$chosen" s="$records/shipped-$chosen" r="$records/opt-$chosen"
         mapfile -t kvs < "$runs/verdicts/$chosen.sets"
         for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done
         sub=/shipped-$chosen step --seeds 0,1,2 --label-skew "${sets[@]}" --runs "$o" --out "$o/full.md"
         c_full=",$s/task" c_skew=",$s/label_skew_a0.5" c_quick=",$r/quick" c_skew01=",$r/quick-label_skew_a0.1"
-        c_mix3=",$r/mix3/quick" c_mix5=",$r/mix5/quick"
+        c_mix3=",$r/mix3/quick" c_mix5=",$r/mix5/quick" c_binary4=",$r/binary4/quick"
         if [ "$(cat "$runs/verdicts/$chosen.nlg")" = yes ]; then
             sub=/shipped-$chosen step --nlg --seeds 0 "${sets[@]}" --runs "$o" --out "$o/full-nlg.md"
             c_nlg=",$s/nlg"
@@ -139,6 +149,7 @@ main() {
         --setting "task + label skew, alpha 0.1 (quick)=$records/quick-label_skew_a0.1$c_skew01" \
         --setting "3-task mix not tuned on: emotion, intent, dialog (quick)=$records/mix3/quick$c_mix3" \
         --setting "5-task mix: the default four + dialog (quick)=$records/mix5/quick$c_mix5" \
+        --setting "4 binary tasks, as the paper's GLUE four (quick)=$records/binary4/quick$c_binary4" \
         --setting "NLG, SmolLM2, 4 task groups (full, 1 seed)=$records/nlg$c_nlg"
     echo "=== done ($(date -u +%FT%TZ)); results in $out"
 }
