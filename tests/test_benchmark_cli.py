@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from .conftest import REPO, tiny_params
@@ -369,3 +370,30 @@ def test_a_benchmark_tracks_to_its_own_store_not_to_a_server_it_finds_running(
         assert quality.pinned_tracking_uri(args) == "sqlite:///flag.db"
     finally:
         server.shutdown()
+
+
+def test_head_seed_check_draws_one_head_per_task_inside_its_patch_and_restores_the_shipped_draw(tmp_path: Path):
+    """The diagnostic's premise: inside the patch, clients of one task share a head and tasks of one label count
+    do not; outside it, every client of a label count starts from the one shipped draw again."""
+    import fedlease.client as client_module
+    from fedlease.config import config_from_dict
+    from fedlease.models.adapters import get_state
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies import warmup_strategy
+    from fedlease.strategies.base import Download
+    from head_seed_check import heads_seeded_by_task
+
+    cfg = config_from_dict(tiny_params(tmp_path))
+    rt, warmup = ClientRuntime(cfg), warmup_strategy(cfg, 4)
+
+    def heads() -> list[torch.Tensor]:
+        return [get_state(client_module.build_client_model(rt, warmup, c, 2, Download({}), None), "classifier",
+                          ("head",))["head.weight"].clone() for c in range(4)]
+
+    shipped = heads()
+    assert all(torch.equal(h, shipped[0]) for h in shipped)  # one draw per label count
+    with heads_seeded_by_task(["sentiment", "sentiment", "dialog", "dialog"]):
+        patched = heads()
+    assert torch.equal(patched[0], patched[1]) and torch.equal(patched[2], patched[3])
+    assert not torch.equal(patched[0], patched[2]) and not torch.equal(patched[0], shipped[0])
+    assert all(torch.equal(h, shipped[0]) for h in heads())  # restored
