@@ -33,7 +33,8 @@ def warmup_adapters(run: Path) -> list[dict]:
 
 def by_distance(run: Path, tasks: list[str], k_max: int | None) -> str:
     """The allocation each `fedlease.clustering.distance` makes of the run's warm-up adapters (silhouette
-    argmax up to the run's largest k), and its ARI against the tasks."""
+    argmax up to the run's largest k), and its ARI against the tasks. The run folder keeps no params: this
+    clusters with the defaults (agglomerative, average linkage, no tolerance), not a run's other settings."""
     if k_max is None:
         return "allocation by distance: - (M was fixed)"
     from sklearn.metrics import adjusted_rand_score

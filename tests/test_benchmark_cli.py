@@ -351,6 +351,7 @@ def test_a_benchmark_tracks_to_its_own_store_not_to_a_server_it_finds_running(
         monkeypatch.chdir(REPO)  # the project folder, where the pipeline's rule looks for the stack's server
         monkeypatch.setenv("MLFLOW_PORT", str(server.server_address[1]))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("FEDLEASE_BIND_HOST", raising=False)
         params = tmp_path / "mix.yaml"
         raw = tiny_params(tmp_path)
         raw["tracking"] = {"enabled": True}
