@@ -44,7 +44,7 @@ def heads_seeded_by_task(tasks: list[str]) -> Iterator[None]:
         current.task = order.index(tasks[client_id])
         return build(rt, strategy, client_id, *rest)
 
-    def head_of_the_task(in_features: int, num_labels: int, seed: int, bias: bool = True, std: float = 0.02) -> Any:
+    def head_of_the_task(in_features: int, num_labels: int, seed: int, bias: bool, std: float) -> Any:
         return draw(in_features, num_labels, seed * 7919 + 101 * (current.task + 1), bias, std)
 
     client_module.build_client_model, runtime_module.head_init = build_noting_the_client, head_of_the_task

@@ -175,9 +175,9 @@ def set_head_classes(model: nn.Module, head_module: str, num_labels: int) -> nn.
     return head
 
 
-def head_init(in_features: int, num_labels: int, seed: int, bias: bool = True, std: float = 0.02
-              ) -> dict[str, torch.Tensor]:
-    """The common head initialisation the server sends for a label space (seeded by its size)."""
+def head_init(in_features: int, num_labels: int, seed: int, bias: bool, std: float) -> dict[str, torch.Tensor]:
+    """The common head initialisation the server sends for a label space (seeded by its size; `std` is
+    `model.head_init_std`)."""
     gen = torch.Generator().manual_seed(seed * 1000 + num_labels)
     state = {"weight": torch.randn(num_labels, in_features, generator=gen) * std}
     if bias:
