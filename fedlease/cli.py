@@ -64,6 +64,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     from fedlease.pipeline import run_stage, stage_named
+    from fedlease.report import warmup_floor_note
 
     doc = run_stage(stage_named("allocate"), _load(args))
     sil = ", ".join(f"k={k}: {v:.3f}" for k, v in doc["silhouette"].items())
@@ -71,6 +72,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ari = "tasks not known" if doc["ari_vs_task"] is None else f"ARI vs tasks {doc['ari_vs_task']:.3f}"
     print(f"allocate: M = {doc['num_experts']} experts{capped}, assignment {list(doc['assignment'].values())}, "
           f"{ari} (silhouette {sil})")
+    note = warmup_floor_note(doc.get("warmup_at_floor") or [], len(doc["assignment"]))
+    if note:
+        print(f"allocate: note: {note}")
     return 0
 
 

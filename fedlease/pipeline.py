@@ -25,7 +25,7 @@ from fedlease.io import atomic_write_json, atomic_write_text, load_tensors, read
 from fedlease.paths import RunPaths
 from fedlease.provenance import code_version
 from fedlease.records import RoundRecord, history_from_json, history_to_json
-from fedlease.report import results_rows, results_table, summarise_method
+from fedlease.report import clients_at_their_floor, results_rows, results_table, summarise_method
 from fedlease.runlock import run_lock
 from fedlease.runtime import runtime_for, strategy_for
 from fedlease.server import ClientMapper, Clients, run_rounds, sequential_mapper
@@ -139,6 +139,9 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     doc["ari_vs_task"] = ari_vs_task(alloc.assignment, manifest)
     # the silhouette had no larger k to try: M may be the cap rather than the data's structure
     doc["capped"] = fl.clustering.fixed_m is None and alloc.num_experts == min(fl.m_max, n - 1)
+    warm_eval = warmup_evaluation(paths)
+    if warm_eval is not None:  # what the adapters being clustered had learnt: clients still at their floor
+        doc["warmup_at_floor"] = clients_at_their_floor(warm_eval["clients"])
     atomic_write_json(paths.cluster_map, doc)
     atomic_write_json(paths.allocation / "silhouette.json",
                       [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
@@ -151,14 +154,24 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     for k, score in sorted(alloc.silhouette.items()):
         tracker.log_metrics(parent, {"allocation.silhouette": score}, step=k)
     known = {"allocation.ari_vs_task": doc["ari_vs_task"]} if doc["ari_vs_task"] is not None else {}
+    at_floor = ({"allocation.warmup_clients_at_floor": float(len(doc["warmup_at_floor"]))}
+                if "warmup_at_floor" in doc else {})
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
-                                 **known, "allocation.capped": float(doc["capped"])})
+                                 **known, "allocation.capped": float(doc["capped"]), **at_floor})
     tracker.log_artifacts(parent, paths.allocation, "allocation")
     if cfg.orchestration.at_silos:  # the cluster map, for the clients' model layout
         from fedlease.silo import publish_allocation
 
         publish_allocation(cfg)
     return doc
+
+
+def warmup_evaluation(paths: RunPaths) -> dict[str, Any] | None:
+    """The warm-up's last evaluation (every client's own adapter before round 1), or None without one."""
+    if not (paths.warmup / "summary.json").exists():
+        return None
+    history = read_json(paths.warmup / "summary.json")["history"]
+    return next((r["eval"] for r in reversed(history) if r.get("eval")), None)
 
 
 def ari_vs_task(assignment: list[int], manifest: dict[str, Any]) -> float | None:
@@ -251,11 +264,15 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     if paths.cluster_map.exists():
         alloc = read_json(paths.cluster_map)
         metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
-                                 "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False)}
+                                 "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False),
+                                 "clients": n}
+        if "warmup_at_floor" in alloc:
+            metrics["allocation"]["warmup_at_floor"] = alloc["warmup_at_floor"]
         if warm:
             metrics["allocation"]["warmup_seconds"] = float(sum(r.seconds for r in warm))
             if warm[-1].eval:  # the warm-up's own score: where FedLEASE's and local's rounds start from
                 metrics["allocation"]["warmup_score"] = warm[-1].eval["mean"]
+                metrics["allocation"]["warmup_floor"] = (warm[-1].eval.get("majority") or {}).get("mean")
     atomic_write_json(paths.metrics, metrics)
     curves = [{"method": name, "round": rec.round, "score": rec.eval["mean"]}
               for name, hist in histories.items() for rec in hist if rec.eval]

@@ -135,6 +135,24 @@ def results_rows(metrics: dict[str, Any]) -> dict[str, list[Any]]:
     return rows
 
 
+def clients_at_their_floor(clients: dict[str, dict[str, Any]]) -> list[int]:
+    """The clients whose accuracy is at or below their majority-class floor (predicting their most frequent
+    training label), from one round's evaluation; clients without a floor (generation) or whose evaluation
+    failed are left out. After the
+    warm-up these are the clients whose B matrices have learnt little of their task for the allocation to read."""
+    return sorted(int(c) for c, v in clients.items()
+                  if None not in (v.get("accuracy"), v.get("majority_accuracy"))
+                  and v["accuracy"] <= v["majority_accuracy"])
+
+
+def warmup_floor_note(at_floor: list[int], num_clients: int) -> str:
+    """One sentence for the allocation line and the results table; empty when every client beat its floor."""
+    if not at_floor:
+        return ""
+    return (f"{len(at_floor)} of {num_clients} clients ended the warm-up at or below their majority-class floor "
+            f"(clients {at_floor}): the allocation reads little of their tasks (benchmarks/README.md, the warm-up)")
+
+
 def results_table(metrics: dict[str, Any]) -> str:
     """The pipeline's table of one run: the protocol, the code version, FedLEASE's allocation."""
     from fedlease.provenance import describe
@@ -150,7 +168,13 @@ def results_table(metrics: dict[str, Any]) -> str:
                else f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}")
         rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, {ari}"]
         if "warmup_score" in alloc:
-            rows += [f"The warm-up itself (each client's own LoRA, before round 1): {100 * alloc['warmup_score']:.2f}."]
+            floor = (f" (majority-class floor {100 * alloc['warmup_floor']:.2f})"
+                     if alloc.get("warmup_floor") is not None else "")
+            rows += [f"The warm-up itself (each client's own LoRA, before round 1): {100 * alloc['warmup_score']:.2f}"
+                     f"{floor}."]
+        note = warmup_floor_note(alloc.get("warmup_at_floor") or [], alloc.get("clients", 0))
+        if note:
+            rows += [note[0].upper() + note[1:] + "."]
     if "protocol" in metrics:
         rows += ["", f"Protocol: {metrics['protocol']}; code: {describe(metrics.get('code_version', {}))}."]
     return "\n".join(rows)

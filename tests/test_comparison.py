@@ -116,6 +116,28 @@ def test_majority_floor_and_weighted_mean_by_hand():
     assert s["majority"]["weighted_mean"] == pytest.approx((0.5 + 0.75 + 4) / 8)
 
 
+def test_clients_still_at_their_floor_after_the_warmup_are_named_in_the_results():
+    """A warm-up client at or below its majority floor has learnt little for the allocation to read: the
+    clients are counted by hand (a tie counts, a failed evaluation and a generation client do not), and the
+    results table says so beside the warm-up's score and floor."""
+    from fedlease.report import clients_at_their_floor, results_table
+
+    clients = {"0": {"accuracy": 0.50, "majority_accuracy": 0.50},   # a tie: at the floor
+               "1": {"accuracy": 0.75, "majority_accuracy": 0.50},   # learnt
+               "2": {"accuracy": 0.25, "majority_accuracy": 0.60},   # below
+               "3": {"error": "RuntimeError: boom"},                  # failed: not judged
+               "10": {"rougeL": 0.3}}                                 # generation: no floor
+    assert clients_at_their_floor(clients) == [0, 2]
+    method = {"metric": "accuracy", "mean": 0.6, "per_task": {"a": 0.6}, "trainable_params": 10, "wall_seconds": 1.0}
+    metrics = {"methods": {"fedlease": method},
+               "allocation": {"num_experts": 2, "ari_vs_task": 1.0, "clients": 4, "warmup_at_floor": [0, 2],
+                              "warmup_score": 0.4833, "warmup_floor": 0.5333}}
+    table = results_table(metrics)
+    assert "48.33 (majority-class floor 53.33)" in table
+    assert "2 of 4 clients ended the warm-up at or below their majority-class floor (clients [0, 2])" in table
+    metrics["allocation"]["warmup_at_floor"] = []
+    assert "at or below their majority-class floor" not in results_table(metrics)
+
 def _task(name: str, n: int, labels: int, seed: int) -> TaskData:
     rng = np.random.default_rng(seed)
     recs = [{"text": f"{name} {i}", "label": int(rng.integers(labels))} for i in range(n)]

@@ -46,6 +46,12 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.Captu
     assert "router" in next(iter(hist[-1]["eval"]["clients"].values()))
     assert (paths.root / "results.md").read_text().count("|") > 10
     assert (paths.plots / "score_per_round.png").stat().st_size > 1000
+    # the allocation names the clients its warm-up left at or below their majority floor (its own evaluation)
+    warm_clients = read_json(paths.warmup / "summary.json")["history"][-1]["eval"]["clients"]
+    at_floor = sorted(int(c) for c, v in warm_clients.items() if v["accuracy"] <= v["majority_accuracy"])
+    assert cmap["warmup_at_floor"] == metrics["allocation"]["warmup_at_floor"] == at_floor
+    assert metrics["allocation"]["warmup_floor"] == pytest.approx(
+        np.mean([v["majority_accuracy"] for v in warm_clients.values()]))
     # same params and seed -> identical metrics
     again = run_all(config_from_dict(tiny_params(tmp_path / "b")))
     assert _final(again) == _final(metrics)
@@ -60,6 +66,7 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.Captu
         line = capsys.readouterr().out
         assert read_json(paths.cluster_map)["capped"] is capped, override
         assert ("the fedlease.m_max cap" in line) is capped, line
+        assert ("at or below their majority-class floor" in line) is bool(at_floor), line
     # the configured distance is the one the allocation clusters (saved beside the map for small N)
     from fedlease.allocation import distance_matrix
     from fedlease.io import load_tensors
