@@ -6,6 +6,10 @@ Pure functions over tensors and numpy arrays, readable in one sitting:
     with U^l an orthonormal basis of B^l's column space: blind to B's sign and to rotations within that
     space. Under label skew within a task the clients' B matrices point in opposite directions (cos < 0,
     measured: benchmarks/README.md), so `cosine` puts them further apart than clients of other tasks.
+  d(i, j) = 1 - cos(s_i - s_mean, s_j - s_mean)                                        (`inputs`, beyond it)
+    with s_i client i's input signature: the frozen base model's mean representation of its training inputs
+    (no head, no labels, no training: at small budgets B follows the head a client starts from more than its
+    data, benchmarks/README.md). It tells clients apart by their inputs, not by two tasks on the same inputs.
   M = argmax_k silhouette(D, labels_k), k = 2..min(M_max, N-1)
   expert_j = per-module mean of (A_i, B_i) over the clients of cluster j
 
@@ -124,8 +128,32 @@ def _mirror_upper_in_place(out: np.ndarray, rows: int = 1024) -> None:
         out[stop:, start:stop] = out[start:stop, stop:].T
 
 
-DISTANCES = {"cosine": b_distance_matrix, "subspace": b_subspace_distance_matrix}
-DISTANCE_RANGE = {"cosine": 2.0, "subspace": 1.0}  # the largest value each distance takes
+#: the key of a client's input signature in its warm-up upload: the frozen base model's mean last-layer
+#: representation of its training inputs, (d,) (`client.input_signature`; uploaded with distance `inputs` only)
+SIGNATURE_KEY = "signature.inputs"
+
+
+def inputs_distance_matrix(adapters: list[dict[str, torch.Tensor]], dtype: str = "float64") -> np.ndarray:
+    """(N, N) cosine distance between the clients' input signatures, centred on their mean over clients:
+    1 - cos(s_i - mean_k s_k, s_j - mean_k s_k). Centring removes what every client's inputs share (a
+    sentence encoder's mean embedding is close to one direction for any text), leaving what tells them apart."""
+    missing = [i for i, a in enumerate(adapters) if SIGNATURE_KEY not in a]
+    if missing:
+        raise ValueError(f"clients {missing[:10]} uploaded no input signature ({SIGNATURE_KEY}): the warm-up computes "
+                         "it only when fedlease.clustering.distance is `inputs` (rerun the warm-up with it)")
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
+    sig = torch.stack([a[SIGNATURE_KEY].reshape(-1).to(tdtype) for a in adapters])
+    sig -= sig.mean(dim=0, keepdim=True)
+    sig /= sig.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = (1.0 - sig @ sig.T).numpy()
+    np.fill_diagonal(out, 0.0)
+    out += out.T  # symmetric to the last bit, in place
+    out /= 2
+    return np.clip(out, 0.0, 2.0, out=out)
+
+
+DISTANCES = {"cosine": b_distance_matrix, "subspace": b_subspace_distance_matrix, "inputs": inputs_distance_matrix}
+DISTANCE_RANGE = {"cosine": 2.0, "subspace": 1.0, "inputs": 2.0}  # the largest value each distance takes
 
 
 def distance_matrix(adapters: list[dict[str, torch.Tensor]], kind: str = "cosine",

@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from fedlease import faults
+from fedlease.allocation import SIGNATURE_KEY
 from fedlease.comm import nbytes
 from fedlease.config import Config
 from fedlease.data.stage import load_client
@@ -27,7 +28,7 @@ from fedlease.engine.trainer import TrainResult, autocast_for, compute_loss, dev
 from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
-from fedlease.models.dual import recorded_weights
+from fedlease.models.dual import recorded_weights, sequence_mean
 from fedlease.ranks import claim_device, in_rank_group, rank_and_world, run_on_ranks
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
@@ -71,11 +72,14 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
                  else strategy.upload_group(download))
         private = strategy.federated and cfg.privacy.enabled  # the warm-up's uploads are not noised
         start = get_state(model, head, strategy.upload_groups) if private else {}
+        signature = input_signature(rt, model, data.train) if strategy.uploads_input_signature() else None
         result = train_phases(rt, strategy, model, data.train, round_, seed, strategy.spec(client_id),
                               len(data.label_names))
         if strategy.reference_examples():
             strategy.after_training(model, reference_inputs(rt, data.train, strategy.reference_examples(), seed))
         upload = get_state(model, head, strategy.upload_groups)
+        if signature is not None:  # the allocation's `inputs` distance: one d-vector, counted in the upload
+            upload[SIGNATURE_KEY] = signature
         local = get_state(model, head, strategy.local_groups)
     update_norm = None
     if private and upload:
@@ -145,6 +149,32 @@ def reference_inputs(rt: ClientRuntime, records: list[dict[str, Any]], k: int, s
     pick = np.random.default_rng([seed, 7]).permutation(len(records))[:k]
     enc = encode_inputs(rt.tokenizer, [records[i] for i in sorted(pick)], rt.cfg.data.kind, rt.cfg.model.max_length)
     return {key: v.to(device()) for key, v in enc.items()}
+
+
+@torch.no_grad()
+def input_signature(rt: ClientRuntime, model: PeftModel, records: list[dict[str, Any]]) -> torch.Tensor:
+    """(d,): the frozen base model's last-layer representation of the client's training inputs (prompts for
+    generation), mean-pooled over real tokens, then over examples; with the adapter disabled and dropout off, so
+    it reads neither the head nor any training. What the `inputs` distance compares: a summary of the client's
+    inputs that leaves the client (one vector per client, as B is a summary of its training)."""
+    cfg = rt.cfg
+    extra = {} if cfg.data.kind == "classification" else {"use_cache": False}
+    total, count = torch.zeros(()), 0
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            for i in range(0, len(records), cfg.training.eval_batch_size):
+                enc = encode_inputs(rt.tokenizer, records[i:i + cfg.training.eval_batch_size], cfg.data.kind,
+                                    cfg.model.max_length)
+                call = {k: v.to(device()) for k, v in enc.items()
+                        if k in ("input_ids", "attention_mask", "token_type_ids")}
+                hidden = model(**call, output_hidden_states=True, **extra).hidden_states[-1].float()
+                total = total + sequence_mean(hidden, call.get("attention_mask")).sum(dim=0).cpu()
+                count += hidden.shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(1, count)
 
 
 @torch.no_grad()

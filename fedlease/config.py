@@ -198,9 +198,11 @@ class ClusteringConfig(_Strict):
     silhouette_tolerance: Annotated[float, Field(ge=0, le=2)] = Field(
         default=0.0, description="Take the smallest k within this of the best silhouette (0: the paper's argmax)"
     )
-    distance: Literal["cosine", "subspace"] = Field(
+    distance: Literal["cosine", "subspace", "inputs"] = Field(
         default="cosine", description="cosine: the paper's 1 - cos between vec B; subspace: 1 - the overlap of B's "
-                                      "column spaces, blind to B's sign (label skew within a task flips it)")
+                                      "column spaces, blind to B's sign (label skew within a task flips it); inputs: "
+                                      "1 - cos between the clients' centred mean input representations under the "
+                                      "frozen base model (each uploads one d-vector with its warm-up)")
     distance_dtype: Literal["float64", "float32"] = Field(
         default="float64", description="float32: half the memory and time of the B-distance matrix at thousands "
                                        "of clients (benchmarks/allocation_scale.py)")

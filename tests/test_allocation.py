@@ -116,6 +116,37 @@ def test_subspace_distance_groups_a_task_whose_clients_flip_b_where_cosine_does_
         distance_matrix(adapters, "euclid")
 
 
+def _signed(*signatures: list[float]) -> list[dict[str, torch.Tensor]]:
+    return [{allocation.SIGNATURE_KEY: torch.tensor(s, dtype=torch.float64)} for s in signatures]
+
+
+def test_inputs_distance_is_one_minus_cosine_of_the_centred_signatures():
+    """1 - cos(s_i - mean, s_j - mean), by hand: [2,1],[2,1],[0,1],[0,1] centre to +-[1,0] (d 0 within, 2
+    across); the three axes centre to [2,-1,-1]/3 and its rotations (cos -1/2 between any two: d 1.5)."""
+    pairs = distance_matrix(_signed([2, 1], [2, 1], [0, 1], [0, 1]), "inputs")
+    assert np.allclose(pairs, [[0, 0, 2, 2], [0, 0, 2, 2], [2, 2, 0, 0], [2, 2, 0, 0]], atol=1e-12)
+    axes = distance_matrix(_signed([1, 0, 0], [0, 1, 0], [0, 0, 1]), "inputs")
+    assert np.allclose(axes, 1.5 * (1 - np.eye(3)), atol=1e-12)
+    assert DISTANCE_RANGE["inputs"] == 2.0
+    with pytest.raises(ValueError, match=r"clients \[1\] uploaded no input signature"):
+        distance_matrix([_signed([1, 0])[0], _adapter([1.0, 0.0], [0.0, 1.0])], "inputs")
+
+
+def test_inputs_distance_finds_tasks_under_a_shared_direction_that_plain_cosine_cannot_see():
+    """Planted: every client's signature is one large shared vector (what any text looks like to a sentence
+    encoder) plus a small task offset and noise. Uncentred, all pairs have cos ~ 1; centred, the tasks separate
+    and the allocation rule recovers them exactly."""
+    gen = torch.Generator().manual_seed(3)
+    shared = 50 * torch.randn(32, generator=gen, dtype=torch.float64)
+    offsets = [torch.randn(32, generator=gen, dtype=torch.float64) for _ in range(3)]
+    sigs = [shared + offsets[t] + 0.1 * torch.randn(32, generator=gen, dtype=torch.float64)
+            for t in range(3) for _ in range(4)]
+    adapters = [{allocation.SIGNATURE_KEY: s} for s in sigs]
+    unit = torch.stack(sigs) / torch.stack(sigs).norm(dim=1, keepdim=True)
+    assert float((1 - unit @ unit.T).max()) < 0.01  # plain cosine: every client looks the same
+    alloc = choose_experts(distance_matrix(adapters, "inputs"), 6, max_distance=DISTANCE_RANGE["inputs"])
+    assert alloc.assignment == [0] * 4 + [1] * 4 + [2] * 4
+
 def _planted(k: int, per: int, seed: int = 0, noise: float = 0.05) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     centers = [torch.randn(16, generator=gen) for _ in range(k)]

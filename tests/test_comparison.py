@@ -15,7 +15,7 @@ from fedlease.client import majority_accuracy
 from fedlease.config import ConfigError, config_from_dict
 from fedlease.data.partition import partition
 from fedlease.data.sources import DataError, TaskData
-from fedlease.models.adapters import get_state
+from fedlease.models.adapters import get_state, set_state
 from fedlease.server import summarise_eval
 from fedlease.strategies import make_strategy
 
@@ -353,6 +353,35 @@ def test_the_common_head_is_one_draw_per_label_count_scaled_by_model_head_init_s
     assert 0.015 < float(heads[0.02][2][weight].std()) < 0.025
     assert not torch.equal(heads[0.02][2][weight][:2], heads[0.02][3][weight][:2])  # another label count, another draw
     assert all(float(t.abs().max()) == 0.0 for t in heads[0.0][2].values())
+
+
+def test_input_signature_reads_the_frozen_base_model_not_the_adapter_the_head_or_dropout(tmp_path: Path):
+    """The `inputs` distance's signature: the base model's mean-pooled last layer, averaged over examples (not
+    over batches), the adapter disabled and dropout off, so neither the warm-up's LoRA nor the head a client
+    starts from enters it; the warm-up uploads it only with that distance."""
+    from fedlease.client import input_signature
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies import warmup_strategy
+    from fedlease.strategies.base import ModelSpec
+
+    cfg = config_from_dict(tiny_params(tmp_path, fedlease__clustering__distance="inputs",
+                                       training__eval_batch_size=3))
+    assert warmup_strategy(cfg, 4).uploads_input_signature()
+    assert not warmup_strategy(config_from_dict(tiny_params(tmp_path)), 4).uploads_input_signature()
+    rt = ClientRuntime(cfg)
+    model = rt.fresh_model(ModelSpec(r=2), 2)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())  # dropout would show
+    records = [{"text": t, "label": i % 2} for i, t in enumerate(
+        ["a good film", "a bad film", "lovely", "awful acting", "the plot was thin", "superb", "dull", "fine"])]
+    model.train()
+    sig = input_signature(rt, model, records)
+    assert sig.ndim == 1 and model.training  # one vector; the model's mode restored
+    assert torch.allclose(input_signature(rt, model, records), sig, atol=0, rtol=0)  # no dropout in it
+    one_by_one = torch.stack([input_signature(rt, model, [r]) for r in records]).mean(dim=0)
+    assert torch.allclose(one_by_one, sig, atol=1e-6)  # 8 examples in batches of 3, 3, 2: a mean over examples
+    state = get_state(model, "classifier", ("lora", "head"))
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items()}, "classifier")
+    assert torch.allclose(input_signature(rt, model, records), sig, atol=1e-6)  # blind to LoRA and head
 
 
 def test_ifca_client_adopts_the_lowest_loss_cluster_over_its_whole_training_set(tmp_path: Path, monkeypatch):

@@ -181,6 +181,42 @@ def test_late_joiner_is_assigned_and_trains_from_current_experts(tmp_path: Path)
     assert not paths.late.exists() and not paths.is_late(4)
 
 
+def test_inputs_distance_end_to_end_the_warmup_uploads_a_signature_the_allocation_clusters_and_a_joiner_too(
+        tmp_path: Path):
+    """`fedlease.clustering.distance: inputs`: each client's warm-up upload carries its input signature (one
+    d-vector, counted in its upload bytes), the allocation clusters those signatures, the experts stay LoRA
+    only, and a late joiner's warm-up brings its own signature; with the paper's distance no signature moves."""
+    from fedlease.allocation import SIGNATURE_KEY, distance_matrix
+    from fedlease.io import load_tensors
+    from fedlease.late_join import join_client
+    from fedlease.pipeline import stage_allocate, stage_data, stage_warmup
+
+    from .conftest import write_sentiment_csv
+
+    runs = {}
+    for distance in ("inputs", "cosine"):
+        cfg = config_from_dict(tiny_params(tmp_path / distance, strategies=["fedlease"],
+                                           fedlease__clustering__distance=distance))
+        stage_data(cfg)
+        stage_warmup(cfg)
+        stage_allocate(cfg)
+        paths = RunPaths.of(cfg)
+        warm = [load_tensors(paths.warmup_adapter(c)) for c in range(4)]
+        up = read_json(paths.warmup / "summary.json")["history"][0]["bytes_up"]
+        runs[distance] = (cfg, paths, warm, up)
+    cfg, paths, warm, up = runs["inputs"]
+    assert all(SIGNATURE_KEY in w and w[SIGNATURE_KEY].ndim == 1 for w in warm)
+    assert not any(SIGNATURE_KEY in w for w in runs["cosine"][2])
+    extra = warm[0][SIGNATURE_KEY].numel() * warm[0][SIGNATURE_KEY].element_size()
+    assert all(up[c] == runs["cosine"][3][c] + extra for c in up)  # the signature is in the traffic
+    saved = np.load(paths.allocation / "distances.npy", allow_pickle=False)
+    assert np.array_equal(saved, distance_matrix(warm, "inputs"))
+    assert not any(k.startswith("expert") and "signature" in k
+                   for k in load_tensors(paths.allocation / "experts.safetensors"))
+    rec = join_client(cfg, str(write_sentiment_csv(tmp_path / "new.csv", 30, seed=9)), "sentiment")
+    assert SIGNATURE_KEY in load_tensors(paths.warmup_adapter(rec["client_id"]))
+    assert len(rec["mean_distances"]) == read_json(paths.cluster_map)["num_experts"]
+
 def test_client_sampling_is_seeded_and_warmup_covers_everyone(tmp_path: Path):
     from fedlease.server import sample_clients
 

@@ -139,6 +139,10 @@ class Strategy(ABC):
         FedDPA trains its local and its global LoRA in turn)."""
         return [Phase(self.train_groups, self.local_epochs(round_))]
 
+    def uploads_input_signature(self) -> bool:
+        """Whether a client adds its input signature to this round's upload (`client.input_signature`)."""
+        return False
+
     def reference_examples(self) -> int:
         """How many of its own training examples a client shows `after_training` (0: the hook is not called)."""
         return 0

@@ -51,6 +51,10 @@ class Warmup(Strategy):
     def rounds(self) -> int:
         return 1
 
+    def uploads_input_signature(self) -> bool:
+        """With the `inputs` distance every client uploads its input signature beside its warm-up LoRA."""
+        return self.cfg.fedlease.clustering.distance == "inputs"
+
     def samples_every_client(self) -> bool:
         return True  # every client needs an adapter to be clustered, sampled in later rounds or not
 
