@@ -7,9 +7,10 @@ head a client starts from more than its data (`head_seed_check.py`, benchmarks/R
 for each client, the frozen base model's mean sentence representation of its training inputs (no warm-up,
 no head, no labels), centres the clients' vectors on their mean, clusters them by cosine distance with the
 allocation's own rule (`choose_experts`, the run's clustering settings) and prints the ARI against the tasks,
-on every setting of issue 20 at quick size. Such a signature tells clients apart by what their inputs look
-like: it cannot tell two tasks on the same inputs apart, and it shares a summary of a client's inputs with the
-server (as B does, in another form).
+on every setting of issue 20 (quick size unless `--full`). Such a signature tells clients apart by what their
+inputs look like: it cannot tell two tasks on the same inputs apart, and it shares a summary of a client's
+inputs with the server (as B does, in another form). The option built on it: `fedlease.clustering.distance:
+inputs` (the same signature, computed by each client before its warm-up).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HERE = Path(__file__).resolve().parent
 SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.balanced_test_per_label=8"]
-SETTINGS = {  # name: (params file, overrides): issue 20's classification settings
+SETTINGS = {  # name: (params file, overrides): issue 20's settings
     "default mix": (str(HERE.parent / "params.yaml"), []),
     "label skew 0.5": (str(HERE.parent / "params.yaml"), [*SKEW, "data.partition.dirichlet_alpha=0.5"]),
     "label skew 0.1": (str(HERE.parent / "params.yaml"),
@@ -34,6 +35,7 @@ SETTINGS = {  # name: (params file, overrides): issue 20's classification settin
     "3-task mix": (str(HERE / "params_mix3.yaml"), []),
     "5-task mix": (str(HERE / "params_mix5.yaml"), []),
     "4 binary tasks": (str(HERE / "params_binary4.yaml"), []),
+    "NLG": (str(HERE.parent / "params_nlg.yaml"), []),  # prompts through the decoder; quick: quality.py's NLG size
 }
 
 
@@ -79,7 +81,7 @@ def allocation_of(cfg, sig: np.ndarray, tasks: list[str]) -> str:  # type: ignor
 
 
 def main() -> None:
-    from quality import QUICK
+    from quality import NLG_QUICK, QUICK
 
     from fedlease.config import load_config
     from fedlease.pipeline import stage_data
@@ -93,7 +95,8 @@ def main() -> None:
         results = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             folder = Path(args.runs) / name.replace(" ", "_") / f"seed{seed}"
-            cfg = load_config(params, [*([] if args.full else QUICK), *extra, f"seed={seed}", f"output_dir={folder}",
+            quick = NLG_QUICK if name == "NLG" else QUICK
+            cfg = load_config(params, [*([] if args.full else quick), *extra, f"seed={seed}", f"output_dir={folder}",
                                        "tracking.enabled=false", "strategies=[fedlease]"])
             stage_data(cfg)
             clients = json.loads((folder / "data" / "stats.json").read_text())["clients"]
