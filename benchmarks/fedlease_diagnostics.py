@@ -39,11 +39,11 @@ def by_distance(run: Path, tasks: list[str], k_max: int | None) -> str:
         return "allocation by distance: - (M was fixed)"
     from sklearn.metrics import adjusted_rand_score
 
-    from fedlease.allocation import DISTANCE_RANGE, DISTANCES, choose_experts, distance_matrix
+    from fedlease.allocation import DISTANCE_RANGE, applicable_distances, choose_experts, distance_matrix
 
     adapters = warmup_adapters(run)
     parts = []
-    for kind in DISTANCES:  # k = 2..k_max, as the run tried (choose_experts stops at min(m_max, N - 1))
+    for kind in applicable_distances(adapters):  # k = 2..k_max as the run tried (choose_experts: min(m_max, N - 1))
         alloc = choose_experts(distance_matrix(adapters, kind), k_max, max_distance=DISTANCE_RANGE[kind])
         parts.append(f"{kind} M = {alloc.num_experts}, ARI {adjusted_rand_score(tasks, alloc.assignment):.3f}")
     return "allocation by distance (recomputed from the warm-up adapters): " + "; ".join(parts)

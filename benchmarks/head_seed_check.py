@@ -74,12 +74,12 @@ def allocations(params: str, overrides: list[str], tasks: list[str], adapters: l
     """The allocation each distance makes of these adapters under the run's clustering settings, its ARI."""
     from sklearn.metrics import adjusted_rand_score
 
-    from fedlease.allocation import DISTANCES
+    from fedlease.allocation import applicable_distances
     from fedlease.pipeline import allocate
 
     cfg = load_config(params, overrides)
     parts = []
-    for kind in DISTANCES:
+    for kind in applicable_distances(adapters):
         _, alloc = allocate(cfg, adapters, kind)
         groups: dict[int, set[str]] = {}
         for task, cluster in zip(tasks, alloc.assignment, strict=True):

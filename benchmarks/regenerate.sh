@@ -6,7 +6,7 @@
 # from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
 # methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
 # come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
-# resume round by round, do not survive a machine). About 17 hours on a 2-core CPU: benchmarks/README.md.
+# resume round by round, do not survive a machine). About 18-19 hours on a 2-core CPU: benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #
@@ -76,9 +76,8 @@ main() {
     # the tables of issue 20 are assembled by this checkout's script: it only reads the records (which name
     # the code version that made them), and later fixes to the assembly apply to COMMIT's runs too
     table="$root/benchmarks/robustness_table.py"
-    # the 4-binary-task mix came after 5e719ba: a params file (data, not code) is read from this checkout; its
-    # content enters every record's fingerprint
-    binary4="$root/benchmarks/params_binary4.yaml"
+    # the 4-binary-task mix, from COMMIT's tree as the other settings' params (a commit before it has none)
+    binary4="$tree/benchmarks/params_binary4.yaml"
     runs="$root/benchmarks/runs/regen-$commit"
     out="$root/benchmarks/results"
     records="$out/records/$commit"
@@ -103,8 +102,8 @@ main() {
     step --seeds 0,1,2 --runs "$runs" --out "$runs/task.md"  # issue 19's headline table, before the label skew
     step --seeds 0,1,2 --label-skew --ablations --runs "$runs" --out "$out/quality.md" ${notes[@]+"${notes[@]}"}
     step --nlg --seeds 0 --runs "$runs" --out "$out/quality.md"
-    # issue 20's sixth quick setting, added after the full-size tables' first start: four binary tasks, where no
-    # label count tells the tasks apart (benchmarks/README.md)
+    # issue 20's sixth quick setting: four binary tasks, where no label count tells the tasks apart
+    # (benchmarks/README.md)
     sub=/binary4 step --quick --seeds 0,1,2 --params "$binary4" --runs "$runs/binary4" \
         --out "$runs/robust-binary4.md"
 
@@ -118,6 +117,7 @@ main() {
     option subspace "subspace distance" fedlease yes fedlease.clustering.distance=subspace
     option subspace_personal "subspace distance + personal expert" fedlease yes \
         fedlease.clustering.distance=subspace fedlease.router.personal_expert=true
+    option inputs "input-signature distance" fedlease yes fedlease.clustering.distance=inputs
     { echo "# FedLEASE's robustness options, one ablation row per setting (quick size; commit $commit)"; echo
       cat "$runs/robustness_options.md.part"; } > "$out/robustness_options.md.tmp"
     mv "$out/robustness_options.md.tmp" "$out/robustness_options.md"

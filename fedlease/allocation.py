@@ -156,6 +156,12 @@ DISTANCES = {"cosine": b_distance_matrix, "subspace": b_subspace_distance_matrix
 DISTANCE_RANGE = {"cosine": 2.0, "subspace": 1.0, "inputs": 2.0}  # the largest value each distance takes
 
 
+def applicable_distances(adapters: list[dict[str, torch.Tensor]]) -> list[str]:
+    """The distances these warm-up adapters can be compared by (diagnostics): the B ones always, `inputs` only
+    when every client uploaded its signature."""
+    return [kind for kind in DISTANCES if kind != "inputs" or all(SIGNATURE_KEY in a for a in adapters)]
+
+
 def distance_matrix(adapters: list[dict[str, torch.Tensor]], kind: str = "cosine",
                     dtype: str = "float64") -> np.ndarray:
     """The clients' (N, N) distances by `fedlease.clustering.distance`: `cosine` (the paper) or `subspace`."""

@@ -138,8 +138,8 @@ def results_rows(metrics: dict[str, Any]) -> dict[str, list[Any]]:
 def clients_at_their_floor(clients: dict[str, dict[str, Any]]) -> list[int]:
     """The clients whose accuracy is at or below their majority-class floor (predicting their most frequent
     training label), from one round's evaluation; clients without a floor (generation) or whose evaluation
-    failed are left out. After the
-    warm-up these are the clients whose B matrices have learnt little of their task for the allocation to read."""
+    failed are left out. After the warm-up these are the clients whose B matrices have learnt little of their
+    task for the allocation to read."""
     return sorted(int(c) for c, v in clients.items()
                   if None not in (v.get("accuracy"), v.get("majority_accuracy"))
                   and v["accuracy"] <= v["majority_accuracy"])

@@ -130,6 +130,10 @@ def test_inputs_distance_is_one_minus_cosine_of_the_centred_signatures():
     assert DISTANCE_RANGE["inputs"] == 2.0
     with pytest.raises(ValueError, match=r"clients \[1\] uploaded no input signature"):
         distance_matrix([_signed([1, 0])[0], _adapter([1.0, 0.0], [0.0, 1.0])], "inputs")
+    plain = [_adapter([1.0, 0.0], [0.0, 1.0])] * 2
+    assert allocation.applicable_distances(plain) == ["cosine", "subspace"]
+    assert allocation.applicable_distances([{**a, **s} for a, s in zip(plain, _signed([1, 0], [0, 1]))]) == [
+        "cosine", "subspace", "inputs"]
 
 
 def test_inputs_distance_finds_tasks_under_a_shared_direction_that_plain_cosine_cannot_see():

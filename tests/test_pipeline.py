@@ -207,6 +207,9 @@ def test_inputs_distance_end_to_end_the_warmup_uploads_a_signature_the_allocatio
     cfg, paths, warm, up = runs["inputs"]
     assert all(SIGNATURE_KEY in w and w[SIGNATURE_KEY].ndim == 1 for w in warm)
     assert not any(SIGNATURE_KEY in w for w in runs["cosine"][2])
+    # computing it changes no training: the warm-up LoRA is the paper distance's, bit for bit (so `local`, which
+    # continues from the warm-up, need not be rerun beside this option)
+    assert all(torch.equal(warm[c][k], runs["cosine"][2][c][k]) for c in range(4) for k in runs["cosine"][2][c])
     extra = warm[0][SIGNATURE_KEY].numel() * warm[0][SIGNATURE_KEY].element_size()
     assert all(up[c] == runs["cosine"][3][c] + extra for c in up)  # the signature is in the traffic
     saved = np.load(paths.allocation / "distances.npy", allow_pickle=False)
