@@ -256,8 +256,9 @@ def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation
 
 def assign_late_joiner(adapter: dict[str, torch.Tensor], adapters: list[dict[str, torch.Tensor]],
                        allocation: Allocation, distance: str = "cosine") -> tuple[int, list[float]]:
-    """Expert of the cluster with the smallest mean B-distance to the newcomer (no re-clustering), by the
-    distance the allocation used."""
+    """Expert of the cluster with the smallest mean distance to the newcomer (no re-clustering), by the
+    distance the allocation used (`inputs` centres the signatures on the peers and the newcomer together: its
+    mean moves by 1/(N+1) of the newcomer's offset)."""
     dist = distance_matrix([adapter, *adapters], distance)[0, 1:]
     means = [float(np.mean([dist[i] for i in allocation.members(j)])) for j in range(allocation.num_experts)]
     return int(np.argmin(means)), means

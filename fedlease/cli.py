@@ -72,7 +72,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ari = "tasks not known" if doc["ari_vs_task"] is None else f"ARI vs tasks {doc['ari_vs_task']:.3f}"
     print(f"allocate: M = {doc['num_experts']} experts{capped}, assignment {list(doc['assignment'].values())}, "
           f"{ari} (silhouette {sil})")
-    note = warmup_floor_note(doc.get("warmup_at_floor") or [], len(doc["assignment"]))
+    note = warmup_floor_note(doc.get("warmup_at_floor") or [], len(doc["assignment"]), doc.get("warmup_eval_failed"))
     if note:
         print(f"allocate: note: {note}")
     return 0

@@ -78,8 +78,6 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         if strategy.reference_examples():
             strategy.after_training(model, reference_inputs(rt, data.train, strategy.reference_examples(), seed))
         upload = get_state(model, head, strategy.upload_groups)
-        if signature is not None:  # the allocation's `inputs` distance: one d-vector, counted in the upload
-            upload[SIGNATURE_KEY] = signature
         local = get_state(model, head, strategy.local_groups)
     update_norm = None
     if private and upload:
@@ -90,6 +88,8 @@ def client_train(cfg: Config, strategy_name: str, client_id: int, round_: int, d
         upload = {k: start[k] + noised[k] for k in upload}
     if strategy.federated:
         upload = faults.poison_upload(cfg, client_id, round_, strategy_name, upload)
+    if signature is not None:  # the allocation's `inputs` distance: one d-vector, counted in the upload
+        upload[SIGNATURE_KEY] = signature
     if rank_and_world()[0] == 0:  # in a rank group the ranks hold the same model: rank 0 writes it
         write_upload(upload_path, upload, cfg.federation.exchange)
         save_local_state(cfg, strategy, client_id, round_, local)

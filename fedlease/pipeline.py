@@ -142,6 +142,7 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     warm_eval = warmup_evaluation(paths)
     if warm_eval is not None:  # what the adapters being clustered had learnt: clients still at their floor
         doc["warmup_at_floor"] = clients_at_their_floor(warm_eval["clients"])
+        doc["warmup_eval_failed"] = sorted(int(c) for c in warm_eval.get("failed_clients", []))
     atomic_write_json(paths.cluster_map, doc)
     atomic_write_json(paths.allocation / "silhouette.json",
                       [{"k": k, "silhouette": s} for k, s in sorted(alloc.silhouette.items())])
@@ -154,7 +155,8 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     for k, score in sorted(alloc.silhouette.items()):
         tracker.log_metrics(parent, {"allocation.silhouette": score}, step=k)
     known = {"allocation.ari_vs_task": doc["ari_vs_task"]} if doc["ari_vs_task"] is not None else {}
-    at_floor = ({"allocation.warmup_clients_at_floor": float(len(doc["warmup_at_floor"]))}
+    at_floor = ({"allocation.warmup_clients_at_floor": float(len(doc["warmup_at_floor"])),
+                 "allocation.warmup_eval_failed": float(len(doc["warmup_eval_failed"]))}
                 if "warmup_at_floor" in doc else {})
     tracker.log_metrics(parent, {"allocation.num_experts": alloc.num_experts, "allocation.seconds": alloc.seconds,
                                  **known, "allocation.capped": float(doc["capped"]), **at_floor})
@@ -266,8 +268,9 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
         metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
                                  "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False),
                                  "clients": n}
-        if "warmup_at_floor" in alloc:
-            metrics["allocation"]["warmup_at_floor"] = alloc["warmup_at_floor"]
+        for key in ("warmup_at_floor", "warmup_eval_failed"):
+            if key in alloc:
+                metrics["allocation"][key] = alloc[key]
         if warm:
             metrics["allocation"]["warmup_seconds"] = float(sum(r.seconds for r in warm))
             if warm[-1].eval:  # the warm-up's own score: where FedLEASE's and local's rounds start from

@@ -145,12 +145,18 @@ def clients_at_their_floor(clients: dict[str, dict[str, Any]]) -> list[int]:
                   and v["accuracy"] <= v["majority_accuracy"])
 
 
-def warmup_floor_note(at_floor: list[int], num_clients: int) -> str:
-    """One sentence for the allocation line and the results table; empty when every client beat its floor."""
-    if not at_floor:
-        return ""
-    return (f"{len(at_floor)} of {num_clients} clients ended the warm-up at or below their majority-class floor "
-            f"(clients {at_floor}): the allocation reads little of their tasks (benchmarks/README.md, the warm-up)")
+def warmup_floor_note(at_floor: list[int], num_clients: int, failed: list[int] | None = None) -> str:
+    """One sentence for the allocation line and the results table; empty when every client's warm-up was
+    evaluated and beat its floor (a failed evaluation is named, never read as a client that learnt)."""
+    parts = []
+    if at_floor:
+        parts.append(f"{len(at_floor)} of {num_clients} clients ended the warm-up at or below their majority-class "
+                     f"floor (clients {at_floor}): the allocation reads little of their tasks (benchmarks/README.md, "
+                     "the warm-up)")
+    if failed:
+        parts.append(f"the warm-up evaluation of {len(failed)} of {num_clients} clients failed (clients {failed}): "
+                     "whether they learnt is not known")
+    return "; ".join(parts)
 
 
 def results_table(metrics: dict[str, Any]) -> str:
@@ -172,7 +178,8 @@ def results_table(metrics: dict[str, Any]) -> str:
                      if alloc.get("warmup_floor") is not None else "")
             rows += [f"The warm-up itself (each client's own LoRA, before round 1): {100 * alloc['warmup_score']:.2f}"
                      f"{floor}."]
-        note = warmup_floor_note(alloc.get("warmup_at_floor") or [], alloc.get("clients", 0))
+        note = warmup_floor_note(alloc.get("warmup_at_floor") or [], alloc.get("clients", 0),
+                                 alloc.get("warmup_eval_failed"))
         if note:
             rows += [note[0].upper() + note[1:] + "."]
     if "protocol" in metrics:

@@ -137,6 +137,8 @@ def test_clients_still_at_their_floor_after_the_warmup_are_named_in_the_results(
     assert "2 of 4 clients ended the warm-up at or below their majority-class floor (clients [0, 2])" in table
     metrics["allocation"]["warmup_at_floor"] = []
     assert "at or below their majority-class floor" not in results_table(metrics)
+    metrics["allocation"]["warmup_eval_failed"] = [3]  # a failed evaluation is named, not read as a client that learnt
+    assert "The warm-up evaluation of 1 of 4 clients failed (clients [3])" in results_table(metrics)
 
 def _task(name: str, n: int, labels: int, seed: int) -> TaskData:
     rng = np.random.default_rng(seed)

@@ -50,6 +50,7 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.Captu
     warm_clients = read_json(paths.warmup / "summary.json")["history"][-1]["eval"]["clients"]
     at_floor = sorted(int(c) for c, v in warm_clients.items() if v["accuracy"] <= v["majority_accuracy"])
     assert cmap["warmup_at_floor"] == metrics["allocation"]["warmup_at_floor"] == at_floor
+    assert cmap["warmup_eval_failed"] == metrics["allocation"]["warmup_eval_failed"] == []
     assert metrics["allocation"]["warmup_floor"] == pytest.approx(
         np.mean([v["majority_accuracy"] for v in warm_clients.values()]))
     # same params and seed -> identical metrics
@@ -207,9 +208,20 @@ def test_inputs_distance_end_to_end_the_warmup_uploads_a_signature_the_allocatio
     cfg, paths, warm, up = runs["inputs"]
     assert all(SIGNATURE_KEY in w and w[SIGNATURE_KEY].ndim == 1 for w in warm)
     assert not any(SIGNATURE_KEY in w for w in runs["cosine"][2])
-    # computing it changes no training: the warm-up LoRA is the paper distance's, bit for bit (so `local`, which
-    # continues from the warm-up, need not be rerun beside this option)
+    # computing it changes no training: the warm-up LoRA and head are the paper distance's, bit for bit (so
+    # `local`, which continues from the warm-up, need not be rerun beside this option)
     assert all(torch.equal(warm[c][k], runs["cosine"][2][c][k]) for c in range(4) for k in runs["cosine"][2][c])
+    from fedlease.local_state import load_local_state
+    from fedlease.strategies import warmup_strategy
+
+    heads = [{c: load_local_state(run[0], warmup_strategy(run[0], 4), c, 1) for c in range(4)}
+             for run in (runs["inputs"], runs["cosine"])]
+    assert all(heads[0][c] and heads[0][c].keys() == heads[1][c].keys()
+               and all(torch.equal(heads[0][c][k], heads[1][c][k]) for k in heads[0][c]) for c in range(4))
+    # the warm-up is evaluated with the signature in its upload (its LoRA alone is loaded), every client
+    evaluation = read_json(paths.warmup / "summary.json")["history"][-1]["eval"]
+    assert evaluation["failed_clients"] == [] and all("accuracy" in v for v in evaluation["clients"].values())
+    assert read_json(paths.cluster_map)["warmup_eval_failed"] == []
     extra = warm[0][SIGNATURE_KEY].numel() * warm[0][SIGNATURE_KEY].element_size()
     assert all(up[c] == runs["cosine"][3][c] + extra for c in up)  # the signature is in the traffic
     saved = np.load(paths.allocation / "distances.npy", allow_pickle=False)

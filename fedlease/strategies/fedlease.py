@@ -62,8 +62,9 @@ class Warmup(Strategy):
         return paths.warmup
 
     def eval_download(self, state: ServerState, client_id: int) -> Download:
-        """The client's own warm-up adapter: the warm-up is evaluated (the model FedLEASE's rounds start from)."""
-        return Download(unprefixed(state.tensors, f"client{client_id}."))
+        """The client's own warm-up adapter: the warm-up is evaluated (the model FedLEASE's rounds start from);
+        its LoRA only (the upload may also hold the client's input signature, which no model loads)."""
+        return Download(select(unprefixed(state.tensors, f"client{client_id}."), "lora."))
 
     def init_state(self, ctx: InitContext) -> ServerState:
         return ServerState(select(ctx.common_init, "lora."))
