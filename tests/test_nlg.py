@@ -63,3 +63,22 @@ def test_packaged_decoder_generates_and_rouge_is_sane(tmp_path: Path):
     assert "paris" in outs[1].lower(), outs
     assert rouge_l(["completely unrelated words"], ["the cat sat on the mat"]) == 0.0
     assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == 1.0
+
+
+def test_generation_under_the_inputs_distance_signs_prompts_and_runs_to_the_end(tmp_path: Path):
+    """The input-signature distance on a decoder: each client's signature is its prompts' mean last-layer
+    representation; the warm-up is evaluated (ROUGE-L, no failed client) and FedLEASE runs on the clusters."""
+    from fedlease.allocation import SIGNATURE_KEY
+    from fedlease.io import load_tensors, read_json
+    from fedlease.paths import RunPaths
+
+    cfg = config_from_dict(tiny_generation_params(tmp_path, strategies=["fedlease"],
+                                                  fedlease__clustering__distance="inputs"))
+    metrics = run_all(cfg)
+    paths = RunPaths.of(cfg)
+    signatures = [load_tensors(paths.warmup_adapter(c))[SIGNATURE_KEY] for c in range(4)]
+    assert all(s.ndim == 1 and bool(s.isfinite().all()) for s in signatures)
+    assert not all(bool((s == signatures[0]).all()) for s in signatures[1:])  # clients' prompts differ
+    warm = read_json(paths.warmup / "summary.json")["history"][-1]["eval"]
+    assert warm["failed_clients"] == [] and all("rougeL" in v for v in warm["clients"].values())
+    assert metrics["methods"]["fedlease"]["metric"] == "rougeL" and metrics["allocation"]["warmup_eval_failed"] == []
