@@ -1,16 +1,16 @@
-"""Would an allocation signal that does not pass through the head find the tasks? A diagnostic, not an option.
+"""The allocation the input-signature distance makes on issue 20's settings, with no warm-up run: its ARI.
 
     python benchmarks/signature_check.py [--seeds 0,1,2] [--runs DIR] [--full]
 
 FedLEASE clusters clients by their warm-up LoRA's B matrices, and at this project's budgets B follows the
-head a client starts from more than its data (`head_seed_check.py`, benchmarks/README.md). This computes,
-for each client, the frozen base model's mean sentence representation of its training inputs (no warm-up,
-no head, no labels), centres the clients' vectors on their mean, clusters them by cosine distance with the
-allocation's own rule (`choose_experts`, the run's clustering settings) and prints the ARI against the tasks,
-on every setting of issue 20 (quick size unless `--full`). Such a signature tells clients apart by what their
-inputs look like: it cannot tell two tasks on the same inputs apart, and it shares a summary of a client's
-inputs with the server (as B does, in another form). The option built on it: `fedlease.clustering.distance:
-inputs` (the same signature, computed by each client before its warm-up).
+head a client starts from more than its data (`head_seed_check.py`, benchmarks/README.md). The option
+`fedlease.clustering.distance: inputs` clusters instead each client's input signature, the frozen base
+model's mean representation of its training inputs (no head, no labels, no training: `client.input_signature`,
+which each client computes before its warm-up). This computes the signatures as the option does, makes the
+allocation the run's clustering settings make of them (`pipeline.allocate`: 1 - cos of the signatures centred
+on their mean) and prints its ARI against the tasks, on every setting of issue 20 (quick size unless `--full`).
+Such a signature tells clients apart by what their inputs look like: it cannot tell two tasks on the same
+inputs apart, and it shares a summary of a client's inputs with the server (as B does, in another form).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,44 +37,31 @@ SETTINGS = {  # name: (params file, overrides): issue 20's settings
 }
 
 
-def signatures(cfg, n: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """(N, d): each client's mean last-layer representation of its training inputs under the frozen base model."""
-    import torch
-
+def signatures(cfg, n: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Each client's input signature as the option computes it (`client.input_signature`: the frozen base model,
+    adapter disabled, dropout off), keyed as in a warm-up upload."""
+    from fedlease.allocation import SIGNATURE_KEY
+    from fedlease.client import input_signature
     from fedlease.data.stage import load_client
-    from fedlease.engine.evaluate import encode_inputs
-    from fedlease.models.base import load_base_model
-    from fedlease.models.dual import sequence_mean
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies.base import ModelSpec
 
-    loaded = load_base_model(cfg.model, cfg.data.kind, Path(cfg.data.cache_dir), seed=cfg.seed)
+    rt = ClientRuntime(cfg)
     out = []
     for c in range(n):
-        records = load_client(cfg, c).train
-        reps = []
-        for i in range(0, len(records), cfg.training.eval_batch_size):
-            enc = encode_inputs(loaded.tokenizer, records[i:i + cfg.training.eval_batch_size], cfg.data.kind,
-                                cfg.model.max_length)
-            call = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            with torch.no_grad():
-                hidden = loaded.model(**call, output_hidden_states=True).hidden_states[-1].float()
-            reps.append(sequence_mean(hidden, enc.get("attention_mask")))
-        out.append(torch.cat(reps).mean(dim=0).numpy())
-    return np.stack(out)
+        data = load_client(cfg, c)
+        model = rt.fresh_model(ModelSpec(r=cfg.lora.r), len(data.label_names))
+        out.append({SIGNATURE_KEY: input_signature(rt, model, data.train)})
+    return out
 
 
-def allocation_of(cfg, sig: np.ndarray, tasks: list[str]) -> str:  # type: ignore[no-untyped-def]
-    """The allocation rule applied to the signatures' centred cosine distances, with its ARI."""
+def allocation_of(cfg, adapters: list[dict], tasks: list[str]) -> str:  # type: ignore[no-untyped-def]
+    """The allocation the run's clustering settings make of the signatures by the `inputs` distance, its ARI."""
     from sklearn.metrics import adjusted_rand_score
 
-    from fedlease.allocation import DISTANCE_RANGE, choose_experts
+    from fedlease.pipeline import allocate
 
-    centred = sig - sig.mean(axis=0, keepdims=True)
-    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True).clip(min=1e-12)
-    dist = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
-    np.fill_diagonal(dist, 0.0)
-    cl = cfg.fedlease.clustering
-    alloc = choose_experts(dist, cfg.fedlease.m_max, cl.method, cl.linkage, cl.fixed_m, cfg.seed,
-                           cl.silhouette_tolerance, DISTANCE_RANGE["cosine"])
+    _, alloc = allocate(cfg, adapters, "inputs")
     return f"M = {alloc.num_experts}, ARI {adjusted_rand_score(tasks, alloc.assignment):.3f}"
 
 
