@@ -24,17 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HERE = Path(__file__).resolve().parent
-SKEW = ["data.partition.scheme=task_dirichlet", "data.partition.balanced_test_per_label=8"]
-SETTINGS = {  # name: (params file, overrides): issue 20's settings
-    "default mix": (str(HERE.parent / "params.yaml"), []),
-    "label skew 0.5": (str(HERE.parent / "params.yaml"), [*SKEW, "data.partition.dirichlet_alpha=0.5"]),
-    "label skew 0.1": (str(HERE.parent / "params.yaml"),
-                       [*SKEW, "data.partition.dirichlet_alpha=0.1", "data.partition.min_test_per_client=4"]),
-    "3-task mix": (str(HERE / "params_mix3.yaml"), []),
-    "5-task mix": (str(HERE / "params_mix5.yaml"), []),
-    "4 binary tasks": (str(HERE / "params_binary4.yaml"), []),
-    "NLG": (str(HERE.parent / "params_nlg.yaml"), []),  # prompts through the decoder; quick: quality.py's NLG size
-}
+
+
+def settings() -> dict[str, tuple[str, list[str]]]:
+    """Issue 20's settings, name: (params file, overrides); the label skew is quality.py's own (`LABEL_SKEW`,
+    its alpha overridden where a later override names another)."""
+    from quality import LABEL_SKEW
+
+    return {
+        "default mix": (str(HERE.parent / "params.yaml"), []),
+        "label skew 0.5": (str(HERE.parent / "params.yaml"), [*LABEL_SKEW]),
+        "label skew 0.1": (str(HERE.parent / "params.yaml"),
+                           [*LABEL_SKEW, "data.partition.dirichlet_alpha=0.1", "data.partition.min_test_per_client=4"]),
+        "3-task mix": (str(HERE / "params_mix3.yaml"), []),
+        "5-task mix": (str(HERE / "params_mix5.yaml"), []),
+        "4 binary tasks": (str(HERE / "params_binary4.yaml"), []),
+        "NLG": (str(HERE.parent / "params_nlg.yaml"), []),  # prompts through the decoder; quick: quality.py's NLG size
+    }
 
 
 def signatures(cfg, n: int) -> list[dict]:  # type: ignore[no-untyped-def]
@@ -76,7 +82,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(HERE / "runs" / "signature-check"))
     ap.add_argument("--full", action="store_true", help="the params' own size (default: quality.py's quick size)")
     args = ap.parse_args()
-    for name, (params, extra) in SETTINGS.items():
+    for name, (params, extra) in settings().items():
         results = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             folder = Path(args.runs) / name.replace(" ", "_") / f"seed{seed}"
