@@ -273,7 +273,8 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
         method_aris = [r["methods"][name].get("ari_vs_task") for r in runs]
         if name != primary and all(a is not None for a in method_aris):
             lines += ["", f"{name}'s clusters vs the true tasks: ARI {[round(a, 3) for a in method_aris]} (per seed)."]
-    lines += ["", f"FedLEASE chose M = {ms} (per seed{f'; the m_max cap in {capped}' if capped else ''}); "
+    at_cap = f"; at the cap, fedlease.m_max or N - 1, in {capped}" if capped else ""
+    lines += ["", f"FedLEASE chose M = {ms} (per seed{at_cap}); "
                   f"ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best other method ({max(others, key=others.get) if others else '-'}): "
               f"{margin:+.2f} points (mean over {len(runs)} seed(s)).",

@@ -243,6 +243,17 @@ def choose_experts(dist: np.ndarray, m_max: int, method: str = "agglomerative", 
     return Allocation(canonical_labels(labels_of[k]), k, scores, dist, time.perf_counter() - t0, method)
 
 
+def cap_reached(num_experts: int, m_max: int, n_clients: int, fixed_m: int | None) -> str | None:
+    """The limit M stopped at when the silhouette had no larger k to try (M may then be the cap rather than the
+    data's structure): `fedlease.m_max`, or N - 1 (the silhouette needs two clients in some cluster) when that
+    is smaller. None when M is below both or was fixed by hand."""
+    if fixed_m is not None:
+        return None
+    if m_max <= n_clients - 1:
+        return f"fedlease.m_max = {m_max}" if num_experts == m_max else None
+    return f"N - 1 = {n_clients - 1} with {n_clients} clients" if num_experts == n_clients - 1 else None
+
+
 def init_experts(adapters: list[dict[str, torch.Tensor]], allocation: Allocation,
                  weights: list[float] | None = None) -> list[dict[str, torch.Tensor]]:
     """Expert j = mean of its cluster members' LoRA A and B, per module."""

@@ -68,7 +68,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
     doc = run_stage(stage_named("allocate"), _load(args))
     sil = ", ".join(f"k={k}: {v:.3f}" for k, v in doc["silhouette"].items())
-    capped = " (the fedlease.m_max cap: the silhouette had no larger k to try)" if doc["capped"] else ""
+    capped = f" (at the cap, {doc['cap']}: the silhouette had no larger k to try)" if doc["capped"] else ""
     ari = "tasks not known" if doc["ari_vs_task"] is None else f"ARI vs tasks {doc['ari_vs_task']:.3f}"
     print(f"allocate: M = {doc['num_experts']} experts{capped}, assignment {list(doc['assignment'].values())}, "
           f"{ari} (silhouette {sil})")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlease.allocation import DISTANCE_RANGE, Allocation, choose_experts, distance_matrix, init_experts
+from fedlease.allocation import DISTANCE_RANGE, Allocation, cap_reached, choose_experts, distance_matrix, init_experts
 from fedlease.client import client_evaluate, client_train
 from fedlease.config import Config
 from fedlease.data.stage import load_manifest, run_data_stage
@@ -138,7 +138,8 @@ def stage_allocate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
     doc["tasks"] = {str(c["client_id"]): c["task"] for c in manifest["clients"]}
     doc["ari_vs_task"] = ari_vs_task(alloc.assignment, manifest)
     # the silhouette had no larger k to try: M may be the cap rather than the data's structure
-    doc["capped"] = fl.clustering.fixed_m is None and alloc.num_experts == min(fl.m_max, n - 1)
+    doc["cap"] = cap_reached(alloc.num_experts, fl.m_max, n, fl.clustering.fixed_m)
+    doc["capped"] = doc["cap"] is not None
     warm_eval = warmup_evaluation(paths)
     if warm_eval is not None:  # what the adapters being clustered had learnt: clients still at their floor
         doc["warmup_at_floor"] = clients_at_their_floor(warm_eval["clients"])
@@ -267,7 +268,7 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
         alloc = read_json(paths.cluster_map)
         metrics["allocation"] = {"num_experts": alloc["num_experts"], "ari_vs_task": alloc["ari_vs_task"],
                                  "silhouette": alloc["silhouette"], "capped": alloc.get("capped", False),
-                                 "clients": n}
+                                 "cap": alloc.get("cap"), "clients": n}
         for key in ("warmup_at_floor", "warmup_eval_failed"):
             if key in alloc:
                 metrics["allocation"][key] = alloc[key]

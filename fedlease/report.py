@@ -169,7 +169,7 @@ def results_table(metrics: dict[str, Any]) -> str:
         rows += ["", balanced]
     alloc = metrics.get("allocation")
     if alloc:
-        capped = " (the m_max cap)" if alloc.get("capped") else ""
+        capped = f" (at the cap, {alloc.get('cap') or 'fedlease.m_max or N - 1'})" if alloc.get("capped") else ""
         ari = ("ARI vs true tasks: not known (some clients' tasks are unknown)" if alloc["ari_vs_task"] is None
                else f"ARI vs true tasks = {alloc['ari_vs_task']:.3f}")
         rows += ["", f"FedLEASE allocation: M = {alloc['num_experts']}{capped}, {ari}"]

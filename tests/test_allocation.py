@@ -9,7 +9,8 @@ import torch
 from fedlease import allocation
 from fedlease.aggregation import weighted_mean
 from fedlease.allocation import (DISTANCE_RANGE, Allocation, assign_late_joiner, b_distance_matrix,
-                                 b_subspace_distance_matrix, choose_experts, distance_matrix, init_experts)
+                                 b_subspace_distance_matrix, cap_reached, choose_experts, distance_matrix,
+                                 init_experts)
 
 
 def _adapter(b1: list[float], b2: list[float], a: float = 0.0) -> dict[str, torch.Tensor]:
@@ -193,6 +194,16 @@ def test_silhouette_tolerance_prefers_fewer_experts_on_a_near_tie():
     assert choose_experts(d, 8, tolerance=gap * 0.99).num_experts == 3
     within = choose_experts(d, 8, tolerance=gap * 1.01)
     assert within.num_experts == 2 and within.silhouette == paper.silhouette
+
+
+def test_the_cap_names_the_limit_m_stopped_at():
+    # the silhouette tries k = 2..min(m_max, N - 1): the smaller of the two is the cap, and only it is named
+    assert cap_reached(4, m_max=4, n_clients=10, fixed_m=None) == "fedlease.m_max = 4"
+    assert cap_reached(3, m_max=4, n_clients=10, fixed_m=None) is None
+    assert cap_reached(5, m_max=8, n_clients=6, fixed_m=None) == "N - 1 = 5 with 6 clients"
+    assert cap_reached(5, m_max=5, n_clients=6, fixed_m=None) == "fedlease.m_max = 5"  # both: m_max is the knob
+    assert cap_reached(4, m_max=8, n_clients=6, fixed_m=None) is None
+    assert cap_reached(4, m_max=4, n_clients=10, fixed_m=4) is None  # M fixed by hand: no silhouette, no cap
 
 
 def test_cluster_mean_init():

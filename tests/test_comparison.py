@@ -139,6 +139,11 @@ def test_clients_still_at_their_floor_after_the_warmup_are_named_in_the_results(
     assert "at or below their majority-class floor" not in results_table(metrics)
     metrics["allocation"]["warmup_eval_failed"] = [3]  # a failed evaluation is named, not read as a client that learnt
     assert "The warm-up evaluation of 1 of 4 clients failed (clients [3])" in results_table(metrics)
+    # M at the cap names the limit it stopped at (N - 1 here, not m_max)
+    assert "M = 2 (at the cap" not in results_table(metrics)
+    metrics["allocation"].update(num_experts=3, capped=True, cap="N - 1 = 3 with 4 clients")
+    assert "M = 3 (at the cap, N - 1 = 3 with 4 clients)" in results_table(metrics)
+
 
 def _task(name: str, n: int, labels: int, seed: int) -> TaskData:
     rng = np.random.default_rng(seed)

@@ -66,7 +66,8 @@ def test_end_to_end_outputs_and_determinism(tmp_path: Path, capsys: pytest.Captu
         assert main(["allocate", "--params", str(params), "--set", override]) == 0
         line = capsys.readouterr().out
         assert read_json(paths.cluster_map)["capped"] is capped, override
-        assert ("the fedlease.m_max cap" in line) is capped, line
+        assert read_json(paths.cluster_map)["cap"] == ("fedlease.m_max = 2" if capped else None), override
+        assert ("at the cap, fedlease.m_max = 2:" in line) is capped, line
         assert ("at or below their majority-class floor" in line) is bool(at_floor), line
     # the configured distance is the one the allocation clusters (saved beside the map for small N)
     from fedlease.allocation import distance_matrix
