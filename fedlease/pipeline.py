@@ -303,6 +303,11 @@ def stage_evaluate(cfg: Config, mapper: ClientMapper = sequential_mapper) -> dic
             "bytes_up_total_per_client": m["bytes_up_total_per_client"],
             "bytes_down_total_per_client": m["bytes_down_total_per_client"]})
         tracker.log_metrics(parent, {f"{name}.final_mean_{m['metric']}": m["mean"]})
+    warm_alloc = metrics.get("allocation", {})
+    warm_keys = {"warmup_score": "warmup.mean_score", "warmup_floor": "warmup.majority_floor",
+                 "warmup_seconds": "warmup.seconds"}  # the warm-up that FedLEASE's and local's rounds start from
+    tracker.log_metrics(parent, {name: warm_alloc[key] for key, name in warm_keys.items()
+                                 if warm_alloc.get(key) is not None})
     for path in (paths.metrics, paths.root / "results.md", paths.plots):
         tracker.log_artifacts(parent, path, "results")
     tracker.log_table(parent, results_rows(metrics), "results_table.json")

@@ -21,12 +21,12 @@ from fedlease.records import RoundRecord
 
 
 #: params logged on every strategy run too, so the compare view tells two runs of a method apart
-KEY_PARAM_SECTIONS = ("lora", "federation")
+#: (every FedLEASE option too: `local` continues from its warm-up, and option runs differ only there)
+KEY_PARAM_SECTIONS = ("lora", "federation", "fedlease")
 KEY_PARAMS = ("seed", "model.name", "data.kind", "data.partition.scheme", "data.partition.clients_per_task",
               "data.partition.num_clients", "data.partition.dirichlet_alpha", "data.partition.train_per_client",
               "training.lr", "training.batch_size", "training.local_epochs", "training.precision",
-              "fedlease.warmup_epochs", "fedlease.m_max", "fedlease.warmup_balanced_loss",
-              "fedlease.clustering.silhouette_tolerance", "privacy.enabled", "strategies")
+              "privacy.enabled", "strategies")
 
 
 class TrackingError(RuntimeError):

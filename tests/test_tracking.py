@@ -46,6 +46,12 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
         assert run.data.tags["fedlease.sources"] and run.data.tags.get("mlflow.source.git.commit")
     assert children["fedit"].data.params["lora.r"] == "2" and children["fedit"].data.params["seed"] == "0"
     assert children["fedit"].data.params["federation.protocol"] == "equal_compute"
+    for key in ("fedlease.variant", "fedlease.clustering.distance", "fedlease.router.own_prior",
+                "fedlease.router.personal_expert", "fedlease.warmup_head_epochs"):  # option runs tell apart
+        assert key in children["fedlease"].data.params, key
+    warm = read_json(RunPaths.of(cfg).metrics)["allocation"]  # the warm-up's own score, beside the methods'
+    assert parents[0].data.metrics["warmup.mean_score"] == pytest.approx(warm["warmup_score"])
+    assert parents[0].data.metrics["warmup.majority_floor"] == pytest.approx(warm["warmup_floor"])
     inputs = client.get_run(parents[0].info.run_id).inputs.dataset_inputs
     assert inputs and inputs[0].dataset.name == "task-partition-4-clients"
     assert all(r.info.status == "FINISHED" for r in (parents[0], *kids))
