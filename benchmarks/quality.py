@@ -266,9 +266,9 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     heirs = [m for m in methods if strategy_class(m).inherits_warmup and m != primary]
     if warm:
-        shared = f"; {', '.join(heirs)} continue(s) from the same warm-up (rounds s exclude it too)." if heirs else "."
+        shared = f"; {', '.join(heirs)} continue(s) from the same warm-up" if heirs else ""
         lines += ["", f"FedLEASE's warm-up (every client, before round 1) took {statistics.mean(warm):.0f} s on top of "
-                      f"its rounds{shared}"]
+                      f"its rounds{shared} (`rounds s` leaves it out, `s with warm-up` counts it)."]
     for name in methods:
         method_aris = [r["methods"][name].get("ari_vs_task") for r in runs]
         if name != primary and all(a is not None for a in method_aris):
@@ -296,6 +296,16 @@ def machines_line(runs: list[dict[str, Any]]) -> str:
 def headline(name: str, value: float, runs: list[dict[str, Any]], digits: int = 2) -> str:
     """A last line a reader greps: the value, the protocol, the seeds it is the mean over."""
     return f"{name}: {value:.{digits}f} (protocol {runs[0].get('protocol', '?')}, mean over {len(runs)} seed(s))"
+
+
+#: the headline lines of the settings a run did not include, and the flag that runs each: every run prints all
+#: four, so a reader never takes a missing line for a setting that passed
+NOT_RUN = {"ari": "the task setting: quality.py without --nlg", "fedlease_margin": "the task setting: quality.py "
+           "without --nlg", "skew_margin": "--label-skew runs it", "nlg_margin": "--nlg runs it, in a run of its own"}
+
+
+def not_run(name: str) -> str:
+    return f"{name}: not run ({NOT_RUN[name]})"
 
 
 def nlg_section(args: argparse.Namespace, seeds: list[int]) -> tuple[str, float]:
@@ -417,7 +427,8 @@ def main() -> None:
         version = one_code_version(args.nlg_runs)
         atomic_write_text(args.out, upsert_section(Path(args.out), NLG_HEADING, text, version))
         print(text)
-        print(headline("nlg_margin", margin, args.nlg_runs))
+        print("\n".join([not_run("ari"), not_run("fedlease_margin"), not_run("skew_margin"),
+                         headline("nlg_margin", margin, args.nlg_runs)]))
         return
     args.params = args.params or str(HERE / "params_quality.yaml")
     overrides = (QUICK if args.quick else []) + args.overrides
@@ -450,6 +461,9 @@ def main() -> None:
                 "space). The margin and `skew_margin` are on the clients' own (skewed) test sets.", "",
                 skew_table, ""]
         headlines.append(headline("skew_margin", skew_margin, skew_runs))
+    else:
+        headlines.append(not_run("skew_margin"))
+    headlines.append(not_run("nlg_margin"))
     if args.ablations:  # hours more: what is done so far lands in the file first
         write_doc(args.out, doc + ["(ablations running)", ""], version)
         ablation_seeds = [int(s) for s in args.ablation_seeds.split(",")] if args.ablation_seeds else seeds[:1]

@@ -33,7 +33,8 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
         "bytes_down_total_per_client": sum(r.total_down for r in traffic) / num_clients,
         "bytes_up_per_client_round": float(sum(ups) / max(1, rounds)),
         "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
-        "wall_seconds": result["wall_seconds"], "trainable_params": result["trainable_params"],
+        "wall_seconds": result["wall_seconds"], "warmup_seconds": float(sum(r.seconds for r in prelude)),
+        "trainable_params": result["trainable_params"],
         "ari_vs_task": result.get("ari_vs_task"), "code_version": result.get("code_version"),
         "failed_evaluations": last_eval.get("failed_clients", []),
         "instance_weight": _instance_weights(last_eval),
@@ -71,13 +72,14 @@ def mean_std(values: list[float]) -> str:
 
 def method_table(runs: list[dict[str, Any]]) -> str:
     """Method x task score (%), client mean and test-example-weighted mean, local steps per client,
-    rounds, total MB up/down per client over the run, trainable parameters, seconds of rounds; one row per
-    method, cells over runs (mean ± std); the majority-class floor under them for classification."""
+    rounds, total MB up/down per client over the run, trainable parameters, seconds of rounds and seconds in
+    all (the warm-up a method continues from included: the time of its equal compute); one row per method,
+    cells over runs (mean ± std); the majority-class floor under them for classification."""
     methods = list(runs[0]["methods"])
     tasks = sorted({t for r in runs for m in r["methods"].values() for t in m["per_task"]})
     metric = runs[0]["methods"][methods[0]]["metric"]
     head = ["method", *tasks, f"avg {metric}", "weighted avg", "local steps/client", "rounds",
-            "MB up/client", "MB down/client", "trainable params", "rounds s"]
+            "MB up/client", "MB down/client", "trainable params", "rounds s", "s with warm-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in methods:
         per = [r["methods"][name] for r in runs]
@@ -88,12 +90,20 @@ def method_table(runs: list[dict[str, Any]]) -> str:
         lines.append(_row([name, *_score_cells(per, tasks), f"{mean('local_steps_per_client'):.0f}",
                            str(per[0].get("rounds", "-")), f"{mean('bytes_up_total_per_client') / 1e6:.2f}",
                            f"{mean('bytes_down_total_per_client') / 1e6:.2f}", f"{per[0]['trainable_params']:,}",
-                           f"{statistics.mean(p['wall_seconds'] for p in per):.0f}"]))
+                           f"{statistics.mean(p['wall_seconds'] for p in per):.0f}", _seconds_in_all(per)]))
     floors = [m for m in (next((p.get("majority") for p in r["methods"].values() if p.get("majority")), None)
                           for r in runs) if m]
     if len(floors) == len(runs):
-        lines.append(_row(["majority class (floor)", *_score_cells(floors, tasks), *["-"] * 6]))
+        lines.append(_row(["majority class (floor)", *_score_cells(floors, tasks), *["-"] * 7]))
     return "\n".join(lines)
+
+
+def _seconds_in_all(per: list[dict[str, Any]]) -> str:
+    """Rounds plus the warm-up the method continues from, mean over runs; "-" for a summary made before
+    the warm-up's seconds were kept (its rounds alone would read as the whole)."""
+    if any("warmup_seconds" not in p for p in per):
+        return "-"
+    return f"{statistics.mean(p['wall_seconds'] + p['warmup_seconds'] for p in per):.0f}"
 
 
 def _score_cells(per: list[dict[str, Any]], tasks: list[str]) -> list[str]:
@@ -130,7 +140,7 @@ def results_rows(metrics: dict[str, Any]) -> dict[str, list[Any]]:
         rows[t] = [100 * m["per_task"].get(t, float("nan")) for m in methods.values()]
     rows["avg"] = [100 * m["mean"] for m in methods.values()]
     for key in ("weighted_mean", "local_steps_per_client", "rounds", "bytes_up_total_per_client",
-                "bytes_down_total_per_client", "trainable_params", "wall_seconds"):
+                "bytes_down_total_per_client", "trainable_params", "wall_seconds", "warmup_seconds"):
         rows[key] = [m.get(key) for m in methods.values()]
     return rows
 

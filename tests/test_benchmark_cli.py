@@ -33,10 +33,11 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
          "--runs", str(tmp_path / "runs"), "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-3:]
+    last = proc.stdout.strip().splitlines()[-4:]
     assert re.fullmatch(r"ari: -?\d+\.\d{3} \(protocol equal_compute, mean over 2 seed\(s\)\)", last[0]), last[0]
-    for line, name in zip(last[1:], ("fedlease_margin", "skew_margin"), strict=True):
+    for line, name in zip(last[1:3], ("fedlease_margin", "skew_margin"), strict=True):
         assert re.fullmatch(name + r": -?\d+\.\d{2} \(protocol equal_compute, mean over 2 seed\(s\)\)", line), line
+    assert last[3] == "nlg_margin: not run (--nlg runs it, in a run of its own)"  # all four, never a silent gap
     text = out.read_text()
     assert "```\n" + "\n".join(last) + "\n```" in text  # the file carries them too
     # both seeds ran in their own folders under --runs, with the override applied: one round, and fedit
@@ -57,6 +58,18 @@ def test_quality_benchmark_takes_params_seeds_and_overrides(tmp_path: Path):
     assert float(last[2].split()[1]) == pytest.approx(margins["label_skew_a0.5"], abs=0.006)
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"fedlease", "local", "fedit"} <= set(rows)
+    # the task table's compute and traffic columns are the runs' own (mean over the seeds), per method
+    task_lines = text.split("## Task heterogeneity")[1].split("\n\n")[1].splitlines()
+    head = [c.strip() for c in task_lines[0].strip("|").split("|")]
+    for line in task_lines[2:5]:
+        cells = dict(zip(head, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        per_seed = [json.loads((tmp_path / "runs" / "task" / f"seed{seed}" / "metrics.json").read_text())
+                    ["methods"][cells["method"]] for seed in (0, 1)]
+        for column, key, scale in (("local steps/client", "local_steps_per_client", 1),
+                                   ("MB up/client", "bytes_up_total_per_client", 1e6),
+                                   ("MB down/client", "bytes_down_total_per_client", 1e6)):
+            assert float(cells[column]) == pytest.approx(sum(m[key] for m in per_seed) / 2 / scale, abs=0.006), column
+        assert float(cells["local steps/client"]) > 0 and float(cells["MB up/client"]) >= 0
     assert "±" in rows["fedlease"]  # mean ± std over the two seeds
     assert "## Task + label heterogeneity" in text and "seeds [0, 1]" in text
     assert "majority class (floor)" in rows and "Protocol: equal compute" in text and "code: commit" in text

@@ -69,9 +69,13 @@ def test_sources_hash_follows_every_package_file(tmp_path: Path):
     (pkg / "sub" / "b.py").write_text("y = 2\n")
     before = sources_hash(pkg, tmp_path)
     (pkg / "sub" / "b.py").write_text("y = 3\n")
-    assert sources_hash(pkg, tmp_path) != before
+    edited = sources_hash(pkg, tmp_path)
+    assert edited != before
+    # the lock too, alone (the sources unchanged from here on): a new pin, then a changed pin
     (tmp_path / "requirements.lock").write_text("torch==2.13.0\n")
-    assert len({before, sources_hash(pkg, tmp_path)}) == 2
+    locked = sources_hash(pkg, tmp_path)
+    (tmp_path / "requirements.lock").write_text("torch==2.12.0\n")
+    assert len({edited, locked, sources_hash(pkg, tmp_path)}) == 3
 
 
 def test_benchmark_refuses_runs_of_different_code(monkeypatch):
@@ -143,6 +147,30 @@ def test_clients_still_at_their_floor_after_the_warmup_are_named_in_the_results(
     assert "M = 2 (at the cap" not in results_table(metrics)
     metrics["allocation"].update(num_experts=3, capped=True, cap="N - 1 = 3 with 4 clients")
     assert "M = 3 (at the cap, N - 1 = 3 with 4 clients)" in results_table(metrics)
+
+
+def test_the_time_of_a_method_that_continues_from_the_warmup_counts_the_warmup():
+    """At equal compute FedLEASE's and local's steps include the warm-up: so does their time in the table
+    (`s with warm-up`), beside the rounds alone; a summary made before the warm-up's seconds were kept
+    shows "-", not its rounds as the whole."""
+    from fedlease.records import RoundRecord
+    from fedlease.report import method_table, summarise_method
+
+    def record(r: int, seconds: float) -> RoundRecord:
+        ev = {"metric": "accuracy", "mean": 0.5, "per_task": {"a": 0.5}, "clients": {}}
+        return RoundRecord(r, [0, 1], {}, 0.1, {"0": 8, "1": 8}, {"0": 8, "1": 8}, 1.0, 0.0, seconds=seconds,
+                           steps={"0": 3, "1": 3}, eval=ev)
+
+    result = {"wall_seconds": 100.0, "trainable_params": 10}
+    heir = summarise_method([record(1, 50.0), record(2, 50.0)], result, 2, warmup=[record(1, 20.0), record(2, 10.0)])
+    alone = summarise_method([record(1, 50.0), record(2, 50.0)], result, 2)
+    assert heir["warmup_seconds"] == 30.0 and alone["warmup_seconds"] == 0.0
+    assert heir["local_steps_per_client"] == 12 and alone["local_steps_per_client"] == 6
+    table = method_table([{"methods": {"fedlease": heir, "fedit": alone}}])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    assert rows["fedlease"][-2:] == ["100", "130 |"] and rows["fedit"][-2:] == ["100", "100 |"]
+    del heir["warmup_seconds"]
+    assert method_table([{"methods": {"fedlease": heir}}]).splitlines()[2].endswith("| 100 | - |")
 
 
 def _task(name: str, n: int, labels: int, seed: int) -> TaskData:
