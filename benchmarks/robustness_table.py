@@ -8,7 +8,9 @@ Each DIR is one of quality.py's setting folders (seed<k>/metrics.json inside). W
 setting's paper-rule runs stand for the shipped default too: pass that only when the shipped default *is*
 the paper rule at the runs' commit (the table says so under it). The margin is the shipped default's
 mean minus the best other mean, `local` included; the goal is a margin >= `--goal-margin` in every setting
-and an ARI >= `--goal-ari` wherever the clients differ by task (every setting here).
+and an ARI >= `--goal-ari` wherever the clients differ by task (every setting here). Under the goal table: the
+label-skew settings on label-balanced test sets (where a skewed client's own test set cannot tell methods apart),
+and what each method spent (local steps, MB, seconds with its warm-up).
 """
 
 from __future__ import annotations
@@ -155,6 +157,52 @@ def row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], 
     return line, Verdict(margin_met and ari_met, margin), Verdict(paper_met, paper_margin)
 
 
+def balanced_row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], own: bool) -> str | None:
+    """Under label skew a client's own test set is nearly one label, so every method scores near the majority
+    floor there: the same runs scored on each task's label-balanced test set (the task's whole label space),
+    `local` (the better of the two when the column has its own), the best baseline on it, FedLEASE under both
+    rules and the column's margin. None when the runs hold no balanced scores (no label skew). A reading beside
+    the goal, which stays on the clients' own test sets (the rule fixed before the rows: benchmarks/README.md)."""
+    methods = list(paper[0]["methods"])
+    if not all(m.get("balanced") for r in [*paper, *shipped] for m in r["methods"].values()):
+        return None
+    primary, floor = primary_name(methods), floor_names(methods)[0]
+
+    def bal(runs: list[dict[str, Any]], method: str) -> float:
+        return 100 * statistics.mean(r["methods"][method]["balanced"]["mean"] for r in runs)
+
+    baselines = {m: bal(paper, m) for m in methods if m != primary and m != floor}
+    best = max(baselines, key=baselines.get) if baselines else None
+    locals_ = [bal(paper, floor), *([bal(shipped, floor)] if own and all(floor in r["methods"] for r in shipped)
+                                    else [])]
+    fl_paper, fl_shipped = bal(paper, primary), bal(shipped, primary)
+    margin = fl_shipped - max([*locals_, *([baselines[best]] if best else [])])
+    return (f"| {label} | {len(paper)} | {max(locals_):.2f} | {f'{best} {baselines[best]:.2f}' if best else '-'} | "
+            f"{fl_paper:.2f} | {fl_shipped:.2f} | {margin:+.2f} |")
+
+
+def compute_row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], own: bool) -> str:
+    """What each method spent in a setting, mean over seeds: local optimiser steps per client (equal compute:
+    one number when every method's is the same), total MB up and down per client over the run, and seconds
+    with the warm-up a method continues from (FedLEASE's and `local`'s)."""
+    def spent(runs: list[dict[str, Any]], method: str) -> tuple[float, float, float, float]:
+        per = [(r["methods"][method], (r.get("allocation") or {}).get("warmup_seconds", 0.0)) for r in runs]
+        heir = method == primary_name(list(runs[0]["methods"])) or method in floor_names(list(runs[0]["methods"]))
+        return (statistics.mean(m["local_steps_per_client"] for m, _ in per),
+                statistics.mean(m["bytes_up_total_per_client"] for m, _ in per) / 1e6,
+                statistics.mean(m["bytes_down_total_per_client"] for m, _ in per) / 1e6,
+                statistics.mean(m["wall_seconds"] + (w if heir else 0.0) for m, w in per))
+
+    columns = {m: spent(paper, m) for m in paper[0]["methods"]}
+    if own:  # the column's runs: FedLEASE's (and its `local`'s, when it reruns the warm-up)
+        columns.update({f"{m} (column)": spent(shipped, m) for m in shipped[0]["methods"]})
+    steps = {round(c[0], 1) for c in columns.values()}
+    steps_cell = (f"{steps.pop():g}" if len(steps) == 1
+                  else "**differ**: " + ", ".join(f"{m} {c[0]:g}" for m, c in columns.items()))
+    cells = "; ".join(f"{m} {c[1]:.2f} / {c[2]:.2f} MB, {c[3]:.0f} s" for m, c in columns.items())
+    return f"| {label} | {steps_cell} | {cells} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", action="append", default=[], metavar="LABEL=PAPER_DIR[,SHIPPED_DIR]",
@@ -176,6 +224,8 @@ def main() -> None:
     shared: list[str] = []
     verdicts: list[Verdict] = []
     paper_verdicts: list[Verdict] = []
+    balanced_lines: list[str] = []
+    compute_lines: list[str] = []
     for item in args.setting:
         label, _, folders = item.partition("=")
         paper_dir, _, shipped_dir = folders.partition(",")
@@ -189,6 +239,9 @@ def main() -> None:
         line, verdict, paper_verdict = row(label, list(paper.values()), list(shipped.values()), args.goal_margin,
                                            args.goal_ari, runs_of_its_own=bool(shipped_dir))
         lines.append(line)
+        balanced = balanced_row(label, list(paper.values()), list(shipped.values()), bool(shipped_dir))
+        balanced_lines += [balanced] if balanced else []
+        compute_lines.append(compute_row(label, list(paper.values()), list(shipped.values()), bool(shipped_dir)))
         verdicts.append(verdict)
         paper_verdicts.append(paper_verdict)
     version = one_code_version(every)  # every run and every method's rounds: one code version
@@ -198,6 +251,16 @@ def main() -> None:
     if shared:
         lines.append(f"Same runs in both FedLEASE columns (the {args.column} is the paper rule there): "
                      f"{'; '.join(shared)}.")
+    if balanced_lines:
+        lines += ["", "The label-skew settings on each task's label-balanced test set (the task's whole label space; "
+                      "the goal above stays on the clients' own test sets):", "",
+                  f"| setting | seeds | `local` | best baseline | FedLEASE, paper rule | FedLEASE, {args.column} | "
+                  f"margin of the {args.column} over the best other |", "|---|---|---|---|---|---|---|",
+                  *balanced_lines]
+    lines += ["", "What each method spent (mean over seeds): local optimiser steps per client, total MB up / down "
+                  "per client over the run, seconds with the warm-up a method continues from:", "",
+              "| setting | local steps/client | per method: MB up / down per client, seconds |", "|---|---|---|",
+              *compute_lines]
     lines.append("")
     if len(shared) < len(args.setting):  # a column of its own somewhere: the paper rule's count on the same settings
         lines.append(summary("robustness_goal_paper_rule", paper_verdicts, "paper rule", args.goal_margin))

@@ -119,14 +119,20 @@ def test_a_unit_record_is_not_reused_across_params_faults_or_seeds(tmp_path: Pat
 
 
 def _metrics(folder: Path, seed: int, scores: dict[str, float], ari: float | None, commit: str = "a" * 40,
-             protocol: str = "equal_compute", majority: bool = True) -> None:
+             protocol: str = "equal_compute", majority: bool = True, balanced: dict[str, float] | None = None,
+             spent: dict[str, tuple[float, float, float, float]] | None = None) -> None:
+    """A seed's run as quality.py leaves it; `balanced`: scores on label-balanced test sets; `spent`: per method
+    (local steps per client, bytes up, bytes down per client, seconds of rounds), else 10 steps, 1 / 2 MB, 5 s."""
     version = {"commit": commit, "sources": "b" * 16, "dirty": False}
-    methods = {m: {"mean": s, "majority": {"mean": 0.4} if majority else None, "code_version": version}
+    methods = {m: {"mean": s, "majority": {"mean": 0.4} if majority else None, "code_version": version,
+                   **dict(zip(("local_steps_per_client", "bytes_up_total_per_client", "bytes_down_total_per_client",
+                               "wall_seconds"), (spent or {}).get(m, (10, 1e6, 2e6, 5.0)), strict=True)),
+                   **({"balanced": {"mean": balanced[m]}} if balanced else {})}
                for m, s in scores.items()}
     out = folder / f"seed{seed}" / "metrics.json"
     (out.parent / "units").mkdir(parents=True)
     run = {"methods": methods, "protocol": protocol, "code_version": version,
-           "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari}}
+           "allocation": {"num_experts": 4, "capped": seed == 1, "ari_vs_task": ari, "warmup_seconds": 7.0}}
     out.write_text(json.dumps(run))
     from quality import method_units
 
@@ -160,8 +166,12 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
         args = [a for setting in settings for a in ("--setting", setting)]
         return _in_process(main, ["robustness_table.py", *args, *extra], monkeypatch, capsys)
 
-    def rows(stdout: str) -> dict[str, list[str]]:
-        return {line.split(" | ")[0][2:]: line.split(" | ") for line in stdout.splitlines() if line.startswith("| ")}
+    def rows(stdout: str) -> dict[str, list[str]]:  # the goal table's rows (the first of each label)
+        found: dict[str, list[str]] = {}
+        for line in stdout.splitlines():
+            if line.startswith("| "):
+                found.setdefault(line.split(" | ")[0][2:], line.split(" | "))
+        return found
 
     for seed, (fl, ifca, ari) in enumerate([(0.70, 0.66, 1.0), (0.72, 0.70, 0.9)]):  # FedLEASE 71, IFCA 68, local 65
         _metrics(tmp_path / "mix", seed, {"fedlease": fl, "local": 0.65, "fedit": 0.60, "ifca": ifca}, ari)
@@ -238,6 +248,36 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
                               ((f"mix={tmp_path / 'mix'},{tmp_path / 'skew'}",), "['seed0', 'seed1']")]:
         refused = table(*settings)
         assert refused.returncode != 0 and message in refused.stderr, (settings, refused.stderr)
+
+
+def test_robustness_table_reads_label_skew_on_balanced_test_sets_and_shows_what_each_method_spent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Beside the goal (on the clients' own test sets): the label-skew settings on label-balanced test sets, the
+    margin there over the best other (an option's own `local` included), and per method its local steps per client
+    (one number at equal compute), MB up / down per client and seconds with the warm-up it continues from."""
+    from robustness_table import main
+
+    scores = {"fedlease": 0.80, "local": 0.79, "fedit": 0.78, "ifca": 0.77}
+    for seed, (fl, ifca) in enumerate([(0.40, 0.44), (0.50, 0.48)]):  # balanced: FedLEASE 45, IFCA 46, local 35
+        _metrics(tmp_path / "skew", seed, scores, 1.0, balanced={"fedlease": fl, "local": 0.35, "fedit": 0.30,
+                                                               "ifca": ifca})
+        _metrics(tmp_path / "opt", seed, {"fedlease": 0.81, "local": 0.80}, 1.0,
+                 balanced={"fedlease": 0.50, "local": 0.47})  # its own warm-up: local 47 on balanced sets
+    _metrics(tmp_path / "mix", 0, scores, 1.0, spent={"fedlease": (12, 1e6, 3e6, 20.0), "local": (12, 0, 0, 4.0),
+                                                      "fedit": (12, 2e6, 2e6, 30.0), "ifca": (11, 2e6, 8e6, 40.0)})
+    argv = ["robustness_table.py", "--setting", f"skew={tmp_path / 'skew'},{tmp_path / 'opt'}", "--setting",
+            f"mix={tmp_path / 'mix'}", "--column", "balanced loss"]
+    proc = _in_process(main, argv, monkeypatch, capsys)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    balanced = [line for line in lines if line.startswith("| skew | 2 | ")]
+    assert balanced[1] == "| skew | 2 | 47.00 | ifca 46.00 | 45.00 | 50.00 | +3.00 |"  # over the option's local
+    assert not any(line.startswith("| mix | 1 | 79.00 | ifca") for line in lines[lines.index(balanced[1]):])
+    mix = next(line for line in lines if line.startswith("| mix | **differ**"))  # ifca ran a step less
+    assert "fedlease 1.00 / 3.00 MB, 27 s" in mix and "local 0.00 / 0.00 MB, 11 s" in mix  # + the 7 s warm-up
+    assert "fedit 2.00 / 2.00 MB, 30 s" in mix and "ifca 11" in mix  # no warm-up: rounds alone
+    skew = next(line for line in lines if line.startswith("| skew | 10 |"))  # equal compute: one number
+    assert "fedlease (column) 1.00 / 2.00 MB, 12 s" in skew and "local (column)" in skew
 
 
 def test_a_results_file_mixes_no_code_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
