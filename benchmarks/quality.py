@@ -239,6 +239,9 @@ def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[fl
         lines.append(f"| epsilon = {eps} | {noise_multiplier(cfg, rounds):.3f} | "
                      f"{epsilon_after(cfg, rounds, rounds):.2f} | "
                      f"{mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
+    floor = floor_note(runs)  # the same partitions at every epsilon: one floor
+    if floor:
+        lines.append(f"| majority class (floor) | - | - | {floor.removeprefix('; majority-class floor ')} |")
     return "\n".join(lines)
 
 
@@ -291,6 +294,13 @@ def machines_line(runs: list[dict[str, Any]]) -> str:
             where = r.get("machines", {}).get(name, "not recorded")
             counts[where] = counts.get(where, 0) + 1
     return "Ran on: " + "; ".join(f"{where} ({n} method-seed(s))" for where, n in sorted(counts.items())) + "."
+
+
+def floor_note(runs: list[dict[str, Any]]) -> str:
+    """`; majority-class floor X` for a classification setting's runs (each client predicting its most frequent
+    training label, the same for every method and variant), else nothing."""
+    floors = [r["methods"]["fedlease"].get("majority") for r in runs]
+    return f"; majority-class floor {mean_std([f['mean'] for f in floors])}" if floors and all(floors) else ""
 
 
 def headline(name: str, value: float, runs: list[dict[str, Any]], digits: int = 2) -> str:
@@ -471,7 +481,8 @@ def main() -> None:
         m = max(r["allocation"]["num_experts"] for r in same if "allocation" in r)
         doc += [f"## Ablations (FedLEASE variants, same budgets; seeds {ablation_seeds})", "",
                 ablations(args.params, overrides, ablation_seeds, cfg.num_clients, m, prefix), "",
-                f"Full FedLEASE on the same seeds: {mean_std([r['methods']['fedlease']['mean'] for r in same])}.", ""]
+                f"Full FedLEASE on the same seeds: {mean_std([r['methods']['fedlease']['mean'] for r in same])}"
+                + floor_note(same) + ".", ""]
     if args.dp:
         doc += ["## Client-level differential privacy (FedLEASE; clip 1.0, delta 1e-5, RDP accountant)", "",
                 dp_table(args.params, overrides, seeds, [r["methods"]["fedlease"]["mean"] for r in runs], prefix), ""]

@@ -269,6 +269,7 @@ def _score(cfg: Config, rt: ClientRuntime, model: PeftModel, data: Any, out: dic
                 out["balanced_accuracy"] = float(np.mean([p == r["label"] for p, r in zip(preds, data.balanced_test,
                                                                                            strict=True)]))
                 out["num_balanced_test"] = len(data.balanced_test)
+                out["balanced_majority_accuracy"] = majority_accuracy(data.train, data.balanced_test)  # its floor
         else:
             preds_text = generate(model, rt.tokenizer, [r["prompt"] for r in data.test], cfg.model.max_length,
                                   cfg.training.max_new_tokens, cfg.training.eval_batch_size)

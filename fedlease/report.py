@@ -27,7 +27,8 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
     return {
         "metric": last_eval["metric"], "mean": last_eval["mean"], "per_task": last_eval["per_task"],
         "weighted_mean": last_eval.get("weighted_mean"), "mean_macro_f1": last_eval.get("mean_macro_f1"),
-        "majority": last_eval.get("majority"), "balanced": last_eval.get("balanced"), "rounds": rounds,
+        "majority": last_eval.get("majority"), "balanced": last_eval.get("balanced"),
+        "balanced_majority": last_eval.get("balanced_majority"), "rounds": rounds,
         "local_steps_per_client": steps / num_clients,
         "bytes_up_total_per_client": sum(r.total_up for r in traffic) / num_clients,
         "bytes_down_total_per_client": sum(r.total_down for r in traffic) / num_clients,
@@ -128,6 +129,10 @@ def balanced_table(runs: list[dict[str, Any]]) -> str | None:
         per = [r["methods"][name]["balanced"] for r in runs]
         lines.append(_row([name, *[mean_std([p["per_task"][t] for p in per]) for t in tasks],
                            mean_std([p["mean"] for p in per])]))
+    floors = [r["methods"][methods[0]].get("balanced_majority") for r in runs]
+    if all(floors):  # each client predicting its most frequent training label: chance on a balanced set
+        lines.append(_row(["majority class (floor)", *[mean_std([f["per_task"][t] for f in floors]) for t in tasks],
+                           mean_std([f["mean"] for f in floors])]))
     return "\n".join(lines)
 
 

@@ -292,6 +292,8 @@ def summarise_eval(clients: dict[str, dict[str, Any]], kind: str) -> dict[str, A
         balanced = {k: v for k, v in ok.items() if "balanced_accuracy" in v}
         if balanced:
             out["balanced"] = _means(balanced, "balanced_accuracy", "num_balanced_test")
+            if all("balanced_majority_accuracy" in v for v in balanced.values()):
+                out["balanced_majority"] = _means(balanced, "balanced_majority_accuracy", "num_balanced_test")
     return out
 
 

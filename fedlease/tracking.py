@@ -293,6 +293,10 @@ def round_metrics(record: RoundRecord, cumulative: dict[str, float]) -> dict[str
             out["mean_macro_f1"] = ev["mean_macro_f1"]
         for task, v in ev["per_task"].items():
             out[f"task_{metric}/{task}"] = v
+        if ev.get("majority"):  # the majority-class floor, beside the scores (the MLflow-read table shows it)
+            out["majority_mean_accuracy"] = ev["majority"]["mean"]
+            for task, v in ev["majority"]["per_task"].items():
+                out[f"task_majority_accuracy/{task}"] = v
         for cid, c in ev["clients"].items():
             for key in ("accuracy", "macro_f1", "rougeL"):
                 if key in c:
@@ -367,7 +371,8 @@ def fetch_model(uri: str, dest: Path, tracking: str | None = None) -> Path:
 
 
 def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
-    """Markdown table (method x task score, average, MB per round, wall time) from a parent run's children."""
+    """Markdown table (method x task score, average, steps, MB, time, the majority-class floor) from a parent
+    run's children, under the protocol and the code version they ran with."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -385,6 +390,10 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
             raise TrackingError(f"no pipeline run in experiment {cfg.tracking.experiment!r} at {uri}")
         run_id = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    from fedlease.strategies import strategy_class
+
+    parent = client.get_run(run_id).data
+    warmup_seconds = parent.metrics.get("warmup.seconds")  # none in a run logged before it was kept
     methods = {}
     for child in sorted(children, key=lambda r: r.data.tags.get("fedlease.strategy", r.info.run_name or "")):
         m = child.data.metrics
@@ -397,16 +406,30 @@ def report_from_mlflow(cfg: Config, run_id: str | None = None) -> str:
             values = [t.value / max(1.0, r.value) for t, r in zip(totals, reported, strict=False)]
             return sum(values) / max(1, len(values))
 
-        methods[child.data.tags.get("fedlease.strategy", child.info.run_name)] = {
+        name = child.data.tags.get("fedlease.strategy", child.info.run_name)
+        majority = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("task_majority_accuracy/")}
+        try:
+            heir = strategy_class(name).inherits_warmup
+        except ValueError:  # a run of a strategy this code no longer has
+            heir = None
+        methods[name] = {
             "metric": metric, "mean": m.get(f"mean_{metric}", float("nan")), "per_task": tasks,
+            "majority": {"mean": m["majority_mean_accuracy"], "per_task": majority}
+            if "majority_mean_accuracy" in m else None,
             "bytes_up_per_client_round": per_client_round("bytes_up_total"),
             "bytes_down_per_client_round": per_client_round("bytes_down_total"),
             "trainable_params": int(m.get("trainable_params", 0)), "wall_seconds": m.get("wall_seconds", float("nan")),
             "rounds": int(m.get("rounds", len(reported))), "weighted_mean": m.get(f"final_weighted_mean_{metric}"),
             **{key: m.get(key, float("nan")) for key in ("local_steps_per_client", "bytes_up_total_per_client",
-                                                         "bytes_down_total_per_client")}}
+                                                         "bytes_down_total_per_client")},
+            **({"warmup_seconds": warmup_seconds if heir else 0.0}
+               if heir is False or (heir and warmup_seconds is not None) else {})}
     if not methods:
         raise TrackingError(f"run {run_id}: no strategy runs under it at {uri}")
     from fedlease.report import method_table
 
-    return f"Run {run_id} ({uri})\n\n" + method_table([{"methods": methods}])
+    protocol = parent.params.get("federation.protocol", "not logged")
+    code = (f"commit {parent.tags.get('mlflow.source.git.commit', 'unknown')[:12]}, "
+            f"sources {parent.tags.get('fedlease.sources', 'unknown')}")
+    return (f"Run {run_id} ({uri}); protocol: {protocol}; code: {code}\n\n"
+            + method_table([{"methods": methods}]))

@@ -205,6 +205,40 @@ def test_label_balanced_test_set_spans_the_task_and_comes_from_test_data(tmp_pat
         assert {r["text"] for r in c.balanced_test} <= tests and not {r["text"] for r in c.balanced_test} & trains
 
 
+def test_the_label_balanced_table_has_its_majority_floor():
+    """On a label-balanced test set a client predicting its most frequent training label scores 1/L of its
+    task's L labels: the floor row under the balanced table, from each client's own (hand-made) floor."""
+    from fedlease.client import majority_accuracy
+    from fedlease.report import balanced_table, summarise_method
+    from fedlease.server import summarise_eval
+
+    train = [{"label": 2}, {"label": 2}, {"label": 0}]
+    assert majority_accuracy(train, [{"label": k} for k in range(3) for _ in range(4)]) == pytest.approx(1 / 3)
+
+    def client(task: str, acc: float, bal: float, floor: float) -> dict:
+        return {"task": task, "accuracy": acc, "macro_f1": acc, "majority_accuracy": 0.9, "num_test": 4,
+                "balanced_accuracy": bal, "num_balanced_test": 6, "balanced_majority_accuracy": floor}
+
+    ev = summarise_eval({"0": client("t3", 0.9, 0.5, 1 / 3), "1": client("t3", 0.8, 0.6, 1 / 3),
+                         "2": client("t2", 0.9, 0.7, 0.5)}, "classification")
+    assert ev["balanced_majority"]["per_task"] == {"t2": 0.5, "t3": pytest.approx(1 / 3)}
+    from fedlease.records import RoundRecord
+
+    record = RoundRecord(1, [0, 1, 2], {}, 0.1, {}, {}, 1.0, 0.0, steps={}, eval=ev)
+    method = summarise_method([record], {"wall_seconds": 1.0, "trainable_params": 1}, 3)
+    table = balanced_table([{"methods": {"fedlease": method}}])
+    assert table.splitlines()[-1] == "| majority class (floor) | 50.00 | 33.33 | 38.89 |"
+    assert table.splitlines()[-2] == "| fedlease | 70.00 | 55.00 | 60.00 |"
+
+
+def test_ablation_and_privacy_tables_name_the_majority_floor():
+    import quality
+
+    runs = [{"methods": {"fedlease": {"mean": 0.6, "majority": {"mean": m}}}} for m in (0.40, 0.50)]
+    assert quality.floor_note(runs) == "; majority-class floor 45.00 ± 7.07"
+    assert quality.floor_note([{"methods": {"fedlease": {"mean": 0.3, "majority": None}}}]) == ""  # generation
+
+
 def test_planted_near_orthogonal_clusters_are_recovered():
     """The regime measured on the default mix: every client pair 1 - cos in 0.8-1.0, silhouette ~0.15.
     B_i = sqrt(rho) c_k + sqrt(1 - rho) noise_i gives cos ~rho within a cluster, ~0 across."""

@@ -102,6 +102,12 @@ def test_runs_metrics_artifacts_registry_predict_report(tmp_path: Path):
                          capture_output=True, text=True, cwd=REPO)
     assert rep.returncode == 0, rep.stderr[-1500:]
     assert "| fedlease |" in rep.stdout and "| fedit |" in rep.stdout and "sentiment" in rep.stdout
+    # read back from MLflow: the floor, the protocol and the code version, and FedLEASE's time with its warm-up
+    assert "| majority class (floor) |" in rep.stdout and "protocol: equal_compute; code: commit " in rep.stdout
+    metrics = read_json(RunPaths.of(cfg).metrics)
+    fl_row = next(line for line in rep.stdout.splitlines() if line.startswith("| fedlease |"))
+    with_warmup = metrics["methods"]["fedlease"]["wall_seconds"] + metrics["allocation"]["warmup_seconds"]
+    assert fl_row.endswith(f"| {with_warmup:.0f} |"), fl_row
 
     # other params in the same output_dir (a DVC experiment): a new parent run, no mixed params
     other = config_from_dict({**raw, "lora": {**raw["lora"], "alpha": 8}})
