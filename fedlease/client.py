@@ -28,7 +28,7 @@ from fedlease.engine.trainer import TrainResult, autocast_for, compute_loss, dev
 from fedlease.exchange import read_download, write_upload
 from fedlease.local_state import load_local_state, save_local_state
 from fedlease.models.adapters import attach_telemetry, detach_telemetry, get_state, set_state, set_trainable
-from fedlease.models.dual import recorded_weights, sequence_mean
+from fedlease.models.dual import mean_last_hidden, recorded_weights
 from fedlease.ranks import claim_device, in_rank_group, rank_and_world, run_on_ranks
 from fedlease.records import ClientTrainResult
 from fedlease.runtime import SEEDED, ClientRuntime, build_client_model, runtime_for, strategy_for
@@ -158,7 +158,6 @@ def input_signature(rt: ClientRuntime, model: PeftModel, records: list[dict[str,
     it reads neither the head nor any training. What the `inputs` distance compares: a summary of the client's
     inputs that leaves the client (one vector per client, as B is a summary of its training)."""
     cfg = rt.cfg
-    extra = {} if cfg.data.kind == "classification" else {"use_cache": False}
     total, count = torch.zeros(()), 0
     was_training = model.training
     model.eval()
@@ -167,11 +166,9 @@ def input_signature(rt: ClientRuntime, model: PeftModel, records: list[dict[str,
             for i in range(0, len(records), cfg.training.eval_batch_size):
                 enc = encode_inputs(rt.tokenizer, records[i:i + cfg.training.eval_batch_size], cfg.data.kind,
                                     cfg.model.max_length)
-                call = {k: v.to(device()) for k, v in enc.items()
-                        if k in ("input_ids", "attention_mask", "token_type_ids")}
-                hidden = model(**call, output_hidden_states=True, **extra).hidden_states[-1].float()
-                total = total + sequence_mean(hidden, call.get("attention_mask")).sum(dim=0).cpu()
-                count += hidden.shape[0]
+                pooled = mean_last_hidden(model, {k: v.to(device()) for k, v in enc.items()})
+                total = total + pooled.sum(dim=0).cpu()
+                count += pooled.shape[0]
     finally:
         model.train(was_training)
     return total / max(1, count)

@@ -137,3 +137,35 @@ def test_phases_sharing_a_budget_split_the_same_batches():
     parts = [share_of(items, i, 2) for i in range(2)]
     assert parts[0] + parts[1] == items and abs(len(parts[0]) - len(parts[1])) <= 1
     assert share_of(items, 0, 1) == items
+
+
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_the_body_alone_gives_the_full_models_last_hidden_state(tmp_path: Path, kind: str):
+    """FedDPA's representations and the `inputs` distance's signature read the model's body, not its full
+    forward (no vocabulary-sized logits): the same mean-pooled last hidden state, to the bit, as the full
+    model's `hidden_states[-1]`, with a LoRA that changes it (an encoder with its head; a causal LM)."""
+    from fedlease.engine.evaluate import encode_inputs
+    from fedlease.models.dual import mean_last_hidden
+    from fedlease.runtime import ClientRuntime
+    from fedlease.strategies.base import ModelSpec
+    from tests.conftest import tiny_generation_params
+
+    raw = tiny_params(tmp_path) if kind == "classification" else tiny_generation_params(tmp_path)
+    rt = ClientRuntime(config_from_dict(raw))
+    model = rt.fresh_model(ModelSpec(r=2), 2)
+    state = get_state(model, None, ("lora",))
+    torch.manual_seed(2)
+    set_state(model, {k: torch.randn_like(v) for k, v in state.items() if k.endswith((".A", ".B"))})
+    model.eval()
+    records = ([{"text": t, "label": 0} for t in ("the film was great", "a cat", "is it about a city?")]
+               if kind == "classification" else [{"prompt": p, "response": "x"} for p in ("Answer: 1?", "Say hi")])
+    batch = encode_inputs(rt.tokenizer, records, kind, 16)
+    call = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        body = mean_last_hidden(model, batch)
+        full = sequence_mean(model(**call, output_hidden_states=True).hidden_states[-1].float(),
+                             call.get("attention_mask"))
+        with model.disable_adapter():
+            frozen = mean_last_hidden(model, batch)
+    assert torch.equal(body, full) and body.shape == (len(records), full.shape[1])
+    assert not torch.allclose(body, frozen), "the LoRA moves it: the body's forward ran through the adapter"

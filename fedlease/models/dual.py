@@ -50,6 +50,22 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+#: the tokenizer's outputs a transformers model takes (a tokenizer may add others, e.g. offsets)
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def mean_last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, d): the last layer's hidden state, mean-pooled over real tokens, from the model's body alone (the
+    transformer under its head, e.g. `model.model` of a causal LM): a full forward would also compute the
+    head's logits, (B, T, vocabulary), which at a large vocabulary dwarf the hidden states. The body's last
+    hidden state is the full model's `hidden_states[-1]` (tested); the caller sets adapters and dropout."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", ""), base)
+    call = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+    extra = {"use_cache": False} if "CausalLM" in type(base).__name__ else {}
+    return sequence_mean(body(**call, **extra).last_hidden_state.float(), call.get("attention_mask"))
+
+
 def instance_weight(reps: torch.Tensor, reference: torch.Tensor, max_weight: float) -> torch.Tensor:
     """Local-LoRA weight per instance, (B,): max_weight * clamp(mean over the k references of the cosine
     between the instance's representation (B, d) and each reference (k, d), 0, 1)."""
@@ -137,12 +153,9 @@ def fixed_weight(model: nn.Module, weight: float) -> Iterator[None]:
 
 def representations(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """e(x): the last hidden state, mean-pooled over real tokens, with the local LoRA alone (B, d)."""
-    call = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {"use_cache": False} if "CausalLM" in type(base).__name__ else {}
     with torch.no_grad(), fixed_weight(model, 1.0), _bypass(base):
-        out = base(**call, output_hidden_states=True, **extra)
-    return sequence_mean(out.hidden_states[-1].float(), inputs.get("attention_mask"))
+        return mean_last_hidden(model, inputs)
 
 
 def store_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
