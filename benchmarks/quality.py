@@ -3,8 +3,9 @@
 Runs the real pipeline (`fedlease.pipeline.run_all`) per seed and unit of methods (`method_units`), writes
 `benchmarks/results/quality.md` (method x task accuracy, mean +- std over seeds, MB up/down
 per client per round, trainable parameters, wall time, the paper's GLUE table beside it), and
-ends with `ari: <v>`, `fedlease_margin: <points over the best other method>` (and `skew_margin:` with
---label-skew; `nlg_margin:` with --nlg), each naming the protocol and the seeds it averages.
+ends with four lines, `ari: <v>`, `fedlease_margin: <points over the best other method>`, `skew_margin:` (with
+--label-skew) and `nlg_margin:` (a run with --nlg), each naming the protocol and the seeds it averages; a setting
+the run left out prints `not run` and the flag that runs it.
 
     python benchmarks/quality.py [--params FILE] [--set key.path=value ...] [--seeds 0,1,2] [--quick]
                                  [--label-skew] [--ablations [--ablation-seeds 0]] [--dp]
@@ -264,7 +265,8 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
     margin = 100 * (means[primary] - max(others.values())) if primary and others else float("nan")
     aris = [r["allocation"]["ari_vs_task"] for r in runs if "allocation" in r]
     ms = [r["allocation"]["num_experts"] for r in runs if "allocation" in r]
-    capped = sum(bool(r["allocation"].get("capped")) for r in runs if "allocation" in r)
+    caps = [r["allocation"].get("cap") or "fedlease.m_max or N - 1" for r in runs  # no name: older records
+            if r.get("allocation", {}).get("capped")]
     ari = statistics.mean(aris) if aris else float("nan")
     warm = [r["allocation"]["warmup_seconds"] for r in runs if "warmup_seconds" in r.get("allocation", {})]
     heirs = [m for m in methods if strategy_class(m).inherits_warmup and m != primary]
@@ -276,7 +278,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[str, float, float]:
         method_aris = [r["methods"][name].get("ari_vs_task") for r in runs]
         if name != primary and all(a is not None for a in method_aris):
             lines += ["", f"{name}'s clusters vs the true tasks: ARI {[round(a, 3) for a in method_aris]} (per seed)."]
-    at_cap = f"; at the cap, fedlease.m_max or N - 1, in {capped}" if capped else ""
+    at_cap = f"; at the cap in {len(caps)}: {', '.join(sorted(set(caps)))}" if caps else ""
     lines += ["", f"FedLEASE chose M = {ms} (per seed{at_cap}); "
                   f"ARI of its clusters vs the true tasks: {aris}.",
               f"FedLEASE margin over the best other method ({max(others, key=others.get) if others else '-'}): "

@@ -6,7 +6,7 @@
 # from a git worktree of it, so later commits on the branch do not enter the numbers. Every unit of
 # methods (minutes) leaves a small record under benchmarks/results/records/COMMIT; commit them as they
 # come: the same command on a fresh clone reads them and runs only what is missing (run folders, which
-# resume round by round, do not survive a machine). About 18-19 hours on a 2-core CPU: benchmarks/README.md.
+# resume round by round, do not survive a machine). About 19-20 hours on a 2-core CPU: benchmarks/README.md.
 #
 #   benchmarks/regenerate.sh COMMIT ["a note on the run's conditions" ...]
 #

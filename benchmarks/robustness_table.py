@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedlease.io import atomic_write_text  # noqa: E402
 from fedlease.provenance import describe  # noqa: E402
-from fedlease.strategies import floor_names, primary_name  # noqa: E402
+from fedlease.strategies import floor_names, primary_name, strategy_class  # noqa: E402
 from quality import method_units, no_failed_evaluations, one_code_version  # noqa: E402
 
 HEADER = ("| setting | seeds | majority floor | `local` | best baseline | FedLEASE, paper rule | FedLEASE, {column} | "
@@ -95,11 +95,18 @@ def majority_floor(runs: list[dict[str, Any]]) -> float | None:
     return None if any(f is None for f in floors) else 100 * statistics.mean(f["mean"] for f in floors)
 
 
+def experts_cell(alloc: dict[str, Any]) -> str:
+    """M, and the cap it stopped at when it did (named where the run kept the name: 4c36b27's runs did not)."""
+    if not alloc.get("capped"):
+        return str(alloc["num_experts"])
+    return f"{alloc['num_experts']} (cap{': ' + alloc['cap'] if alloc.get('cap') else ''})"
+
+
 def allocation(runs: list[dict[str, Any]], goal_ari: float) -> tuple[str, str, float | None]:
     """M per seed (cap marked), the ARI of the clusters against the true tasks per seed, and the lowest ARI
     (the goal holds on every seed; None when a run has no allocation or its clients' tasks are not known)."""
     allocs = [r.get("allocation") or {} for r in runs]
-    ms = ", ".join(f"{a['num_experts']}{' (cap)' if a.get('capped') else ''}" if a else "-" for a in allocs)
+    ms = ", ".join(experts_cell(a) if a else "-" for a in allocs)
     aris = [a.get("ari_vs_task") for a in allocs]
     if any(x is None for x in aris):
         return ms, "-", None
@@ -184,14 +191,15 @@ def balanced_row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str
 def compute_row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str, Any]], own: bool) -> str:
     """What each method spent in a setting, mean over seeds: local optimiser steps per client (equal compute:
     one number when every method's is the same), total MB up and down per client over the run, and seconds
-    with the warm-up a method continues from (FedLEASE's and `local`'s)."""
+    with the warm-up a method continues from (FedLEASE's and `local`'s; nan, shown "-", when a run kept none)."""
     def spent(runs: list[dict[str, Any]], method: str) -> tuple[float, float, float, float]:
-        per = [(r["methods"][method], (r.get("allocation") or {}).get("warmup_seconds", 0.0)) for r in runs]
-        heir = method == primary_name(list(runs[0]["methods"])) or method in floor_names(list(runs[0]["methods"]))
+        heir = strategy_class(method).inherits_warmup
+        per = [(r["methods"][method], (r.get("allocation") or {}).get("warmup_seconds", float("nan")) if heir
+                else 0.0) for r in runs]
         return (statistics.mean(m["local_steps_per_client"] for m, _ in per),
                 statistics.mean(m["bytes_up_total_per_client"] for m, _ in per) / 1e6,
                 statistics.mean(m["bytes_down_total_per_client"] for m, _ in per) / 1e6,
-                statistics.mean(m["wall_seconds"] + (w if heir else 0.0) for m, w in per))
+                statistics.mean(m["wall_seconds"] + w for m, w in per))
 
     columns = {m: spent(paper, m) for m in paper[0]["methods"]}
     if own:  # the column's runs: FedLEASE's (and its `local`'s, when it reruns the warm-up)
@@ -199,7 +207,8 @@ def compute_row(label: str, paper: list[dict[str, Any]], shipped: list[dict[str,
     steps = {round(c[0], 1) for c in columns.values()}
     steps_cell = (f"{steps.pop():g}" if len(steps) == 1
                   else "**differ**: " + ", ".join(f"{m} {c[0]:g}" for m, c in columns.items()))
-    cells = "; ".join(f"{m} {c[1]:.2f} / {c[2]:.2f} MB, {c[3]:.0f} s" for m, c in columns.items())
+    cells = "; ".join(f"{m} {c[1]:.2f} / {c[2]:.2f} MB, {'-' if c[3] != c[3] else f'{c[3]:.0f}'} s"
+                      for m, c in columns.items())
     return f"| {label} | {steps_cell} | {cells} |"
 
 

@@ -168,4 +168,6 @@ def test_the_body_alone_gives_the_full_models_last_hidden_state(tmp_path: Path, 
         with model.disable_adapter():
             frozen = mean_last_hidden(model, batch)
     assert torch.equal(body, full) and body.shape == (len(records), full.shape[1])
+    with torch.no_grad():  # FedDPA's hook hands it the transformers model itself (peft's base model)
+        assert torch.equal(mean_last_hidden(model.get_base_model(), batch), body)
     assert not torch.allclose(body, frozen), "the LoRA moves it: the body's forward ran through the adapter"

@@ -19,6 +19,7 @@ its released code, FedDPA-T):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ def mean_last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, getattr(base, "base_model_prefix", ""), base)
     call = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
-    extra = {"use_cache": False} if "CausalLM" in type(base).__name__ else {}
+    # one forward, no cache to keep (a decoder's body would build one for a generation that never follows)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(body.forward).parameters else {}
     return sequence_mean(body(**call, **extra).last_hidden_state.float(), call.get("attention_mask"))
 
 
