@@ -14,7 +14,8 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
                      warmup: list[RoundRecord] | None = None, warmup_traffic: bool = False) -> dict[str, Any]:
     """Final scores, per-round curve, compute and traffic of one method's run.
 
-    `warmup`: the warm-up rounds the method continues from (their local steps count as its compute);
+    `warmup`: the warm-up rounds the method continues from (their local steps and seconds count as its compute;
+    None: it continues from none; []: it does, but no record of them is left);
     `warmup_traffic`: the warm-up's uploads and downloads count as its communication too (FedLEASE's
     server needs every warm-up adapter to cluster)."""
     last_eval = next(r.eval for r in reversed(history) if r.eval)
@@ -34,8 +35,9 @@ def summarise_method(history: list[RoundRecord], result: dict[str, Any], num_cli
         "bytes_down_total_per_client": sum(r.total_down for r in traffic) / num_clients,
         "bytes_up_per_client_round": float(sum(ups) / max(1, rounds)),
         "bytes_down_per_client_round": float(sum(downs) / max(1, rounds)),
-        "wall_seconds": result["wall_seconds"], "warmup_seconds": float(sum(r.seconds for r in prelude)),
-        "trainable_params": result["trainable_params"],
+        "wall_seconds": result["wall_seconds"], "trainable_params": result["trainable_params"],
+        # an heir (warm-up given) whose warm-up left no record has no time of it: left out, shown "-"
+        **({} if warmup == [] else {"warmup_seconds": float(sum(r.seconds for r in prelude))}),
         "ari_vs_task": result.get("ari_vs_task"), "code_version": result.get("code_version"),
         "failed_evaluations": last_eval.get("failed_clients", []),
         "instance_weight": _instance_weights(last_eval),

@@ -165,6 +165,8 @@ def test_the_time_of_a_method_that_continues_from_the_warmup_counts_the_warmup()
     heir = summarise_method([record(1, 50.0), record(2, 50.0)], result, 2, warmup=[record(1, 20.0), record(2, 10.0)])
     alone = summarise_method([record(1, 50.0), record(2, 50.0)], result, 2)
     assert heir["warmup_seconds"] == 30.0 and alone["warmup_seconds"] == 0.0
+    lost = summarise_method([record(1, 50.0), record(2, 50.0)], result, 2, warmup=[])  # an heir, no warm-up record
+    assert "warmup_seconds" not in lost and method_table([{"methods": {"x": lost}}]).splitlines()[2].endswith("| - |")
     assert heir["local_steps_per_client"] == 12 and alone["local_steps_per_client"] == 6
     table = method_table([{"methods": {"fedlease": heir, "fedit": alone}}])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
