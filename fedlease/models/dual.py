@@ -156,6 +156,8 @@ def fixed_weight(model: nn.Module, weight: float) -> Iterator[None]:
 def representations(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """e(x): the last hidden state, mean-pooled over real tokens, with the local LoRA alone (B, d)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # _bypass: the instance-weighting hook sits on the base model; calling its body does not fire it, but a base
+    # model that is its own body (no head, no `base_model_prefix` attribute) would, and must not recurse
     with torch.no_grad(), fixed_weight(model, 1.0), _bypass(base):
         return mean_last_hidden(model, inputs)
 
