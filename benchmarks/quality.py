@@ -240,9 +240,9 @@ def dp_table(params: str, overrides: list[str], seeds: list[int], no_dp: list[fl
         lines.append(f"| epsilon = {eps} | {noise_multiplier(cfg, rounds):.3f} | "
                      f"{epsilon_after(cfg, rounds, rounds):.2f} | "
                      f"{mean_std([r['methods']['fedlease']['mean'] for r in runs])} |")
-    floor = floor_note(runs)  # the same partitions at every epsilon: one floor
+    floor = majority_floor_cell(runs)  # the same partitions at every epsilon: one floor
     if floor:
-        lines.append(f"| majority class (floor) | - | - | {floor.removeprefix('; majority-class floor ')} |")
+        lines.append(f"| majority class (floor) | - | - | {floor} |")
     return "\n".join(lines)
 
 
@@ -298,11 +298,17 @@ def machines_line(runs: list[dict[str, Any]]) -> str:
     return "Ran on: " + "; ".join(f"{where} ({n} method-seed(s))" for where, n in sorted(counts.items())) + "."
 
 
-def floor_note(runs: list[dict[str, Any]]) -> str:
-    """`; majority-class floor X` for a classification setting's runs (each client predicting its most frequent
-    training label, the same for every method and variant), else nothing."""
+def majority_floor_cell(runs: list[dict[str, Any]]) -> str | None:
+    """The majority-class floor of a classification setting's runs (each client predicting its most frequent
+    training label, the same for every method and variant), mean ± std over runs; None for generation."""
     floors = [r["methods"]["fedlease"].get("majority") for r in runs]
-    return f"; majority-class floor {mean_std([f['mean'] for f in floors])}" if floors and all(floors) else ""
+    return mean_std([f["mean"] for f in floors]) if floors and all(floors) else None
+
+
+def floor_note(runs: list[dict[str, Any]]) -> str:
+    """`; majority-class floor X` after a score in a sentence, else nothing."""
+    floor = majority_floor_cell(runs)
+    return f"; majority-class floor {floor}" if floor else ""
 
 
 def headline(name: str, value: float, runs: list[dict[str, Any]], digits: int = 2) -> str:

@@ -245,12 +245,13 @@ def main() -> None:
         if not shipped_dir:
             shared.append(label)
         every += [*paper.values(), *shipped.values()]
-        line, verdict, paper_verdict = row(label, list(paper.values()), list(shipped.values()), args.goal_margin,
-                                           args.goal_ari, runs_of_its_own=bool(shipped_dir))
+        paper_runs, shipped_runs, own = list(paper.values()), list(shipped.values()), bool(shipped_dir)
+        line, verdict, paper_verdict = row(label, paper_runs, shipped_runs, args.goal_margin, args.goal_ari,
+                                           runs_of_its_own=own)
         lines.append(line)
-        balanced = balanced_row(label, list(paper.values()), list(shipped.values()), bool(shipped_dir))
+        balanced = balanced_row(label, paper_runs, shipped_runs, own)
         balanced_lines += [balanced] if balanced else []
-        compute_lines.append(compute_row(label, list(paper.values()), list(shipped.values()), bool(shipped_dir)))
+        compute_lines.append(compute_row(label, paper_runs, shipped_runs, own))
         verdicts.append(verdict)
         paper_verdicts.append(paper_verdict)
     version = one_code_version(every)  # every run and every method's rounds: one code version
