@@ -384,6 +384,37 @@ def test_choose_default_names_the_winner_and_its_overrides_last(tmp_path: Path, 
     assert "| paper rule | 0 of 1 | -1.00 |" in proc.stdout
 
 
+def test_a_pick_that_falls_below_the_paper_rule_at_full_size_is_not_shipped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """The full-size check: the quick-size pick stands only if no full-size setting's margin is more than 0.5
+    below the paper rule's (at the bar it stands); else the paper rule is shipped, and the file says why."""
+    from choose_default import full_size_falls, main
+
+    def full(margins: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        return {"column": "subspace", "code": "c1",
+                "settings": {k: {"met": False, "margin": m} for k, (m, _) in margins.items()},
+                "paper_rule": {k: {"met": False, "margin": p} for k, (_, p) in margins.items()}}
+
+    assert full_size_falls(full({"task": (-2.64, 1.97), "skew": (0.5, 0.38)}), 0.5) == {"task": (-2.64, 1.97)}
+    assert full_size_falls(full({"task": (1.47, 1.97), "skew": (-3.0, -4.0)}), 0.5) == {}  # at the bar: holds
+    paper = {"mix": {"met": False, "margin": -1.0}}
+    doc = {"column": "subspace", "code": "c1", "settings": {"mix": {"met": True, "margin": 2.0}}, "paper_rule": paper}
+    (tmp_path / "subspace.json").write_text(json.dumps(doc))
+    (tmp_path / "subspace.sets").write_text("strategies=[fedlease]\nfedlease.clustering.distance=subspace\n")
+    for margins, shipped in (({"task": (-2.64, 1.97)}, "paper"), ({"task": (1.8, 1.97)}, "subspace")):
+        (tmp_path / "full" ).mkdir(exist_ok=True)
+        (tmp_path / "full" / "subspace.json").write_text(json.dumps(full(margins)))
+        proc = _in_process(main, ["choose_default.py", str(tmp_path / "subspace.json"), "--sets-dir", str(tmp_path),
+                                  "--full", str(tmp_path / "full" / "subspace.json")], monkeypatch, capsys)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == f"shipped_default: {shipped}"
+    assert "| task | +1.80 | +1.97 | yes |" in proc.stdout
+    (tmp_path / "full" / "other.json").write_text(json.dumps(full({"task": (9.0, 1.0)})))
+    proc = _in_process(main, ["choose_default.py", str(tmp_path / "subspace.json"),
+                              "--full", str(tmp_path / "full" / "other.json")], monkeypatch, capsys)
+    assert proc.returncode != 0 and "the pick is 'subspace'" in proc.stderr
+
+
 def test_a_benchmark_tracks_to_its_own_store_not_to_a_server_it_finds_running(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A server found answering on the project's port is what the pipeline tracks to (the one UI), but a
