@@ -110,7 +110,8 @@ def main() -> None:
                              f"the pick is {pick!r}")
         falls = full_size_falls(full, args.replace_by)
         lines += ["", f"Full-size check of the pick, {columns[pick]} (code: {full['code']}): it stands only if no "
-                      f"full-size setting's margin is more than {args.replace_by:g} below the paper rule's.", "",
+                      f"full-size setting's margin is more than {args.replace_by:g} below the paper rule's (a check "
+                      "added after the first pick's full-size rows were read: benchmarks/README.md).", "",
                   "| full-size setting | the pick's margin | the paper rule's margin | holds |", "|---|---|---|---|"]
         lines += [f"| {label} | {v['margin']:+.2f} | {full['paper_rule'][label]['margin']:+.2f} | "
                   f"{'**no**' if label in falls else 'yes'} |" for label, v in full["settings"].items()]

@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--goal-ari", type=float, default=0.95)
     ap.add_argument("--column", default="shipped default",
                     help="what the second folders hold (e.g. 'own prior b = 2' for an option's ablation rows)")
+    ap.add_argument("--title", default=None, help="a heading above the tables (what the two FedLEASE columns are)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--verdicts", default=None, metavar="JSON",
                     help="also write each setting's verdicts (goal met, margin) of the column and of the paper rule, "
@@ -275,7 +276,7 @@ def main() -> None:
     if len(shared) < len(args.setting):  # a column of its own somewhere: the paper rule's count on the same settings
         lines.append(summary("robustness_goal_paper_rule", paper_verdicts, "paper rule", args.goal_margin))
     lines.append(summary("robustness_goal", verdicts, args.column, args.goal_margin))
-    text = "\n".join(lines)
+    text = "\n".join(([f"# {args.title}", ""] if args.title else []) + lines)
     if args.out:
         atomic_write_text(Path(args.out), text + "\n")
     if args.verdicts:

@@ -194,9 +194,11 @@ def test_robustness_table_takes_the_margin_over_the_best_other_method_local_incl
     # an option's runs without `local` (same warm-up): the paper runs' `local` is the floor it must beat
     for seed in (0, 1):
         _metrics(tmp_path / "prior", seed, {"fedlease": 0.60}, 1.0)
-    option = table(f"mix={tmp_path / 'mix'},{tmp_path / 'prior'}", extra=("--column", "own prior b = 2"))
+    option = table(f"mix={tmp_path / 'mix'},{tmp_path / 'prior'}", extra=("--column", "own prior b = 2",
+                                                                         "--title", "Paper rule and prior"))
     assert option.returncode == 0, option.stderr
-    assert "FedLEASE, own prior b = 2" in option.stdout.splitlines()[0]
+    assert option.stdout.splitlines()[:2] == ["# Paper rule and prior", ""]
+    assert "FedLEASE, own prior b = 2" in option.stdout.splitlines()[2]
     assert rows(option.stdout)["mix"][3:9] == ["65.00", "ifca 68.00", "71.00", "60.00", "-8.00", "**no**"]
     # an option that reruns `local` with its own warm-up: the margin is over the better `local` of the two (the
     # paper's 55.50 here, not the option's 50.00), and a margin just under the goal is not shown rounded onto it
