@@ -17,6 +17,10 @@
 # (bash reads a script as it goes: with `exit` on a line of its own, an edit would shift what it reads next).
 set -euo pipefail
 
+shipped_default_in() {  # the name choose_default.py's last line gives (an option's, or paper)
+    tail -n 1 "$1" | sed 's/^shipped_default: //'
+}
+
 step() {  # quality.py of the worktree; `sub` (optional) places the records under a sub-folder
     echo "=== quality.py $* ($(date -u +%FT%TZ))"
     "$py" "$quality" "$@" --records "$records${sub:-}"
@@ -127,9 +131,9 @@ main() {
     # the rule fixed before these rows were read (benchmarks/README.md) picks the shipped default
     "$py" "$root/benchmarks/choose_default.py" "$runs"/verdicts/*.json --sets-dir "$runs/verdicts" \
         --out "$out/shipped_default.md"
-    local chosen label column="shipped default"
-    local title="FedLEASE's robustness (issue 20; commit $commit): the paper rule, which is the shipped default"
-    chosen=$(tail -n 1 "$out/shipped_default.md" | sed 's/^shipped_default: //')
+    local chosen label column="shipped default" heading="FedLEASE's robustness (issue 20; commit $commit)"
+    local title="$heading: the paper rule, which is the shipped default"
+    chosen=$(shipped_default_in "$out/shipped_default.md")
 
     # an option chosen as the shipped default gets its full-size rows (FedLEASE, and `local` when it changes the
     # warm-up) beside the paper rule's; its quick rows are the option's above. Paper chosen: one set of runs.
@@ -155,12 +159,12 @@ main() {
         "$py" "$table" "${full[@]}" --column "$label" --verdicts "$runs/verdicts-full/$chosen.json" > /dev/null
         "$py" "$root/benchmarks/choose_default.py" "$runs"/verdicts/*.json --sets-dir "$runs/verdicts" \
             --full "$runs/verdicts-full/$chosen.json" --out "$out/shipped_default.md"
-        if [ "$(tail -n 1 "$out/shipped_default.md" | sed 's/^shipped_default: //')" = paper ]; then
+        if [ "$(shipped_default_in "$out/shipped_default.md")" = paper ]; then
             column="$label (not shipped)"
-            title="FedLEASE's robustness (issue 20; commit $commit): the paper rule, which is the shipped default, \
-beside $label, the quick-size pick that does not hold at full size (results/shipped_default.md)"
+            title="$title, beside $label, the quick-size pick that does not hold at full size \
+(results/shipped_default.md)"
         else
-            title="FedLEASE's robustness (issue 20; commit $commit): the paper rule beside the shipped default, $label"
+            title="$heading: the paper rule beside the shipped default, $label"
         fi
     fi
     "$py" "$table" --out "$out/robustness.md" --column "$column" --title "$title" \

@@ -403,8 +403,8 @@ def test_a_pick_that_falls_below_the_paper_rule_at_full_size_is_not_shipped(
     doc = {"column": "subspace", "code": "c1", "settings": {"mix": {"met": True, "margin": 2.0}}, "paper_rule": paper}
     (tmp_path / "subspace.json").write_text(json.dumps(doc))
     (tmp_path / "subspace.sets").write_text("strategies=[fedlease]\nfedlease.clustering.distance=subspace\n")
+    (tmp_path / "full").mkdir()
     for margins, shipped in (({"task": (-2.64, 1.97)}, "paper"), ({"task": (1.8, 1.97)}, "subspace")):
-        (tmp_path / "full" ).mkdir(exist_ok=True)
         (tmp_path / "full" / "subspace.json").write_text(json.dumps(full(margins)))
         proc = _in_process(main, ["choose_default.py", str(tmp_path / "subspace.json"), "--sets-dir", str(tmp_path),
                                   "--full", str(tmp_path / "full" / "subspace.json")], monkeypatch, capsys)
