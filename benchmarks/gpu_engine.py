@@ -1,5 +1,6 @@
 """Step times of the local-training engines on a GPU (bf16) for the encoder and decoder shapes: plain torch
-and DeepSpeed at every ZeRO stage asked for, single LoRA and the FedLEASE mixture (M = 4).
+and DeepSpeed at every ZeRO stage asked for, single LoRA, the FedLEASE mixture (M = 4) and the mixture with
+the robustness options that add kernels and parameters (`router.own_prior`, `router.personal_expert`).
 
 Run once on a lent GPU machine; nothing in the project depends on it. The packaged
 model wheels are too large to carry there, so the models are randomly initialised
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -50,11 +52,12 @@ def main() -> None:
     results = []
     for kind, targets, task in (("encoder", ["query", "value"], "classification"),
                                 ("decoder", ["q_proj", "v_proj"], "generation")):
-        for method, experts in (("lora", None), ("fedlease_m4", 4)):
+        for method, experts, router in (("lora", None, RouterConfig()), ("fedlease_m4", 4, RouterConfig()),
+                                        ("fedlease_m4_personal", 4, RouterConfig(own_prior=1.0, personal_expert=True))):
             for engine_name, stage in engines:
                 model = build(kind)
                 lora = LoraConfig(r=4 if kind == "encoder" else 8, alpha=16, target_modules=targets)
-                model = wrap_lora(model, lora, experts, RouterConfig(), seed=0).to(dev)
+                model = wrap_lora(model, lora, experts, router, seed=0).to(dev)
                 if engine_name == "torch" and dev.type == "cuda":
                     model = model.to(torch.bfloat16)
                 head = "classifier" if kind == "encoder" else None
@@ -79,10 +82,13 @@ def main() -> None:
                 res = engine.train(model, params, batches(args.steps), task)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
+                if not math.isfinite(res.loss):  # a dtype or device slip shows here first
+                    raise SystemExit(f"{kind} {method} {engine_name}: training loss {res.loss} is not finite")
                 step_ms = 1000 * (res.seconds - res.setup_seconds) / res.steps
                 row = {"model": kind, "method": method, "engine": engine_name, "precision": precision,
                        "zero_stage": stage, "batch": args.batch,
-                       "seq": args.seq, "step_ms": round(step_ms, 2), "setup_s": round(res.setup_seconds, 3),
+                       "seq": args.seq, "loss": round(res.loss, 4), "step_ms": round(step_ms, 2),
+                       "setup_s": round(res.setup_seconds, 3),
                        "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda"
                        else None}
                 results.append(row)
